@@ -1,0 +1,303 @@
+"""torpor's errors: one tree, rooted at :class:`TorporError`.
+
+Every error torpor raises on purpose is a :class:`TorporError`.  Each carries
+the domain it concerns (``domid``), the protocol phase it happened in
+(``phase``, a :class:`torpor.model.Phase` value) and the underlying cause
+(``cause``, also chained as ``__cause__``), so that an embedding toolstack can
+report *which guest*, *where* and *why* without parsing messages::
+
+    TorporError
+     ├── UsageError                 a caller's argument is invalid (domid, path, socket)
+     ├── BackendUnavailable         a backend cannot be had here (no Xen, no lib, no sim)
+     ├── Timeout                    a deadline passed while waiting for an event
+     ├── XenstoreError              xenstored answered XS_ERROR (errno, errname, path)
+     │    └── TransactionConflict   EAGAIN on every commit, up to the retry bound
+     ├── XenstoreConnectionLost     the xenstore connection died; every call fails fast
+     ├── HypervisorError            a hypervisor operation failed (errno, op)
+     ├── DeviceModelError           the QEMU device model (QMP) failed or vanished
+     ├── ImageError                 a save image is truncated, corrupt or foreign
+     └── OperationError             an orchestrated suspend / resume / save failed
+          ├── NoSuchDomain          the domid does not exist (ESRCH)
+          ├── UnsupportedGuest      no guest-type plugin claims the domain
+          ├── DomainBusy            another torpor operation holds the domain
+          ├── InvalidState          the domain is not in a state the operation needs
+          │    ├── AlreadySuspended
+          │    └── NotSuspended
+          ├── UnsafeResume          in-place non-cooperative resume refused
+          ├── AckTimeout            the guest never acked; request cancelled, guest running
+          ├── SuspendTimeout        acked but never shut down (it probably failed to freeze)
+          ├── UnexpectedShutdown    shut down with a reason other than suspend
+          ├── DomainVanished        the domain was destroyed during the operation
+          ├── ResumeFailed          the domain could not be resumed
+          └── MigrationFailed       save / restore / migrate failed (see ``outcome``)
+
+Errors that concern no single domain (a lost xenstore connection, a missing
+backend) leave ``domid`` as ``None``.  ``str(err)`` always names the domain and
+the phase when they are known.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Any
+
+__all__ = [
+    "AckTimeout",
+    "AlreadySuspended",
+    "BackendUnavailable",
+    "DeviceModelError",
+    "DomainBusy",
+    "DomainVanished",
+    "HypervisorError",
+    "ImageError",
+    "InvalidState",
+    "MigrationFailed",
+    "NoSuchDomain",
+    "NotSuspended",
+    "OperationError",
+    "ResumeFailed",
+    "SuspendTimeout",
+    "Timeout",
+    "TorporError",
+    "TransactionConflict",
+    "UnexpectedShutdown",
+    "UnsafeResume",
+    "UnsupportedGuest",
+    "UsageError",
+    "XenstoreConnectionLost",
+    "XenstoreError",
+    "errno_name",
+]
+
+
+def errno_name(code: int) -> str:
+    """The symbolic name of an errno value (``ENOENT``), or ``E<n>`` if unknown."""
+    return _errno.errorcode.get(code, f"E{code}")
+
+
+class TorporError(Exception):
+    """Root of every error torpor raises on purpose.
+
+    :param message: what went wrong, in words a dom0 operator understands.
+    :param domid: the domain concerned, if any.
+    :param phase: the protocol phase (a :class:`torpor.model.Phase` value).
+    :param cause: the underlying exception, if any; also set as ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domid: int | None = None,
+        phase: str | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.domid = domid
+        self.phase = phase
+        self.cause = cause
+        if cause is not None:
+            self.__cause__ = cause
+
+    def __str__(self) -> str:
+        where = []
+        if self.domid is not None:
+            where.append(f"domain {self.domid}")
+        if self.phase is not None:
+            where.append(f"phase {self.phase}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        return prefix + self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description: error class, message, domid, phase, cause."""
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "domid": self.domid,
+            "phase": None if self.phase is None else str(self.phase),
+            "cause": None if self.cause is None else repr(self.cause),
+        }
+
+
+class UsageError(TorporError):
+    """A caller's argument is invalid: a malformed domid, path, socket or option."""
+
+
+class BackendUnavailable(TorporError):
+    """A backend cannot be had on this machine: no Xen, a missing library, no sim host."""
+
+
+class Timeout(TorporError):
+    """A deadline passed while waiting for an event.
+
+    :param deadline: the timeout that passed, in seconds.
+    """
+
+    def __init__(self, message: str, *, deadline: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.deadline = deadline
+
+
+class XenstoreError(TorporError):
+    """xenstored refused a request (an ``XS_ERROR`` reply).
+
+    :param errno: the errno value (``errno.ENOENT``...).
+    :param path: the xenstore path concerned, if any.
+    :param op: the request type's name (``READ``, ``WRITE``...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: int,
+        path: str | None = None,
+        op: str | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(message, **kw)
+        self.errno = errno
+        self.errname = errno_name(errno)
+        self.path = path
+        self.op = op
+
+    @classmethod
+    def from_errno(
+        cls, code: int, *, op: str | None = None, path: str | None = None, **kw: Any
+    ) -> XenstoreError:
+        what = f"{op} {path}" if op and path else (op or path or "request")
+        text = f"xenstore {what}: {errno_name(code)} ({os.strerror(code)})"
+        return cls(text, errno=code, path=path, op=op, **kw)
+
+
+class TransactionConflict(XenstoreError):
+    """Every commit of a transaction met EAGAIN, up to the retry bound.
+
+    :param attempts: how many times the transaction was tried.
+    """
+
+    def __init__(self, message: str, *, attempts: int, **kw: Any) -> None:
+        kw.setdefault("errno", _errno.EAGAIN)
+        super().__init__(message, **kw)
+        self.attempts = attempts
+
+
+class XenstoreConnectionLost(TorporError):
+    """The xenstore connection died (server gone, garbage, unknown req_id).
+
+    Every pending and every later call on that connection raises this at once.
+    """
+
+
+class HypervisorError(TorporError):
+    """A hypervisor operation failed.
+
+    :param errno: the errno the hypervisor (or libxc) returned.
+    :param op: the operation's name (``resume``, ``get_hvm_param``...).
+    """
+
+    def __init__(self, message: str, *, errno: int, op: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.errno = errno
+        self.errname = errno_name(errno)
+        self.op = op
+
+    @classmethod
+    def from_errno(cls, code: int, *, op: str, domid: int | None = None, **kw: Any) -> Any:
+        on = f" on domain {domid}" if domid is not None else ""
+        text = f"hypervisor {op}{on}: {errno_name(code)} ({os.strerror(code)})"
+        return cls(text, errno=code, op=op, domid=domid, **kw)
+
+
+class DeviceModelError(TorporError):
+    """The QEMU device model failed a QMP command, vanished, or cannot be reached."""
+
+
+class ImageError(TorporError):
+    """A save image is truncated, corrupt, foreign or of an unknown version."""
+
+
+class OperationError(TorporError):
+    """An orchestrated operation (suspend, resume, checkpoint, save...) failed.
+
+    :param state: what the domain was left in, in words (``running``,
+        ``suspended``, ``crashed``...), so the caller never has to guess.
+    """
+
+    def __init__(self, message: str, *, state: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.state = state
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["state"] = self.state
+        return out
+
+
+class NoSuchDomain(OperationError):
+    """The domain does not exist (the hypervisor says ESRCH)."""
+
+
+class UnsupportedGuest(OperationError):
+    """No guest-type plugin claims the domain."""
+
+
+class DomainBusy(OperationError):
+    """Another torpor operation on this domain is in progress."""
+
+
+class InvalidState(OperationError):
+    """The domain is not in a state the operation can start from; nothing was touched."""
+
+
+class AlreadySuspended(InvalidState):
+    """Suspend refused: the domain is already suspended (or asleep in S3)."""
+
+
+class NotSuspended(InvalidState):
+    """Resume refused: the domain is not suspended."""
+
+
+class UnsafeResume(OperationError):
+    """An in-place non-cooperative resume was refused: the guest would not survive it."""
+
+
+class AckTimeout(OperationError):
+    """The guest never acknowledged the suspend request.
+
+    The request was cancelled in a transaction and the guest keeps running.
+    """
+
+
+class SuspendTimeout(OperationError):
+    """The guest acknowledged but never shut down with reason suspend.
+
+    A Linux guest freezes its tasks before it suspends; a task that will not
+    freeze makes the suspend fail inside the guest, and the toolstack sees only
+    this timeout.
+    """
+
+
+class UnexpectedShutdown(OperationError):
+    """The domain shut down with a reason other than suspend.
+
+    :param reason: the shutdown reason code (0 poweroff, 1 reboot, 3 crash...).
+    """
+
+    def __init__(self, message: str, *, reason: int, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
+
+
+class DomainVanished(OperationError):
+    """The domain was destroyed while the operation was in progress."""
+
+
+class ResumeFailed(OperationError):
+    """The domain could not be resumed; ``state`` says where it was left."""
+
+
+class MigrationFailed(OperationError):
+    """A save, restore or migration failed; ``state`` says which guest runs."""
