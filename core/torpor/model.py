@@ -184,10 +184,12 @@ class DomainInfo:
         if self.dying:
             return "dying"
         if self.shutdown:
-            return {
-                ShutdownReason.SUSPEND: "suspended",
-                ShutdownReason.CRASH: "crashed",
-            }.get(self.shutdown_reason or 0, "shutdown")
+            reason = self.shutdown_reason
+            if reason == ShutdownReason.SUSPEND:
+                return "suspended"
+            if reason == ShutdownReason.CRASH:
+                return "crashed"
+            return "shutdown"
         if self.paused:
             return "paused"
         return "running"

@@ -1,0 +1,93 @@
+"""A scripted, misbehaving xenstore server for adapter tests.
+
+Each test hands it a handler that receives the accepted socket and does
+whatever a broken or hostile xenstored might: stall, answer with the wrong
+req_id, send garbage, close mid-request.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+from torpor.xs_wire import HEADER, Op
+
+
+def recv_request(conn: socket.socket) -> tuple[int, int, int, bytes] | None:
+    """Read one request; None if the client went away."""
+    head = b""
+    while len(head) < HEADER.size:
+        chunk = conn.recv(HEADER.size - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    op, rq, tx, size = HEADER.unpack(head)
+    body = b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return op, rq, tx, body
+
+
+def reply(conn: socket.socket, op: int, rq: int, tx: int, payload: bytes) -> None:
+    conn.sendall(HEADER.pack(op, rq, tx, len(payload)) + payload)
+
+
+def ok_server(conn: socket.socket) -> bool:
+    """Answer one request as a well-behaved server would, minimally."""
+    req = recv_request(conn)
+    if req is None:
+        return False
+    op, rq, tx, body = req
+    if op == Op.READ:
+        reply(conn, op, rq, tx, b"value")
+    elif op == Op.WATCH:
+        reply(conn, op, rq, tx, b"OK\0")
+        path, token = body.split(b"\0")[:2]
+        reply(conn, Op.WATCH_EVENT, 0, 0, path + b"\0" + token + b"\0")
+    else:
+        reply(conn, op, rq, tx, b"OK\0")
+    return True
+
+
+class HostileServer:
+    """Listens on ``path``; runs ``handler(conn)`` for each connection in a thread."""
+
+    def __init__(self, path: str, handler: Callable[[socket.socket], None]) -> None:
+        self.path = path
+        self.handler = handler
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.conns: list[socket.socket] = []
+        self.release = threading.Event()  # handlers that stall wait on this
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.release.set()
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
