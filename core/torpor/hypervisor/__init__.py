@@ -91,10 +91,15 @@ class Hypervisor(Protocol):
         """Close ``local_port``."""
         ...
 
-    def evtchn_subscribe(self, domid: int, local_port: int) -> None:
-        """XEN_DOMCTL_subscribe: signal ``local_port`` instead of VIRQ_DOM_EXC when
-        ``domid`` suspends.  One subscriber per domain: a later one displaces the
-        earlier silently.  ``local_port=0`` unsubscribes."""
+    def evtchn_subscribe(self, domid: int, port: int) -> None:
+        """XEN_DOMCTL_subscribe (``xc_domain_subscribe_for_suspend``).
+
+        ``port`` is the *guest's* port (the one it published in
+        ``device/suspend/event-channel``).  When ``domid`` shuts down with reason
+        suspend, Xen signals that port -- and so whatever local port is bound to
+        it -- *instead of* VIRQ_DOM_EXC, so ``@releaseDomain`` does not fire.
+        One subscriber per domain: a later call displaces the earlier silently.
+        ``port=0`` unsubscribes."""
         ...
 
     def evtchn_fileno(self) -> int:
