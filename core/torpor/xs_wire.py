@@ -84,6 +84,9 @@ WIRE_ERRORS: tuple[int, ...] = (
     errno.EAGAIN,
     errno.EISCONN,
     errno.E2BIG,
+    # Added in Xen 4.17's xs_wire.h: XS_SET_PERMS by an unprivileged domain
+    # that tries to change a node's owner (do_set_perms()).
+    errno.EPERM,
 )
 
 ERRNO_BY_NAME: dict[str, int] = {errno.errorcode[e]: e for e in WIRE_ERRORS}
