@@ -1,0 +1,160 @@
+"""dom0's PV backends in the simulated host: netback and blkback, as xenbus drivers.
+
+A backend device lives at ``/local/domain/0/backend/<type>/<domid>/<devid>``
+(written by the toolstack with ``state`` = Initialising).  Like Linux's
+xen-netback / xen-blkback through drivers/xen/xenbus/xenbus_probe_backend.c,
+the driver here
+
+* probes a new device and switches it to InitWait;
+* watches the frontend's ``state`` (the "other end") and, when the frontend
+  is Initialised or Connected, reads its ring references and event channel
+  and switches to Connected;
+* goes back to InitWait when the frontend restarts at Initialising (a guest
+  reconnecting after a resume in a new domain), and to Closed when the
+  frontend closes.
+
+One driver instance serves every device of the host over dom0's in-process
+xenstore connection; one watch on the ``backend`` subtree finds devices, one
+watch per device follows its frontend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from typing import Any
+
+from torpor.errors import XenstoreError
+from torpor.sim.guest import GuestXenstore, XenbusState
+
+__all__ = ["BackendDriver"]
+
+log = logging.getLogger("torpor.sim.backends")
+BACKEND_ROOT = "/local/domain/0/backend"
+
+
+class BackendDriver:
+    """netback + blkback for the simulated dom0.
+
+    :param xs: dom0's in-process xenstore connection (events go to :meth:`on_event`).
+    """
+
+    def __init__(self) -> None:
+        self.xs: GuestXenstore | None = None
+        #: backend path -> frontend path, for devices being served
+        self.devices: dict[str, str] = {}
+        #: backend path -> how many times it reached Connected
+        self.connects: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._probing: set[str] = set()
+
+    async def start(self, xs: GuestXenstore) -> None:
+        self.xs = xs
+        await xs.watch(BACKEND_ROOT, "backend")
+
+    def on_event(self, path: str, token: str) -> None:
+        """dom0's xenstore watch events (called in the simulated host's loop)."""
+        if token == "backend":
+            parts = path.split("/")
+            # /local/domain/0/backend/<type>/<domid>/<devid>[/...]
+            if len(parts) >= 8 and parts[5] in ("vif", "vbd"):
+                be = "/".join(parts[:8])
+                if be not in self.devices and be not in self._probing:
+                    self._probing.add(be)
+                    self._spawn(self._probe(be))
+                elif be in self.devices and len(parts) == 8:
+                    self._spawn(self._check_gone(be))
+            else:
+                # An RM fires the ancestors' watches for the removed root only.
+                prefix = path.rstrip("/") + "/"
+                for be in [b for b in self.devices if b.startswith(prefix)]:
+                    self._spawn(self._check_gone(be))
+        elif token.startswith("fe:"):
+            self._spawn(self._frontend_changed(token[3:]))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            # A device removed while we looked at it is normal teardown.
+            if not (isinstance(exc, XenstoreError) and exc.errno == errno.ENOENT):
+                log.warning("backend driver: %r", exc)
+
+    async def _read(self, path: str) -> str | None:
+        assert self.xs is not None
+        try:
+            return await self.xs.read(path)
+        except XenstoreError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    async def _check_gone(self, be: str) -> None:
+        if be in self.devices and await self._read(f"{be}/state") is None:
+            await self._forget(be)  # removed by the toolstack
+
+    async def _probe(self, be: str) -> None:
+        assert self.xs is not None
+        try:
+            frontend = await self._read(f"{be}/frontend")
+            state = await self._read(f"{be}/state")
+            if frontend is None or state is None:
+                return
+            self.devices[be] = frontend
+            if int(state or 0) in (XenbusState.INITIALISING, XenbusState.UNKNOWN):
+                await self.xs.write(f"{be}/state", str(XenbusState.INIT_WAIT))
+            await self.xs.watch(f"{frontend}/state", f"fe:{be}")
+        finally:
+            self._probing.discard(be)
+
+    async def _forget(self, be: str) -> None:
+        assert self.xs is not None
+        frontend = self.devices.pop(be, None)
+        if frontend is not None:
+            with contextlib.suppress(XenstoreError):
+                await self.xs.unwatch(f"{frontend}/state", f"fe:{be}")
+
+    async def _frontend_changed(self, be: str) -> None:
+        assert self.xs is not None
+        frontend = self.devices.get(be)
+        if frontend is None:
+            return
+        fe_state = int(await self._read(f"{frontend}/state") or 0)
+        be_state_s = await self._read(f"{be}/state")
+        if be_state_s is None:
+            await self._forget(be)
+            return
+        be_state = int(be_state_s or 0)
+        if fe_state == XenbusState.INITIALISING and be_state not in (
+            XenbusState.INIT_WAIT,
+            XenbusState.INITIALISING,
+        ):
+            # The frontend starts over (a new domain after restore): so do we.
+            await self.xs.write(f"{be}/state", str(XenbusState.INIT_WAIT))
+        elif fe_state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            if be_state != XenbusState.CONNECTED:
+                # connect_rings(): the frontend's ring and event channel must be there.
+                ring = await self._read(f"{frontend}/ring-ref") or await self._read(
+                    f"{frontend}/tx-ring-ref"
+                )
+                port = await self._read(f"{frontend}/event-channel")
+                if ring is None or port is None:
+                    await self.xs.write(f"{be}/state", str(XenbusState.CLOSING))
+                    return
+                await self.xs.write(f"{be}/state", str(XenbusState.CONNECTED))
+                self.connects[be] = self.connects.get(be, 0) + 1
+        elif fe_state in (XenbusState.CLOSING, XenbusState.CLOSED) and be_state not in (
+            XenbusState.CLOSED,
+        ):
+            await self.xs.write(f"{be}/state", str(XenbusState.CLOSED))
+
+    def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()

@@ -1,0 +1,427 @@
+"""The simulated Xen host: xenstored, hypervisor, dom0 backends and guests.
+
+:class:`SimHost` runs one simulated host in an event loop on a background
+thread: the simulated xenstored (dom0's socket at ``DIR/xenstored/socket``,
+one socket per guest domain at ``DIR/xenstored/domain-<domid>.sock`` so real
+clients can act *as* a guest), the hypervisor model (:mod:`torpor.sim.xen`,
+served to other processes at ``DIR/hypervisor.sock``), dom0's netback and
+blkback, and the guests.  It builds domains the way libxl does
+(libxl_create.c / libxl_dom.c / libxl_device.c): the xenstore tree with
+libxl's permissions, ``XS_INTRODUCE``, backend and frontend directories,
+the device model for HVM guests, then unpause.
+
+Everything a caller does goes through thread-safe methods; the orchestrator
+talks to the host exactly as to a real one (a xenstore socket, a hypervisor
+backend, QMP sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from torpor.errors import TorporError, UsageError
+from torpor.model import (
+    X86_EMU_ALL,
+    X86_EMU_LAPIC,
+    DomainInfo,
+)
+from torpor.sim.backends import BackendDriver
+from torpor.sim.guest import Behaviour, GuestXenstore, LinuxGuest
+from torpor.sim.xen import SimHypervisor, SimXen
+from torpor.sim.xenstored import RingClient, Xenstored
+
+__all__ = ["GUEST_KINDS", "GuestStatus", "SimHost"]
+
+log = logging.getLogger("torpor.sim.host")
+T = TypeVar("T")
+
+#: Guest types the simulated host can build.
+GUEST_KINDS = ("pv", "pvhvm", "hvm", "pvh")
+
+
+@attrs.frozen
+class GuestStatus:
+    """One line of ``torpor sim status``."""
+
+    domid: int
+    name: str
+    kind: str
+    state: str
+    ticks: int
+    boots: int
+    cooperative_resumes: int
+    new_domain_resumes: int
+    misbehaviour: str | None
+    device_model: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class SimHost:
+    """One simulated Xen host.
+
+    :param directory: where its sockets live (created if missing).
+    :param qemu: real QEMU for HVM device models (``None``: when installed).
+    :param name: a label for reports.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, qemu: bool | None = None, name: str = "sim"
+    ) -> None:
+        self.dir = Path(directory)
+        self.name = name
+        self.qemu = qemu
+        self.loop = asyncio.new_event_loop()
+        self.xen = SimXen(self.loop, virq_dom_exc=self._virq_dom_exc)
+        self.xenstored: Xenstored | None = None
+        self.backends = BackendDriver()
+        self.guests: dict[int, Any] = {}
+        self.kinds: dict[int, str] = {}
+        self.behaviours: dict[int, Behaviour] = {}
+        self._dom0: RingClient | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._boot_error: BaseException | None = None
+        self._servers: list[Callable[[], Awaitable[None]]] = []
+        self.call_timeout = 60.0
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- paths ---------------------------------------------------------------
+
+    @property
+    def xenstore_socket(self) -> str:
+        return str(self.dir / "xenstored" / "socket")
+
+    def guest_xenstore_socket(self, domid: int) -> str:
+        return str(self.dir / "xenstored" / f"domain-{domid}.sock")
+
+    @property
+    def hypervisor_socket(self) -> str:
+        return str(self.dir / "hypervisor.sock")
+
+    def qmp_socket(self, domid: int) -> str:
+        """Like qemu-xen's ``/var/run/xen/qmp-libxl-<domid>``."""
+        return str(self.dir / "qmp" / f"qmp-libxl-{domid}")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> SimHost:
+        """Start the host's loop thread; returns once xenstored listens."""
+        if self._thread is not None:
+            raise UsageError("simulated host already started")
+        for sub in ("xenstored", "qmp"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name=f"sim-host-{self.name}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._boot_error is not None:
+            self._thread.join()
+            raise TorporError(f"simulated host failed to start: {self._boot_error}") from (
+                self._boot_error
+            )
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._boot())
+        except BaseException as e:  # reported to start()'s caller
+            self._boot_error = e
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+        with contextlib.suppress(Exception):
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    async def _boot(self) -> None:
+        xs = Xenstored(domain_info=self._xenstored_domain_info, loop=self.loop)
+        self.xenstored = xs
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.xenstore_socket)
+        await xs.listen(self.xenstore_socket, domid=0)
+        self._dom0 = RingClient(xs.connect(0, self._dom0_event))
+        dom0 = self._dom0
+        await dom0.write("/local/domain/0/name", "Domain-0")
+        await dom0.write("/local/domain/0/domid", "0")
+        await self.backends.start(dom0)
+
+    def _dom0_event(self, path: str, token: str) -> None:
+        self.backends.on_event(path, token)
+
+    def _xenstored_domain_info(self, domid: int) -> DomainInfo | None:
+        try:
+            return self.xen.domain_info(domid)
+        except TorporError:
+            return None
+
+    def _virq_dom_exc(self) -> None:
+        if self.xenstored is not None:
+            self.xenstored.domain_exc()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` in the host's loop from another thread; return its result."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("SimHost.run() called from the host's own loop")
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(self.call_timeout if timeout is None else timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TorporError("the simulated host did not answer in time") from None
+
+    def stop(self) -> None:
+        """Stop guests, device models, xenstored and the loop thread."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            self.run(self._shutdown(), timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+    async def _shutdown(self) -> None:
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server()
+        for guest in list(self.guests.values()):
+            with contextlib.suppress(Exception):
+                await _maybe_await(guest.stop())
+        self.backends.stop()
+        if self.xenstored is not None:
+            await self.xenstored.close()
+
+    def __enter__(self) -> SimHost:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the orchestrator's view -------------------------------------------------
+
+    def hypervisor(self) -> SimHypervisor:
+        """A hypervisor backend on this host (its own event-channel handle)."""
+        return SimHypervisor(self.xen)
+
+    # -- domain building (libxl's job) ----------------------------------------------
+
+    def create_guest(
+        self,
+        kind: str,
+        *,
+        name: str | None = None,
+        behaviour: Behaviour | None = None,
+        vcpus: int = 2,
+        memory_pages: int = 16,
+    ) -> int:
+        """Build and boot a guest; return its domid."""
+        return self.run(
+            self.create_guest_async(
+                kind, name=name, behaviour=behaviour, vcpus=vcpus, memory_pages=memory_pages
+            )
+        )
+
+    async def create_guest_async(
+        self,
+        kind: str,
+        *,
+        name: str | None = None,
+        behaviour: Behaviour | None = None,
+        vcpus: int = 2,
+        memory_pages: int = 16,
+    ) -> int:
+        if kind not in GUEST_KINDS:
+            raise UsageError(
+                f"unknown guest type {kind!r}; the sim builds {', '.join(GUEST_KINDS)}"
+            )
+        if kind == "hvm":
+            return await self._create_hvm(name=name, behaviour=behaviour)
+        behaviour = behaviour or Behaviour()
+        hvm = kind in ("pvhvm", "pvh")
+        flags = X86_EMU_ALL if kind == "pvhvm" else X86_EMU_LAPIC if kind == "pvh" else 0
+        dom = self.xen.create_domain(
+            name=name or "",
+            hvm=hvm,
+            emulation_flags=flags,
+            vcpus=vcpus,
+            memory_pages=memory_pages,
+        )
+        domid = dom.domid
+        dom.name = name or f"{kind}-guest-{domid}"
+        await self._make_xenstore_tree(domid, dom.name, dom.uuid, hvm=hvm, behaviour=behaviour)
+        guest = LinuxGuest(
+            self.xen,
+            self._connect_guest,
+            domid,
+            kind,
+            behaviour,
+            on_destroy_request=self._request_destroy,
+        )
+        self.guests[domid] = guest
+        self.kinds[domid] = kind
+        self.behaviours[domid] = behaviour
+        self.xen.unpause(domid)
+        await guest.boot()
+        return domid
+
+    def _connect_guest(self, domid: int, on_event: Callable[[str, str], None]) -> GuestXenstore:
+        assert self.xenstored is not None
+        return RingClient(self.xenstored.connect(domid, on_event))
+
+    async def _make_xenstore_tree(
+        self, domid: int, name: str, uuid: str, *, hvm: bool, behaviour: Behaviour
+    ) -> None:
+        """libxl__domain_make() + libxl__build_post() + device add, as dom0."""
+        assert self._dom0 is not None and self.xenstored is not None
+        xs = self._dom0
+        dompath = f"/local/domain/{domid}"
+        vmpath = f"/vm/{uuid}"
+        roperm = ["n0", f"r{domid}"]  # dom0 owns, the guest reads
+        rwperm = [f"n{domid}"]  # the guest owns
+        tx = await xs.transaction_start()
+        for path, perms in (
+            (dompath, roperm),
+            (vmpath, roperm),
+            (f"{dompath}/device", rwperm),
+            (f"{dompath}/control", roperm),
+            (f"{dompath}/control/shutdown", rwperm),
+            (f"{dompath}/control/feature-poweroff", rwperm),
+            (f"{dompath}/control/feature-reboot", rwperm),
+            (f"{dompath}/control/feature-suspend", rwperm),
+            (f"{dompath}/control/sysrq", rwperm),
+            (f"{dompath}/data", rwperm),
+            (f"{dompath}/drivers", rwperm),
+            (f"{dompath}/feature", rwperm),
+            (f"{dompath}/attr", rwperm),
+            (f"{dompath}/error", rwperm),
+            (f"{dompath}/device/suspend/event-channel", rwperm),
+        ):
+            await xs.mkdir(path, tx)
+            await xs.set_perms(path, perms, tx)
+        await xs.write(f"{dompath}/name", name, tx)
+        await xs.write(f"{dompath}/domid", str(domid), tx)
+        await xs.write(f"{dompath}/vm", vmpath, tx)
+        await xs.write(f"{vmpath}/name", name, tx)
+        await xs.write(f"{vmpath}/uuid", uuid, tx)
+        await xs.write(f"{dompath}/memory/target", "65536", tx)
+        await xs.transaction_end(tx, True)
+        self.xenstored.introduce(domid, self.xen.store_mfn(domid), 1)
+        for kind, devid in behaviour.frontends:
+            await self._add_device(domid, kind, devid)
+
+    async def _add_device(self, domid: int, kind: str, devid: int) -> None:
+        """libxl__device_generic_add(): backend and frontend directories."""
+        assert self._dom0 is not None
+        xs = self._dom0
+        be = f"/local/domain/0/backend/{kind}/{domid}/{devid}"
+        fe = f"/local/domain/{domid}/device/{kind}/{devid}"
+        tx = await xs.transaction_start()
+        await xs.mkdir(be, tx)
+        await xs.set_perms(be, ["n0", f"r{domid}"], tx)
+        await xs.mkdir(fe, tx)
+        await xs.set_perms(fe, [f"n{domid}", "r0"], tx)
+        for k, v in (
+            ("frontend", fe),
+            ("frontend-id", str(domid)),
+            ("online", "1"),
+            ("state", "1"),
+        ):
+            await xs.write(f"{be}/{k}", v, tx)
+        for k, v in (("backend", be), ("backend-id", "0"), ("state", "1")):
+            await xs.write(f"{fe}/{k}", v, tx)
+        await xs.transaction_end(tx, True)
+
+    async def _create_hvm(self, *, name: str | None, behaviour: Behaviour | None) -> int:
+        raise UsageError("HVM guests need the device-model integration (not yet built)")
+
+    # -- teardown (libxl_domain_destroy) --------------------------------------------
+
+    def _request_destroy(self, domid: int) -> None:
+        """Destroy a domain from inside the loop without waiting (``vanish``)."""
+        task = self.loop.create_task(self.destroy_guest_async(domid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def destroy_guest(self, domid: int) -> None:
+        self.run(self.destroy_guest_async(domid))
+
+    async def destroy_guest_async(self, domid: int) -> None:
+        """Destroy the domain, then clean its xenstore tree and devices as libxl does."""
+        assert self._dom0 is not None
+        guest = self.guests.pop(domid, None)
+        self.kinds.pop(domid, None)
+        self.behaviours.pop(domid, None)
+        with contextlib.suppress(TorporError):
+            self.xen.destroy(domid)
+        if guest is not None:
+            await _maybe_await(guest.stop())
+        xs = self._dom0
+        for path in (
+            f"/local/domain/{domid}",
+            f"/local/domain/0/backend/vif/{domid}",
+            f"/local/domain/0/backend/vbd/{domid}",
+        ):
+            with contextlib.suppress(TorporError):
+                await xs.rm(path)
+
+    # -- inspection -------------------------------------------------------------------
+
+    def guest(self, domid: int) -> Any:
+        try:
+            return self.guests[domid]
+        except KeyError:
+            raise UsageError(f"no simulated guest with domid {domid}") from None
+
+    def status(self) -> list[GuestStatus]:
+        """One :class:`GuestStatus` per guest domain, in domid order."""
+        return self.run(self._status())
+
+    async def _status(self) -> list[GuestStatus]:
+        out = []
+        infos = {i.domid: i for i in self.xen.domain_info_list()}
+        for domid in sorted(self.guests):
+            guest = self.guests[domid]
+            info = infos.get(domid)
+            counters = await _maybe_await(guest.counters())
+            out.append(
+                GuestStatus(
+                    domid=domid,
+                    name=self.xen.domains[domid].name if domid in self.xen.domains else "?",
+                    kind=self.kinds.get(domid, "?"),
+                    state=_state_word(info),
+                    ticks=counters.get("ticks", -1),
+                    boots=counters.get("boots", 0),
+                    cooperative_resumes=counters.get("cooperative_resumes", 0),
+                    new_domain_resumes=counters.get("new_domain_resumes", 0),
+                    misbehaviour=self.behaviours[domid].misbehaviour
+                    if domid in self.behaviours
+                    else None,
+                    device_model=getattr(guest, "device_model_kind", None),
+                )
+            )
+        return out
+
+
+def _state_word(info: DomainInfo | None) -> str:
+    if info is None:
+        return "gone"
+    if info.hvm and not info.shutdown and not info.running and not info.paused and not info.dying:
+        return "S3"
+    return info.state_word()
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value
