@@ -306,8 +306,6 @@ def _program() -> _Asm:
     a.ins("mov dword [STATE], MAGIC", 0x66, 0xC7, 0x06, _w(st), _d(MAGIC))
     a.label("known")
     a.ins("inc dword [BOOTS]", 0x66, 0xFF, 0x06, _w(boots), c="boots += 1")
-    a.ins("mov si, msg_boot", 0xBE, _abs16("msg_boot"))
-    a.ins("call say", 0xE8, _rel16("say"), c='"torpor-hvm boot"')
 
     # ---- unreal mode: FS gets a flat 4 GiB limit so [fs:esi] reaches the ACPI tables
     a.ins("lgdt [gdt]", 0x0F, 0x01, 0x16, _abs16("gdt"), c="GDTR lives in the null descriptor")
@@ -355,18 +353,20 @@ def _program() -> _Asm:
         _abs32("resume_entry"),
         c="FACS Firmware_Waking_Vector",
     )
-    a.ins("jmp short common", 0xEB, _rel8("common"))
+    a.ins("jmp short booted", 0xEB, _rel8("booted"))
     a.label("no_acpi")
     a.ins("mov si, msg_no_acpi", 0xBE, _abs16("msg_no_acpi"))
     a.ins("call say", 0xE8, _rel16("say"), c='"torpor-hvm no-acpi": S3 impossible')
+    a.label("booted")
+    a.ins("mov si, msg_boot", 0xBE, _abs16("msg_boot"), c='"boot" once the vector is set')
     a.ins("jmp short common", 0xEB, _rel8("common"))
 
     a.label("resumed")
     a.ins("inc dword [RESUMES]", 0x66, 0xFF, 0x06, _w(resumes), c="resumes += 1")
     a.ins("mov si, msg_resume", 0xBE, _abs16("msg_resume"))
-    a.ins("call say", 0xE8, _rel16("say"), c='"torpor-hvm resume"')
 
-    # ---- boot and resume alike: our IRQ0 handler, PIT at TICK_HZ, IRQ0 unmasked
+    # ---- boot and resume alike: our IRQ0 handler, PIT at TICK_HZ, IRQ0 unmasked, then the
+    #      status line (SI), so a host that sees "boot" or "resume" finds the guest ready
     a.label("common")
     a.ins("mov word [0x20], irq0", 0xC7, 0x06, _w(0x20), _abs16("irq0"), c="IVT 8: IRQ0")
     a.ins("mov word [0x22], 0", 0xC7, 0x06, _w(0x22), _w(0), c="(SeaBIOS maps IRQ0 to 8)")
@@ -379,6 +379,7 @@ def _program() -> _Asm:
     a.ins("in al, 0x21", 0xE4, 0x21, c="master 8259 IMR")
     a.ins("and al, 0xfe", 0x24, 0xFE, c="unmask IRQ0 (SeaBIOS pic_setup masked it on resume)")
     a.ins("out 0x21, al", 0xE6, 0x21)
+    a.ins("call say", 0xE8, _rel16("say"), c='"torpor-hvm boot" or "torpor-hvm resume"')
     a.ins("sti", 0xFB)
 
     # ---- idle loop: sleep until an interrupt, then poll COM1 for one command byte
