@@ -167,6 +167,7 @@ class LinuxGuest:
         connect_xenstore: XenstoreConnector,
         domid: int,
         kind: str,
+        *,
         behaviour: Behaviour | None = None,
         on_destroy_request: Callable[[int], None] | None = None,
     ) -> None:
@@ -351,14 +352,15 @@ class LinuxGuest:
         """xenbus frontend: Initialising -> (backend InitWait) -> Initialised/Connected."""
         xs = await self._xs()
         fe = f"device/{kind}/{devid}"
-        backend = await xs.read(f"{fe}/backend")
         self.grant_generation += 1
+        gen = self.grant_generation  # before any await: devices connect concurrently
+        backend = await xs.read(f"{fe}/backend")
         await self._set_frontend_state(kind, devid, XenbusState.INITIALISING)
         token = f"otherend:{kind}/{devid}"
         await xs.watch(f"{backend}/state", token)
         try:
             await self._wait_backend(backend, {XenbusState.INIT_WAIT, XenbusState.CONNECTED}, token)
-            ref = self.domid * 1000 + self.grant_generation
+            ref = (self.domid * 1000 + gen) * 2
             port = self.xen.evtchn_alloc_unbound(self.domid, 0)
             tx = await xs.transaction_start()
             if kind == "vif":

@@ -89,13 +89,15 @@ class SimHost:
         self.guests: dict[int, Any] = {}
         self.kinds: dict[int, str] = {}
         self.behaviours: dict[int, Behaviour] = {}
-        self._dom0: RingClient | None = None
+        self._dom0: _GuestRing | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._boot_error: BaseException | None = None
         self._servers: list[Callable[[], Awaitable[None]]] = []
         self.call_timeout = 60.0
         self._background: set[asyncio.Task[Any]] = set()
+        #: Set when a client asked the host to stop (``sim_stop``).
+        self.stop_requested = threading.Event()
 
     # -- paths ---------------------------------------------------------------
 
@@ -152,11 +154,19 @@ class SimHost:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.xenstore_socket)
         await xs.listen(self.xenstore_socket, domid=0)
-        self._dom0 = RingClient(xs.connect(0, self._dom0_event))
+        self._dom0 = _GuestRing(xs.connect(0, self._dom0_event))
         dom0 = self._dom0
         await dom0.write("/local/domain/0/name", "Domain-0")
         await dom0.write("/local/domain/0/domid", "0")
         await self.backends.start(dom0)
+        from torpor.sim.control import ControlServer
+
+        self.control = ControlServer(self, on_stop=self._on_control_stop)
+        await self.control.start(self.hypervisor_socket)
+        self._servers.append(self.control.close)
+
+    def _on_control_stop(self) -> None:
+        self.stop_requested.set()
 
     def _dom0_event(self, path: str, token: str) -> None:
         self.backends.on_event(path, token)
@@ -265,7 +275,7 @@ class SimHost:
             self._connect_guest,
             domid,
             kind,
-            behaviour,
+            behaviour=behaviour,
             on_destroy_request=self._request_destroy,
         )
         self.guests[domid] = guest
@@ -277,7 +287,7 @@ class SimHost:
 
     def _connect_guest(self, domid: int, on_event: Callable[[str, str], None]) -> GuestXenstore:
         assert self.xenstored is not None
-        return RingClient(self.xenstored.connect(domid, on_event))
+        return _GuestRing(self.xenstored.connect(domid, on_event))
 
     async def _make_xenstore_tree(
         self, domid: int, name: str, uuid: str, *, hvm: bool, behaviour: Behaviour
@@ -399,7 +409,7 @@ class SimHost:
                     domid=domid,
                     name=self.xen.domains[domid].name if domid in self.xen.domains else "?",
                     kind=self.kinds.get(domid, "?"),
-                    state=_state_word(info),
+                    state=self._state(domid, info),
                     ticks=counters.get("ticks", -1),
                     boots=counters.get("boots", 0),
                     cooperative_resumes=counters.get("cooperative_resumes", 0),
@@ -412,13 +422,38 @@ class SimHost:
             )
         return out
 
+    async def guest_report(self, domid: int) -> dict[str, Any]:
+        """A guest's counters, memory checksum and kernel log (for tests and status)."""
+        guest = self.guest(domid)
+        counters = await _maybe_await(guest.counters())
+        checksum = await _maybe_await(guest.memory_checksum())
+        info = self._xenstored_domain_info(domid)
+        return {
+            "domid": domid,
+            "kind": self.kinds.get(domid),
+            "state": self._state(domid, info),
+            "counters": counters,
+            "checksum": checksum,
+            "checksum_at_resume": getattr(guest, "checksum_at_resume", None),
+            "last_hypercall_return": getattr(guest, "last_hypercall_return", None),
+            "frontends": dict(getattr(guest, "frontend_states", {})),
+            "log": list(getattr(guest, "log", [])),
+        }
 
-def _state_word(info: DomainInfo | None) -> str:
-    if info is None:
-        return "gone"
-    if info.hvm and not info.shutdown and not info.running and not info.paused and not info.dying:
-        return "S3"
-    return info.state_word()
+    def _state(self, domid: int, info: DomainInfo | None) -> str:
+        if info is None:
+            return "gone"
+        dom = self.xen.domains.get(domid)
+        if dom is not None and dom.s3 and not info.shutdown:
+            return "S3"
+        return info.state_word()
+
+
+class _GuestRing(RingClient):
+    """A guest kernel's ring, which the kernel can also drop (``lose_xenstore``)."""
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 async def _maybe_await(value: Any) -> Any:

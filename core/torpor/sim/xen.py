@@ -37,6 +37,7 @@ scheduled there with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -204,25 +205,24 @@ class EvtchnHandle:
         self._pending: deque[int] = deque()
         self.ports: set[int] = set()
         self.closed = False
+        #: The id a control-socket client knows this handle by.
+        self.control_id = 0
 
     def fileno(self) -> int:
         return self._r
 
     def _deliver(self, port: int) -> None:
         self._pending.append(port)
-        try:
+        # A full pipe means the reader has plenty to do already.
+        with contextlib.suppress(BlockingIOError):
             os.write(self._w, b"!")
-        except BlockingIOError:  # the pipe is full: the reader has plenty to do
-            pass
 
     def pending(self) -> int | None:
         with self.xen.lock:
             if not self._pending:
                 return None
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.read(self._r, 1)
-            except BlockingIOError:
-                pass
             return self._pending.popleft()
 
     def close(self) -> None:
