@@ -537,6 +537,8 @@ class Xenstored:
         self._watch_index: dict[str, list[_Watch]] = {}
         self._watch_seq = 0
         self._servers: dict[str, asyncio.AbstractServer] = {}
+        #: Futures of wait_until() callers, woken whenever the state may have changed.
+        self._waiters: list[asyncio.Future[None]] = []
         #: priv_domid (-p): the domain besides dom0 that is privileged.
         self.priv_domid = 0
         # dom_release_perms / dom_introduce_perms: only dom0 may see these by default.
@@ -717,6 +719,26 @@ class Xenstored:
             )
         return out
 
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds, re-checked after each request and hang-up.
+
+        For leak tests: e.g. ``wait_until(lambda: xs.connection_count() == 1)``
+        once a client closed its socket.
+
+        :raises TimeoutError: it did not hold within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                fut: asyncio.Future[None] = self._loop.create_future()
+                self._waiters.append(fut)
+                await fut
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     def dump(self) -> str:
         """The tree as text (``path = "value" [perms]``), for debugging."""
         lines = []
@@ -743,6 +765,8 @@ class Xenstored:
         self._delete_all_transactions(conn)
         self._conns.pop(conn.id, None)
         conn._shutdown_transport()
+        if self._waiters:
+            self._wake()
 
     def _ignore_connection(self, conn: _Conn) -> None:
         """ignore_connection(): a protocol violation; for us, the connection is dropped."""
@@ -800,6 +824,8 @@ class Xenstored:
             conn.transaction = None
         if reply is not None:
             self._send_reply(conn, reply)
+        if self._waiters:
+            self._wake()
 
     def _send_reply(self, conn: _Conn, payload: bytes) -> None:
         """send_reply(): the reply echoes the request's type, req_id and tx_id."""
