@@ -14,10 +14,10 @@ quirks where they bite, each named at the place it is handled:
   "clients should drop all the responses that have an unknown id"), so the
   command that waits for it would wait forever: every command has a deadline.
 * The default ``events`` listener queues and keeps a history of every event,
-  unbounded.  It is removed; events are taken synchronously in the reader's
-  dispatch (``EventListener.accept``, documented as overridable), which also
-  means an event that precedes a reply on the wire is recorded before the
-  command returns.
+  unbounded, and cannot be removed.  Its ``event_filter`` takes each event
+  synchronously in the reader's dispatch and rejects it, so nothing piles
+  up; this also means an event that precedes a reply on the wire is recorded
+  before the command returns.
 * When the connection dies the library only schedules a disconnect; nothing
   wakes a caller who is waiting for an *event*.  A watcher turns the runstate
   change into a :class:`~torpor.errors.DeviceModelError` for every waiter, and
@@ -55,7 +55,6 @@ from typing import Any, TypeVar
 
 import attrs
 from qemu.qmp import (
-    EventListener,
     ExecInterruptedError,
     ExecuteError,
     Message,
@@ -122,18 +121,6 @@ def _event_from(msg: Mapping[str, Any], seq: int) -> QmpEvent:
         when = 0.0
     data = msg.get("data")
     return QmpEvent(str(msg.get("event")), dict(data) if isinstance(data, dict) else {}, when, seq)
-
-
-class _Tap(EventListener):
-    """Hands each event to the client as the reader dispatches it; queues nothing."""
-
-    def __init__(self, sink: Callable[[Message], None]) -> None:
-        super().__init__()
-        self._sink = sink
-
-    def accept(self, event: Message) -> bool:
-        self._sink(event)
-        return False  # nothing is queued or kept: the client keeps its own bounded history
 
 
 class QmpClient:
@@ -212,9 +199,10 @@ class QmpClient:
             raise self._error(f"cannot connect to the QMP socket {self._path}: {e}", e) from e
 
         client = QMPClient(self._name)
-        # Quirk: the default listener keeps every event forever; replace it by a tap.
-        client.remove_listener(client.events)
-        client.register_listener(_Tap(self._on_event))
+        # Quirk: the default listener (which cannot be removed) queues and keeps every
+        # event forever.  Its filter (a public attribute) sees each event first: take the
+        # event there and reject it, so nothing is queued or kept.
+        client.events.event_filter = self._tap
         self._sock = sock
         try:
             await asyncio.wait_for(client.connect(sock), timeout)
@@ -436,6 +424,10 @@ class QmpClient:
         return unsubscribe
 
     # ------------------------------------------------------------------ internals
+
+    def _tap(self, msg: Message) -> bool:
+        self._on_event(msg)
+        return False
 
     def _on_event(self, msg: Message) -> None:
         ev = _event_from(msg, next(self._seq))
