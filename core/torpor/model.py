@@ -27,7 +27,14 @@ __all__ = [
     "HVM_PARAM_STORE_PFN",
     "X86_EMU_LAPIC",
     "DomainInfo",
+    "GuestType",
+    "Phase",
+    "PhaseTiming",
+    "Result",
     "ShutdownReason",
+    "SuspendMethod",
+    "Timeouts",
+    "Verdict",
 ]
 
 # XEN_DOMINF_* (xen/include/public/domctl.h): xc_domaininfo_t.flags
@@ -193,3 +200,164 @@ class DomainInfo:
         if self.paused:
             return "paused"
         return "running"
+
+
+class Phase(enum.StrEnum):
+    """The protocol phases an operation goes through (errors and timings name them)."""
+
+    VALIDATE = "validate"  # look at the domain, classify it, refuse what can't be done
+    REQUEST = "request"  # ask the guest to suspend (by the chosen method)
+    ACK = "ack"  # xenstore handshake: wait for the guest to take the request
+    CANCEL = "cancel"  # ack timeout: withdraw the request, in a transaction
+    SHUTDOWN = "shutdown"  # wait for the domain to be shut down with reason suspend / in S3
+    DEVICE_MODEL_SUSPEND = "device-model-suspend"  # QMP stop (+ xen-save-devices-state)
+    CALLBACK = "callback"  # checkpoint: the caller's work while the guest is suspended
+    DEVICE_MODEL_RESUME = "device-model-resume"  # QMP cont, before the domain resumes
+    RESUME = "resume"  # xc_domain_resume(fast)
+    XS_RESUME = "xs-resume"  # XS_RESUME: re-arm xenstored's @releaseDomain latch
+    GUEST_RESUME = "guest-resume"  # guest-type work after the domain runs (S3 wake...)
+    VERIFY = "verify"  # the resumed guest is running (and, non-cooperatively, rebuilt)
+    SAVE = "save"  # write the guest's state to an image
+    RESTORE = "restore"  # build a new domain from an image
+    TRANSFER = "transfer"  # stream an image to another host
+    CLEANUP = "cleanup"  # destroy the source / release what the operation held
+
+
+class SuspendMethod(enum.StrEnum):
+    """How a guest is asked to suspend (libxl's order of preference, first to last)."""
+
+    EVENT_CHANNEL = "event-channel"  # the guest's published suspend event channel
+    HARD_SHUTDOWN = "hard-shutdown"  # xc_domain_shutdown(SHUTDOWN_suspend): no cooperation
+    XENSTORE = "xenstore"  # control/shutdown = "suspend", the guest acks
+    ACPI_S3 = "acpi-s3"  # the guest sleeps in ACPI S3 (HVM, through its device model)
+
+
+@attrs.frozen
+class GuestType:
+    """What a guest-type plugin says about the domains it claims.
+
+    :param name: the guest type (``pv``, ``pvhvm``, ``hvm``, ``pvh``...).
+    :param plugin: the plugin's name, for reports.
+    :param xenstore_handshake: the guest answers ``control/shutdown`` (has PV drivers).
+    :param event_channel: the guest may publish a suspend event channel.
+    :param device_model: the domain has a QEMU device model (QMP).
+    :param acpi_s3: the guest can sleep in ACPI S3.
+    :param cooperative_resume: the guest's suspend hypercall can return 1 (fast resume).
+    :param survives_inplace_noncooperative: a fast=0 resume *in the same domain* is
+        safe.  Linux guests panic on it (register_vcpu_info EINVAL), so False for
+        every built-in type; a forced one is reported for what it did.
+    """
+
+    name: str
+    plugin: str
+    xenstore_handshake: bool = True
+    event_channel: bool = False
+    device_model: bool = False
+    acpi_s3: bool = False
+    cooperative_resume: bool = True
+    survives_inplace_noncooperative: bool = False
+
+
+@attrs.frozen
+class Verdict:
+    """A check's answer while the orchestrator waits: done, failed, or not yet.
+
+    :param done: the awaited state is reached.
+    :param failed: the awaited state can no longer be reached; ``reason`` says why.
+    :param state: the domain's state in words (``suspended``, ``S3``, ``crashed``...).
+    :param reason: a shutdown reason code when the domain shut down another way.
+    """
+
+    done: bool = False
+    failed: bool = False
+    state: str = ""
+    detail: str = ""
+    reason: int | None = None
+
+    @classmethod
+    def ok(cls, state: str, detail: str = "") -> Verdict:
+        return cls(done=True, state=state, detail=detail)
+
+    @classmethod
+    def fail(cls, state: str, detail: str, reason: int | None = None) -> Verdict:
+        return cls(failed=True, state=state, detail=detail, reason=reason)
+
+    @classmethod
+    def pending(cls, state: str = "", detail: str = "") -> Verdict:
+        return cls(state=state, detail=detail)
+
+
+@attrs.frozen
+class PhaseTiming:
+    """How long one phase of an operation took, in seconds."""
+
+    phase: Phase
+    seconds: float
+
+
+@attrs.frozen
+class Timeouts:
+    """Every deadline torpor keeps, in seconds (libxl's and xenopsd's in comments).
+
+    :param ack: the guest must take the xenstore request (libxl 60, xenopsd 30).
+    :param suspend: the domain must shut down with reason suspend once asked
+        (libxl 60, xenopsd 1200).
+    :param device_model: one device-model (QMP) exchange.
+    :param resume: the resumed domain must be seen running (and rebuilt).
+    :param wake: an S3 guest must leave S3 after ``system_wakeup``.
+    :param settle: after a *forced* in-place non-cooperative resume, how long to
+        watch for the guest crashing or rebooting before calling it survived.
+    """
+
+    ack: float = 30.0
+    suspend: float = 60.0
+    device_model: float = 30.0
+    resume: float = 30.0
+    wake: float = 30.0
+    settle: float = 5.0
+
+
+@attrs.frozen
+class Result:
+    """What one operation on one domain did (frozen; ``to_dict()`` for JSON).
+
+    :param outcome: ``suspended``, ``asleep`` (ACPI S3), ``resumed``, ``checkpointed``...
+    :param state: the domain's state afterwards, in words.
+    :param cooperative: for a resume, whether it was a fast (cooperative) one.
+    :param details: extra facts (counts, file names), JSON-ready.
+    """
+
+    domid: int
+    operation: str
+    guest_type: str
+    outcome: str
+    state: str
+    method: SuspendMethod | None = None
+    cooperative: bool | None = None
+    timings: tuple[PhaseTiming, ...] = ()
+    details: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.timings)
+
+    def timing(self, phase: Phase) -> float | None:
+        for t in self.timings:
+            if t.phase == phase:
+                return t.seconds
+        return None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "domid": self.domid,
+            "operation": self.operation,
+            "ok": True,
+            "guest_type": self.guest_type,
+            "outcome": self.outcome,
+            "state": self.state,
+            "method": None if self.method is None else str(self.method),
+            "cooperative": self.cooperative,
+            "seconds": round(self.seconds, 6),
+            "phases": {str(t.phase): round(t.seconds, 6) for t in self.timings},
+            **dict(self.details),
+        }

@@ -23,9 +23,12 @@ how a caller waits for a suspend on the subscribed channel without polling.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from torpor.model import DomainInfo, ShutdownReason
+
+if TYPE_CHECKING:
+    from torpor.hypervisor.xenctrl import SuspendEvtchnLock
 
 __all__ = ["Hypervisor"]
 
@@ -112,6 +115,11 @@ class Hypervisor(Protocol):
 
     def evtchn_unmask(self, local_port: int) -> None:
         """Re-arm ``local_port`` after its event was consumed."""
+        ...
+
+    def suspend_evtchn_lock(self, domid: int) -> SuspendEvtchnLock:
+        """libxenguest's per-domain suspend event channel lock file (not yet taken),
+        so two toolstacks never subscribe the same domain."""
         ...
 
     def close(self) -> None:

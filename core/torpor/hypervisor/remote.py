@@ -33,8 +33,9 @@ class RemoteHypervisor:
 
     name = "sim-remote"
 
-    def __init__(self, path: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, path: str, *, timeout: float = 10.0, lock_dir: str | None = None) -> None:
         self.path = path
+        self.lock_dir = lock_dir
         self.timeout = timeout
         self._lock = threading.Lock()
         self._ids = 0
@@ -187,6 +188,11 @@ class RemoteHypervisor:
 
     def evtchn_unmask(self, local_port: int) -> None:
         self.call("evtchn_unmask", local_port=local_port)
+
+    def suspend_evtchn_lock(self, domid: int) -> Any:
+        from torpor.hypervisor.xenctrl import SuspendEvtchnLock
+
+        return SuspendEvtchnLock(domid, self.lock_dir)
 
     def close(self) -> None:
         for s in (self._sock, self._events):

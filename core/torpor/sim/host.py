@@ -222,7 +222,15 @@ class SimHost:
 
     def hypervisor(self) -> SimHypervisor:
         """A hypervisor backend on this host (its own event-channel handle)."""
-        return SimHypervisor(self.xen)
+        run = self.dir / "run"
+        run.mkdir(exist_ok=True)
+        return SimHypervisor(self.xen, lock_dir=str(run))
+
+    def toolstack_host(self) -> Any:
+        """A :class:`torpor.host.Host` on this simulated host, in process."""
+        from torpor.host import Host
+
+        return Host.for_sim_dir(self.dir, self.hypervisor(), name=f"sim:{self.dir}")
 
     # -- domain building (libxl's job) ----------------------------------------------
 

@@ -600,6 +600,11 @@ class SimXen:
             local.remote_domid = remote_domid
             local.handle = handle
             handle.ports.add(local.port)
+            # event_channel.c: "We may have lost notifications on the remote
+            # unbound port. Fix that up here by conservatively always setting a
+            # notification on the local port."
+            local.masked = True
+            handle._deliver(local.port)
             return local.port
 
     def handle_notify(self, handle: EvtchnHandle, local_port: int) -> None:
@@ -712,13 +717,22 @@ def _cancel(fut: asyncio.Future[int]) -> None:
 
 
 class SimHypervisor:
-    """:class:`torpor.hypervisor.Hypervisor` over an in-process :class:`SimXen`."""
+    """:class:`torpor.hypervisor.Hypervisor` over an in-process :class:`SimXen`.
+
+    :param lock_dir: where libxl's suspend event channel lock files go.
+    """
 
     name = "sim"
 
-    def __init__(self, xen: SimXen) -> None:
+    def __init__(self, xen: SimXen, *, lock_dir: str | None = None) -> None:
         self.xen = xen
         self.handle = xen.open_evtchn_handle()
+        self.lock_dir = lock_dir
+
+    def suspend_evtchn_lock(self, domid: int) -> Any:
+        from torpor.hypervisor.xenctrl import SuspendEvtchnLock
+
+        return SuspendEvtchnLock(domid, self.lock_dir)
 
     def domain_info_list(self, first_domid: int = 0, max_domains: int = 1024) -> list[DomainInfo]:
         return self.xen.domain_info_list(first_domid, max_domains)

@@ -1,0 +1,36 @@
+"""PV frontends as the toolstack sees them in xenstore (xenbus states).
+
+After a resume in a new domain a Linux guest renegotiates every PV frontend
+with its backend: Initialising -> (backend InitWait) -> Initialised /
+Connected.  :func:`frontends_verdict` judges from xenstore whether all of a
+domain's frontends (``device/<type>/<devid>/state``) are Connected again.
+"""
+
+from __future__ import annotations
+
+from torpor.context import OperationContext
+from torpor.model import Verdict
+
+__all__ = ["CONNECTED", "frontends_verdict"]
+
+#: XenbusStateConnected (xen/include/public/io/xenbus.h)
+CONNECTED = 4
+#: Device types whose frontends torpor waits for (the suspend node is not a device).
+DEVICE_TYPES = ("vif", "vbd", "qdisk", "vkbd", "vfb", "console", "9pfs", "vusb", "pvcalls")
+
+
+async def frontends_verdict(ctx: OperationContext) -> Verdict:
+    """Done when every frontend under ``device/`` is Connected; pending otherwise."""
+    xs = ctx.xenstore
+    base = f"{ctx.dompath}/device"
+    waiting = []
+    for kind in await xs.ls(base) if await xs.read_or(base, None) is not None else []:
+        if kind not in DEVICE_TYPES:
+            continue
+        for devid in await xs.ls(f"{base}/{kind}"):
+            state = await xs.read_or(f"{base}/{kind}/{devid}/state", "0")
+            if state != str(CONNECTED):
+                waiting.append(f"{kind}/{devid} (state {state})")
+    if waiting:
+        return Verdict.pending("running", "frontends not reconnected: " + ", ".join(waiting))
+    return Verdict.ok("running", "frontends connected")

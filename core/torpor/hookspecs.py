@@ -1,0 +1,270 @@
+"""The plugin API: every hook torpor calls, when it calls it, and what it expects.
+
+A guest-type plugin is a module (or object) with functions decorated with
+:data:`torpor.hookimpl`, named after the specs below, registered through the
+``torpor`` entry-point group::
+
+    [project.entry-points.torpor]
+    pvh = "torpor_pvh.plugin"
+
+torpor calls hooks with keyword arguments only; an implementation may accept
+any subset of a spec's parameters.  An implementation may be a coroutine
+function (``async def``): torpor awaits it.  Hooks run on the orchestrator's
+event loop, so an implementation must not block -- do I/O with ``await``
+(``ctx.xenstore``, ``await ctx.device_model()``); quick hypervisor calls
+(``ctx.hypervisor``) are fine.
+
+Ordering, deadlines, waiting, cancelling and the result are the
+orchestrator's.  A plugin *acts* (requests a suspend, stops a device model)
+and *judges* (is the domain suspended yet?); it never loops or sleeps waiting
+for something: the orchestrator re-asks a ``torpor_check_*`` hook each time
+an event arrives (``@releaseDomain``, the suspend event channel, a device
+model event, a watched xenstore node) until it answers done or failed, or
+the deadline passes.
+
+``firstresult`` hooks stop at the first implementation that returns something
+other than ``None``; the most recently registered plugin is asked first, and
+torpor's own generic implementations (:mod:`torpor.protocol`) are registered
+first, so they answer last.
+
+Hooks are grouped as: classification, suspend, resume, lifecycle
+notifications (for embedding toolstacks; their return values are ignored).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torpor.context import OperationContext
+    from torpor.errors import TorporError
+    from torpor.host import Host
+    from torpor.model import DomainInfo, GuestType, Phase, Result, SuspendMethod, Verdict
+
+__all__ = ["hookimpl", "hookspec"]
+
+#: Marks a hook specification (torpor's own use).
+hookspec = pluggy.HookspecMarker("torpor")
+#: Marks a hook implementation: decorate your plugin's functions with it.
+hookimpl = pluggy.HookimplMarker("torpor")
+
+
+# ---------------------------------------------------------------------------
+# classification
+
+
+@hookspec(firstresult=True)
+def torpor_classify_domain(domain: DomainInfo, host: Host) -> GuestType | None:
+    """Claim a domain: say which guest type it is, or ``None`` if not yours.
+
+    Called at the start of every operation (suspend, resume, checkpoint,
+    save...) and by ``torpor list``, before anything is touched.  Look only:
+    read the domain info, HVM params (``host.hypervisor.get_hvm_param``),
+    never change the domain.
+
+    ``firstresult``: the first plugin to return a :class:`~torpor.model.GuestType`
+    owns the domain for the whole operation.  A domain no plugin claims gets
+    :class:`~torpor.errors.UnsupportedGuest`.
+
+    :param domain: the hypervisor's view of the domain (flags, emulation flags).
+    :param host: the host, for read-only probes (hypervisor, xenstore).
+    :return: the guest type and its capabilities, or ``None``.
+    """
+
+
+# ---------------------------------------------------------------------------
+# suspend
+
+
+@hookspec(firstresult=True)
+def torpor_choose_suspend_method(
+    ctx: OperationContext, default: SuspendMethod
+) -> SuspendMethod | None:
+    """Pick how to ask this guest to suspend.
+
+    Called once per suspend, after classification, with ``default`` = libxl's
+    choice: the suspend event channel if the guest published one and is not
+    in S3; a hard ``shutdown(suspend)`` for an HVM guest without PV drivers or
+    one already in S3; else the xenstore handshake.  ``ctx.facts`` holds what
+    that choice was made from (``suspend_event_channel``, ``s3``).
+
+    ``firstresult``: return a method to override the default (the HVM plugin
+    returns ``ACPI_S3`` when the guest has an agent that can put it to sleep),
+    or ``None`` to keep it.
+
+    :param ctx: the operation; ``ctx.guest_type`` is set.
+    :param default: the method libxl would use.
+    """
+
+
+@hookspec(firstresult=True)
+def torpor_request_suspend(ctx: OperationContext, method: SuspendMethod) -> bool | None:
+    """Ask the guest to suspend by ``method``; return ``True`` once asked.
+
+    Called once per suspend, in the ``request`` phase.  Do the asking only
+    (write ``control/shutdown``, notify the channel, send the QMP / agent
+    command) and return at once; the orchestrator then waits for the ack (for
+    ``XENSTORE``) and for the suspended state, with its deadlines.
+
+    ``firstresult``: torpor's generic implementation handles ``XENSTORE``,
+    ``EVENT_CHANNEL`` and ``HARD_SHUTDOWN``; a plugin handles a method of its
+    own (``ACPI_S3``) or returns ``None`` to let the next one try.  If nobody
+    returns ``True`` the suspend fails with the method named.
+
+    :param ctx: the operation; ``ctx.method`` is ``method``.
+    :param method: the method chosen by :func:`torpor_choose_suspend_method`.
+    """
+
+
+@hookspec(firstresult=True)
+def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
+    """Judge whether the domain has reached its suspended state.
+
+    Called at once after the request, then each time an event arrives that
+    might change the answer, until a verdict is done or failed or the
+    suspend deadline passes.  ``ctx.domain`` is fresh domain info.
+
+    ``firstresult``: torpor's generic implementation answers done for a domain
+    shut down with reason suspend, failed for any other shutdown reason;
+    the HVM plugin answers for ``ACPI_S3`` (the guest is asleep: ACPI_S_STATE
+    3, QEMU ``suspended``).  Return ``None`` to defer to it.
+
+    :param ctx: the operation.
+    :return: :meth:`Verdict.ok`, :meth:`Verdict.fail`, :meth:`Verdict.pending`.
+    """
+
+
+@hookspec
+def torpor_device_model_suspend(ctx: OperationContext) -> None:
+    """Quiesce the guest's device model once the guest is suspended.
+
+    Called in the ``device-model-suspend`` phase, after the domain reached its
+    suspended state, for guest types with ``device_model=True``.  libxl does
+    QMP ``stop`` then ``xen-save-devices-state``.  Raise
+    :class:`~torpor.errors.DeviceModelError` on failure; the orchestrator then
+    resumes the guest cooperatively and reports the suspend as failed.
+
+    :param ctx: the operation (``await ctx.device_model()`` for QMP).
+    """
+
+
+# ---------------------------------------------------------------------------
+# resume
+
+
+@hookspec
+def torpor_device_model_resume(ctx: OperationContext) -> None:
+    """Let the device model run again, *before* the domain resumes.
+
+    Called in the ``device-model-resume`` phase for guest types with
+    ``device_model=True`` when the domain is shut down: QMP ``cont``.  It must
+    come first -- resuming the device model after the domain made HVM resume
+    fail silently (libxl commit f33b4fc4ef).
+
+    :param ctx: the operation.
+    """
+
+
+@hookspec
+def torpor_resume_guest(ctx: OperationContext) -> None:
+    """Guest-type work once the domain has resumed and XS_RESUME was sent.
+
+    Called in the ``guest-resume`` phase of every resume.  The HVM plugin wakes
+    a guest in S3 here (``system_wakeup``).  Act only; the orchestrator then
+    waits on :func:`torpor_check_resumed`.
+
+    :param ctx: the operation; ``ctx.cooperative`` says fast or not.
+    """
+
+
+@hookspec(firstresult=True)
+def torpor_check_resumed(ctx: OperationContext) -> Verdict | None:
+    """Judge whether the resumed guest is really back.
+
+    Called at once after :func:`torpor_resume_guest` and again on each event
+    (``@releaseDomain``, device model events, changes under the domain's
+    ``device/`` tree) until done or failed or the resume deadline passes.
+
+    ``firstresult``: torpor's generic implementation answers done when the
+    domain runs (not shut down, not in S3) and failed when it shut down
+    again (a crash, a reboot).  A plugin may demand more (frontends
+    reconnected after a resume in a new domain) or return ``None``.
+
+    :param ctx: the operation.
+    """
+
+
+# ---------------------------------------------------------------------------
+# lifecycle notifications (for embedding toolstacks); return values ignored
+
+
+@hookspec
+def torpor_before_suspend(ctx: OperationContext) -> None:
+    """A suspend of ``ctx.domid`` is about to start (after validation).
+
+    :param ctx: the operation.
+    """
+
+
+@hookspec
+def torpor_after_suspend(ctx: OperationContext, result: Result) -> None:
+    """A suspend succeeded.
+
+    :param ctx: the operation.
+    :param result: what it did, with per-phase timings.
+    """
+
+
+@hookspec
+def torpor_before_resume(ctx: OperationContext) -> None:
+    """A resume of ``ctx.domid`` is about to start (after validation).
+
+    :param ctx: the operation.
+    """
+
+
+@hookspec
+def torpor_after_resume(ctx: OperationContext, result: Result) -> None:
+    """A resume succeeded.
+
+    :param ctx: the operation.
+    :param result: what it did, with per-phase timings.
+    """
+
+
+@hookspec
+def torpor_phase_started(ctx: OperationContext, phase: Phase) -> None:
+    """A phase begins (progress displays, tracing).
+
+    :param ctx: the operation.
+    :param phase: the phase starting.
+    """
+
+
+@hookspec
+def torpor_phase_finished(
+    ctx: OperationContext, phase: Phase, seconds: float, error: TorporError | None
+) -> None:
+    """A phase ended, successfully (``error`` is ``None``) or not.
+
+    Called exactly once for each :func:`torpor_phase_started`.
+
+    :param ctx: the operation.
+    :param phase: the phase that ended.
+    :param seconds: how long it took.
+    :param error: why it failed, or ``None``.
+    """
+
+
+@hookspec
+def torpor_operation_failed(ctx: OperationContext, error: TorporError) -> None:
+    """An operation failed; ``error.state`` says what the domain was left in.
+
+    Called exactly once per failed operation, after any rollback (a
+    cooperative resume after a failed suspend) has been done.
+
+    :param ctx: the operation.
+    :param error: the error the caller will receive.
+    """

@@ -1,0 +1,988 @@
+"""The orchestrator: one state machine for suspend, resume, checkpoint and bulk.
+
+:class:`Orchestrator` (asyncio) drives the protocol of ../shared/design.md §1
+for one host; :class:`Torpor` is the same for synchronous callers (it runs an
+orchestrator on a private event-loop thread).  The orchestrator owns the
+order of the steps, every deadline, the cancel of an unanswered request, the
+rollback of a failed suspend, one-operation-per-domain, and the result
+record; guest-type plugins supply the guest-specific steps through the hooks
+in :mod:`torpor.hookspecs`.
+
+Suspend::
+
+    validate ─ request ─ ack* ─ shutdown ─ device-model-suspend*
+                          └─ ack timeout: cancel (transaction) ─ AckTimeout, guest running
+
+Resume::
+
+    validate ─ device-model-resume* ─ resume(fast) ─ xs-resume ─ guest-resume ─ verify
+
+(* only where it applies.)  Waiting is event-driven: one ``@releaseDomain``
+watch and one event-channel reader per orchestrator serve every operation
+(:class:`DomainMonitor`), plus the xenstore watches and device-model events of
+the operation at hand.  No thread per domain, no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import pluggy
+
+from torpor.context import OperationContext
+from torpor.errors import (
+    AckTimeout,
+    AlreadySuspended,
+    DomainBusy,
+    DomainVanished,
+    HypervisorError,
+    InvalidState,
+    NoSuchDomain,
+    NotSuspended,
+    OperationError,
+    ResumeFailed,
+    SuspendTimeout,
+    Timeout,
+    TorporError,
+    UnexpectedShutdown,
+    UnsafeResume,
+    UnsupportedGuest,
+)
+from torpor.host import Host, validate_domid
+from torpor.model import (
+    HVM_PARAM_ACPI_S_STATE,
+    DomainInfo,
+    GuestType,
+    Phase,
+    PhaseTiming,
+    Result,
+    ShutdownReason,
+    SuspendMethod,
+    Timeouts,
+    Verdict,
+)
+from torpor.plugins import get_plugin_manager
+from torpor.protocol import default_suspend_method, release_suspend_event_channel
+
+__all__ = ["DomainMonitor", "Orchestrator", "Torpor"]
+
+log = logging.getLogger("torpor")
+T = TypeVar("T")
+
+_FAILURE_STATE = {
+    ShutdownReason.CRASH: "crashed",
+    ShutdownReason.REBOOT: "rebooted",
+    ShutdownReason.POWEROFF: "powered off",
+}
+
+
+class DomainMonitor:
+    """The orchestrator's eyes: ``@releaseDomain`` and the suspend event channels.
+
+    One xenstore watch on ``@releaseDomain`` (xenstored fires it when a domain
+    shuts down or dies) and one reader on the hypervisor's event-channel
+    descriptor, shared by every operation.  Listeners are woken by domid or by
+    local port; they then re-read what they care about.  A burst of events is
+    coalesced into one refresh per loop iteration, like a pending VIRQ.
+    """
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._domain_listeners: dict[int, set[Callable[[], None]]] = {}
+        self._port_listeners: dict[int, set[Callable[[], None]]] = {}
+        self._watch: Any = None
+        self._evtchn_fd: int | None = None
+        self._refresh_pending = False
+        self._last: dict[int, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        if self._watch is None:
+            self._loop = asyncio.get_running_loop()
+            self._watch = await self.host.xenstore.aio.watch("@releaseDomain", self._on_release)
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            with contextlib.suppress(TorporError):
+                await self.host.xenstore.aio.unwatch(watch)
+        if self._evtchn_fd is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._evtchn_fd)
+            self._evtchn_fd = None
+
+    def listen_domain(self, domid: int, wake: Callable[[], None]) -> Callable[[], None]:
+        self._domain_listeners.setdefault(domid, set()).add(wake)
+        return lambda: self._domain_listeners.get(domid, set()).discard(wake)
+
+    def listen_port(self, port: int, wake: Callable[[], None]) -> Callable[[], None]:
+        if self._evtchn_fd is None:
+            loop = asyncio.get_running_loop()
+            self._evtchn_fd = self.host.hypervisor.evtchn_fileno()
+            loop.add_reader(self._evtchn_fd, self._on_evtchn)
+        self._port_listeners.setdefault(port, set()).add(wake)
+        return lambda: self._port_listeners.get(port, set()).discard(wake)
+
+    def _on_release(self, _path: str, _token: str) -> None:
+        if not self._refresh_pending:
+            self._refresh_pending = True
+            asyncio.get_running_loop().call_soon(self._refresh)
+
+    def _refresh(self) -> None:
+        self._refresh_pending = False
+        watched = [d for d, ls in self._domain_listeners.items() if ls]
+        if not watched:
+            return
+        hv = self.host.hypervisor
+        flags: dict[int, int] = {}
+        try:
+            if len(watched) <= 8:
+                for d in watched:
+                    try:
+                        flags[d] = hv.domain_info(d).flags
+                    except HypervisorError as e:
+                        if e.errno != errno.ESRCH:
+                            raise
+            else:
+                flags = {i.domid: i.flags for i in hv.domain_info_list()}
+        except TorporError:
+            flags = {}  # the hypervisor failed: wake everyone, they'll see it
+            changed = set(watched)
+        else:
+            changed = {d for d in watched if flags.get(d, -1) != self._last.get(d)}
+        self._last.update({d: flags.get(d, -1) for d in watched})
+        for d in changed:
+            for wake in list(self._domain_listeners.get(d, ())):
+                wake()
+
+    def _on_evtchn(self) -> None:
+        hv = self.host.hypervisor
+        try:
+            while (port := hv.evtchn_pending()) is not None:
+                with contextlib.suppress(TorporError):
+                    hv.evtchn_unmask(port)
+                for wake in list(self._port_listeners.get(port, ())):
+                    wake()
+        except TorporError as e:
+            log.warning("event channel read failed: %s", e)
+            for ls in self._port_listeners.values():
+                for wake in list(ls):
+                    wake()
+
+
+@attrs.frozen
+class _Sources:
+    """What may change a verdict: xenstore paths, an event-channel port, the device model."""
+
+    xs_paths: tuple[str, ...] = ()
+    port: int | None = None
+    device_model: bool = False
+
+
+class Orchestrator:
+    """Suspend and resume domains of one host (asyncio API).
+
+    :param host: the host to act on.
+    :param plugin_manager: from :func:`torpor.plugins.get_plugin_manager` (default: a new one).
+    :param timeouts: deadlines (libxl-like defaults; see :class:`~torpor.model.Timeouts`).
+    :param concurrency: at most this many domains in flight in a bulk operation.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        timeouts: Timeouts | None = None,
+        concurrency: int = 64,
+    ) -> None:
+        self.host = host
+        self.pm = plugin_manager or get_plugin_manager()
+        _refuse_wrappers(self.pm)
+        self.timeouts = timeouts or Timeouts()
+        self.concurrency = concurrency
+        self.monitor = DomainMonitor(host)
+        self._busy: dict[int, str] = {}
+
+    async def close(self) -> None:
+        await self.monitor.close()
+
+    # -- hooks -----------------------------------------------------------------
+
+    async def _first(self, name: str, **kwargs: Any) -> Any:
+        """Call a ``firstresult`` hook, awaiting coroutine implementations."""
+        caller = getattr(self.pm.hook, name)
+        for impl in reversed(caller.get_hookimpls()):
+            res = impl.function(*[kwargs[a] for a in impl.argnames])
+            if inspect.isawaitable(res):
+                res = await res
+            if res is not None:
+                return res
+        return None
+
+    async def _all(self, name: str, **kwargs: Any) -> list[Any]:
+        """Call a hook on every implementation (last registered first)."""
+        caller = getattr(self.pm.hook, name)
+        out = []
+        for impl in reversed(caller.get_hookimpls()):
+            res = impl.function(*[kwargs[a] for a in impl.argnames])
+            if inspect.isawaitable(res):
+                res = await res
+            out.append(res)
+        return out
+
+    async def _notify(self, name: str, **kwargs: Any) -> None:
+        """A lifecycle notification: an embedder's failing listener is logged, not fatal."""
+        try:
+            await self._all(name, **kwargs)
+        except Exception:
+            log.exception("torpor hook %s raised; carrying on with the operation", name)
+
+    @contextlib.asynccontextmanager
+    async def _phase(
+        self, ctx: OperationContext, phase: Phase, timings: list[PhaseTiming]
+    ) -> AsyncIterator[None]:
+        ctx.phase = phase
+        await self._notify("torpor_phase_started", ctx=ctx, phase=phase)
+        t0 = time.perf_counter()
+        error: TorporError | None = None
+        try:
+            yield
+        except TorporError as e:
+            error = e
+            if e.phase is None:
+                e.phase = phase
+            if e.domid is None:
+                e.domid = ctx.domid
+            raise
+        finally:
+            seconds = time.perf_counter() - t0
+            timings.append(PhaseTiming(phase, seconds))
+            await self._notify(
+                "torpor_phase_finished", ctx=ctx, phase=phase, seconds=seconds, error=error
+            )
+
+    # -- one operation per domain -------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _claim(self, domid: int, operation: str) -> AsyncIterator[None]:
+        """In-process and cross-process exclusion (a lock file per domain)."""
+        held = self._busy.get(domid)
+        if held is not None:
+            raise DomainBusy(
+                f"a {held} of domain {domid} is already in progress",
+                domid=domid,
+                phase=Phase.VALIDATE,
+                state="unchanged",
+            )
+        os.makedirs(self.host.lock_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.host.lock_dir, f"domain-{domid}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DomainBusy(
+                f"domain {domid} is busy: {holder} holds {path}",
+                domid=domid,
+                phase=Phase.VALIDATE,
+                state="unchanged",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"torpor pid {os.getpid()} ({operation})\n".encode(), 0)
+        self._busy[domid] = operation
+        try:
+            yield
+        finally:
+            self._busy.pop(domid, None)
+            os.ftruncate(fd, 0)
+            os.close(fd)
+
+    # -- context -------------------------------------------------------------------
+
+    def _domain_info(self, domid: int, phase: Phase) -> DomainInfo:
+        try:
+            return self.host.hypervisor.domain_info(domid)
+        except HypervisorError as e:
+            if e.errno == errno.ESRCH:
+                raise NoSuchDomain(
+                    f"domain {domid} does not exist",
+                    domid=domid,
+                    phase=phase,
+                    cause=e,
+                    state="gone",
+                ) from e
+            raise
+
+    async def classify(self, info: DomainInfo) -> GuestType:
+        """The plugins' verdict on what guest type a domain is (UnsupportedGuest if none)."""
+        gt = await self._first("torpor_classify_domain", domain=info, host=self.host)
+        if gt is None:
+            raise UnsupportedGuest(
+                f"no torpor plugin claims domain {info.domid} (hvm={info.hvm}, "
+                f"emulation flags {info.emulation_flags:#x}); installed: "
+                + ", ".join(n for n, _ in self.pm.list_name_plugin()),
+                domid=info.domid,
+                phase=Phase.VALIDATE,
+                state="unchanged",
+            )
+        assert isinstance(gt, GuestType)
+        return gt
+
+    async def _context(self, operation: str, domid: int) -> OperationContext:
+        info = self._domain_info(domid, Phase.VALIDATE)
+        ctx = OperationContext(
+            operation=operation, domid=domid, host=self.host, timeouts=self.timeouts, domain=info
+        )
+        ctx.guest_type = await self.classify(info)
+        ctx.facts["s3"] = self._in_s3(info)
+        return ctx
+
+    def _in_s3(self, info: DomainInfo) -> bool:
+        if not info.hvm:
+            return False
+        try:
+            return self.host.hypervisor.get_hvm_param(info.domid, HVM_PARAM_ACPI_S_STATE) != 0
+        except HypervisorError:
+            return False
+
+    def _refresh(self, ctx: OperationContext) -> None:
+        try:
+            ctx.domain = self.host.hypervisor.domain_info(ctx.domid)
+        except HypervisorError as e:
+            if e.errno == errno.ESRCH:
+                raise DomainVanished(
+                    f"domain {ctx.domid} was destroyed during the {ctx.operation}",
+                    domid=ctx.domid,
+                    phase=ctx.phase,
+                    cause=e,
+                    state="gone",
+                ) from e
+            raise
+        ctx.facts["s3"] = self._in_s3(ctx.domain)
+
+    # -- waiting ---------------------------------------------------------------------
+
+    async def _wait(
+        self,
+        ctx: OperationContext,
+        judge: Callable[[], Awaitable[Verdict | None]],
+        *,
+        timeout: float,
+        sources: _Sources,
+        what: str,
+    ) -> Verdict:
+        """Re-ask ``judge`` on every relevant event until done or failed; Timeout after."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        undo: list[Callable[[], None]] = []
+        watches = []
+        await self.monitor.start()
+        undo.append(self.monitor.listen_domain(ctx.domid, wake.set))
+        if sources.port is not None:
+            undo.append(self.monitor.listen_port(sources.port, wake.set))
+        ctx.set_waker(wake.set)
+        xs = self.host.xenstore.aio
+        try:
+            for path in sources.xs_paths:
+                watches.append(await xs.watch(path, lambda _p, _t: wake.set()))
+            if sources.device_model:
+                await ctx.device_model()
+            deadline = loop.time() + timeout
+            while True:
+                wake.clear()
+                self._refresh(ctx)
+                verdict = await judge()
+                if verdict is not None and (verdict.done or verdict.failed):
+                    return verdict
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(wake.wait(), remaining)
+                except TimeoutError:
+                    break
+            raise Timeout(
+                f"{what} did not happen within {timeout:g}s",
+                deadline=timeout,
+                domid=ctx.domid,
+                phase=ctx.phase,
+            )
+        finally:
+            ctx.set_waker(None)
+            for u in undo:
+                u()
+            for w in watches:
+                await xs.unwatch(w)
+
+    # -- suspend -----------------------------------------------------------------------
+
+    async def suspend(
+        self,
+        domid: int,
+        *,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> Result:
+        """Suspend a domain: it ends shut down with reason suspend (or asleep in S3).
+
+        Raises an :class:`~torpor.errors.OperationError` subclass saying what
+        failed and what state the domain was left in (``err.state``).
+        """
+        domid = validate_domid(domid)
+        timeouts = attrs.evolve(
+            self.timeouts,
+            ack=self.timeouts.ack if ack_timeout is None else ack_timeout,
+            suspend=self.timeouts.suspend if suspend_timeout is None else suspend_timeout,
+        )
+        async with self._claim(domid, "suspend"):
+            ctx = await self._context("suspend", domid)
+            ctx.timeouts = timeouts
+            try:
+                return await self._suspend(ctx)
+            except OperationError as e:
+                _locate(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
+                raise
+            finally:
+                await ctx.close()
+
+    async def _suspend(self, ctx: OperationContext) -> Result:
+        timings: list[PhaseTiming] = []
+        gt = ctx.guest_type
+        assert gt is not None
+        async with self._phase(ctx, Phase.VALIDATE, timings):
+            info = ctx.domain
+            if info.dying:
+                raise InvalidState(f"domain {ctx.domid} is dying", state="dying")
+            if info.suspended:
+                raise AlreadySuspended(
+                    f"domain {ctx.domid} is already suspended", state="suspended"
+                )
+            if info.shutdown:
+                what = ShutdownReason.describe(info.shutdown_reason or 0)
+                raise InvalidState(
+                    f"domain {ctx.domid} is shut down ({what}); cannot suspend", state=what
+                )
+            if gt.event_channel and not ctx.facts["s3"]:
+                port = await ctx.xenstore.read_or(f"{ctx.dompath}/device/suspend/event-channel", "")
+                if port.isdigit() and int(port) > 0:
+                    ctx.facts["suspend_event_channel"] = int(port)
+            default = default_suspend_method(ctx)
+            chosen = await self._first("torpor_choose_suspend_method", ctx=ctx, default=default)
+            ctx.method = SuspendMethod(chosen or default)
+        await self._notify("torpor_before_suspend", ctx=ctx)
+        method = ctx.method
+        shutdown_path = f"{ctx.dompath}/control/shutdown"
+        acked = False
+        try:
+            ack_watch = None
+            ack_wake = asyncio.Event()
+            async with self._phase(ctx, Phase.REQUEST, timings):
+                if method == SuspendMethod.XENSTORE:
+                    # Watch before writing: an ack can't slip between the two.
+                    ack_watch = await ctx.xenstore.watch(
+                        shutdown_path, lambda _p, _t: ack_wake.set()
+                    )
+                done = await self._first("torpor_request_suspend", ctx=ctx, method=method)
+                if not done:
+                    raise OperationError(
+                        f"no plugin can request a suspend by {method} for guest type {gt.name}",
+                        state="running",
+                    )
+            if method == SuspendMethod.XENSTORE:
+                try:
+                    async with self._phase(ctx, Phase.ACK, timings):
+                        acked = await self._wait_ack(ctx, shutdown_path, ack_wake)
+                finally:
+                    if ack_watch is not None:
+                        await ctx.xenstore.unwatch(ack_watch)
+                if not acked:
+                    async with self._phase(ctx, Phase.CANCEL, timings):
+                        acked = await self._cancel_request(ctx, shutdown_path)
+                    if not acked:
+                        self._refresh(ctx)
+                        raise AckTimeout(
+                            f"guest did not acknowledge the suspend request within "
+                            f"{ctx.timeouts.ack:g}s; request withdrawn, guest left "
+                            f"{ctx.domain.state_word()}",
+                            phase=Phase.ACK,
+                            state=ctx.domain.state_word(),
+                        )
+            async with self._phase(ctx, Phase.SHUTDOWN, timings):
+                await self._wait_suspended(ctx, acked)
+        finally:
+            if method == SuspendMethod.EVENT_CHANNEL:
+                with contextlib.suppress(TorporError):
+                    release_suspend_event_channel(ctx)
+        asleep = ctx.facts.get("s3") and not ctx.domain.shutdown
+        if gt.device_model and not asleep:
+            try:
+                async with self._phase(ctx, Phase.DEVICE_MODEL_SUSPEND, timings):
+                    await self._all("torpor_device_model_suspend", ctx=ctx)
+            except TorporError as e:
+                await self._rollback(ctx, e)
+        result = Result(
+            domid=ctx.domid,
+            operation=ctx.operation,
+            guest_type=gt.name,
+            outcome="asleep" if asleep else "suspended",
+            state="S3" if asleep else "suspended",
+            method=method,
+            timings=tuple(timings),
+        )
+        await self._notify("torpor_after_suspend", ctx=ctx, result=result)
+        return result
+
+    async def _wait_ack(self, ctx: OperationContext, path: str, wake: asyncio.Event) -> bool:
+        """The guest acks by leaving anything but ``suspend`` (or removing the node)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ctx.timeouts.ack
+        while True:
+            wake.clear()
+            value = await ctx.xenstore.read_or(path, None)
+            if value != "suspend":
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(wake.wait(), remaining)
+            except TimeoutError:
+                return False
+
+    async def _cancel_request(self, ctx: OperationContext, path: str) -> bool:
+        """Withdraw an unanswered request in a transaction; True if the guest acked after all.
+
+        libxl: re-read in a transaction; an ack at the last moment wins; else
+        write "" and commit, retrying on EAGAIN.
+        """
+        xs = ctx.xenstore
+
+        async def body(tx: Any) -> bool:
+            value = await xs.read_or(path, None, tx=tx)
+            if value != "suspend":
+                return True
+            await xs.write(path, "", tx=tx)
+            return False
+
+        acked: bool = await xs.run_transaction(body)
+        ctx.facts["cancelled"] = not acked
+        return acked
+
+    async def _wait_suspended(self, ctx: OperationContext, acked: bool) -> None:
+        method = ctx.method
+        gt = ctx.guest_type
+        assert gt is not None
+        sources = _Sources(
+            port=ctx.facts.get("suspend_local_port")
+            if method == SuspendMethod.EVENT_CHANNEL
+            else None,
+            device_model=method == SuspendMethod.ACPI_S3,
+        )
+        try:
+            verdict = await self._wait(
+                ctx,
+                lambda: self._first("torpor_check_suspended", ctx=ctx),
+                timeout=ctx.timeouts.suspend,
+                sources=sources,
+                what=f"domain {ctx.domid} suspending",
+            )
+        except Timeout as e:
+            state = ctx.domain.state_word()
+            if method == SuspendMethod.XENSTORE and acked:
+                raise SuspendTimeout(
+                    f"guest acknowledged the suspend request but did not suspend within "
+                    f"{ctx.timeouts.suspend:g}s: it probably failed to freeze its tasks; "
+                    f"guest left {state}",
+                    state=state,
+                    cause=e,
+                ) from e
+            raise SuspendTimeout(
+                f"domain did not suspend within {ctx.timeouts.suspend:g}s after the {method} "
+                f"request; guest left {state}",
+                state=state,
+                cause=e,
+            ) from e
+        if verdict.failed:
+            if verdict.reason is not None:
+                raise UnexpectedShutdown(
+                    f"domain shut down with reason {ShutdownReason.describe(verdict.reason)} "
+                    f"instead of suspending: {verdict.detail}",
+                    reason=verdict.reason,
+                    state=verdict.state,
+                )
+            raise OperationError(f"suspend failed: {verdict.detail}", state=verdict.state)
+
+    async def _rollback(self, ctx: OperationContext, error: TorporError) -> None:
+        """A suspend failed after the guest suspended: resume it cooperatively, then raise."""
+        log.warning("domain %d: %s; resuming it cooperatively", ctx.domid, error)
+        rollback_error: TorporError | None = None
+        try:
+            if ctx.guest_type is not None and ctx.guest_type.device_model:
+                with contextlib.suppress(TorporError):
+                    await self._all("torpor_device_model_resume", ctx=ctx)
+            self.host.hypervisor.resume(ctx.domid, fast=True)
+            await ctx.xenstore.resume(ctx.domid)
+        except TorporError as e:
+            rollback_error = e
+        state = "suspended" if rollback_error else "running"
+        raise OperationError(
+            f"suspend failed in phase {ctx.phase}: {error.message}; "
+            + (
+                f"cooperative resume also failed: {rollback_error}"
+                if rollback_error
+                else "guest resumed cooperatively"
+            ),
+            state=state,
+            cause=error,
+            phase=ctx.phase,
+        ) from error
+
+    # -- resume ------------------------------------------------------------------------
+
+    async def resume(self, domid: int, *, cooperative: bool = True, force: bool = False) -> Result:
+        """Resume a suspended domain (or wake one asleep in S3).
+
+        ``cooperative=True`` (fast): the guest's suspend hypercall returns 1 and
+        it reuses everything.  ``cooperative=False`` in the same domain crashes
+        today's Linux guests; it is refused unless the guest type says it
+        survives it, or ``force=True`` (then the outcome is reported as seen).
+        """
+        domid = validate_domid(domid)
+        async with self._claim(domid, "resume"):
+            ctx = await self._context("resume", domid)
+            ctx.cooperative = cooperative
+            ctx.force = force
+            try:
+                return await self._resume(ctx)
+            except OperationError as e:
+                _locate(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
+                raise
+            finally:
+                await ctx.close()
+
+    async def _resume(self, ctx: OperationContext) -> Result:
+        timings: list[PhaseTiming] = []
+        gt = ctx.guest_type
+        assert gt is not None
+        cooperative = bool(ctx.cooperative)
+        async with self._phase(ctx, Phase.VALIDATE, timings):
+            info = ctx.domain
+            shut = info.suspended
+            s3 = bool(ctx.facts.get("s3"))
+            if info.dying:
+                raise InvalidState(f"domain {ctx.domid} is dying", state="dying")
+            if info.shutdown and not shut:
+                what = ShutdownReason.describe(info.shutdown_reason or 0)
+                raise InvalidState(
+                    f"domain {ctx.domid} is shut down with reason {what}, not suspended; "
+                    "it cannot be resumed",
+                    state=_FAILURE_STATE.get(ShutdownReason(info.shutdown_reason or 0), what),
+                )
+            if not shut and not s3:
+                raise NotSuspended(
+                    f"domain {ctx.domid} is not suspended ({info.state_word()}); nothing done",
+                    state=info.state_word(),
+                )
+            unsafe = not gt.survives_inplace_noncooperative and not ctx.force
+            if shut and not cooperative and ctx.in_place and unsafe:
+                raise UnsafeResume(
+                    f"refusing a non-cooperative resume of domain {ctx.domid} in the same "
+                    f"domain: {gt.name} guests re-register their vcpu_info on it, which the "
+                    "hypervisor refuses (EINVAL) in a domain that already registered, and "
+                    "Linux panics (seen on real Xen). Resume cooperatively, restore into a "
+                    "new domain, or force it.",
+                    state="suspended",
+                )
+        await self._notify("torpor_before_resume", ctx=ctx)
+        if shut:
+            if gt.device_model:
+                async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
+                    await self._all("torpor_device_model_resume", ctx=ctx)
+            async with self._phase(ctx, Phase.RESUME, timings):
+                try:
+                    self.host.hypervisor.resume(ctx.domid, fast=cooperative)
+                except HypervisorError as e:
+                    self._refresh(ctx)
+                    raise ResumeFailed(
+                        f"xc_domain_resume(fast={int(cooperative)}) failed: {e}",
+                        state=ctx.domain.state_word(),
+                        cause=e,
+                    ) from e
+            async with self._phase(ctx, Phase.XS_RESUME, timings):
+                # Every time: xenstored re-arms @releaseDomain only on XS_RESUME.
+                await ctx.xenstore.resume(ctx.domid)
+        async with self._phase(ctx, Phase.GUEST_RESUME, timings):
+            self._refresh(ctx)
+            await self._all("torpor_resume_guest", ctx=ctx)
+        async with self._phase(ctx, Phase.VERIFY, timings):
+            await self._verify_resumed(ctx, shut=shut, s3=s3)
+        result = Result(
+            domid=ctx.domid,
+            operation=ctx.operation,
+            guest_type=gt.name,
+            outcome="resumed",
+            state=ctx.domain.state_word(),
+            cooperative=cooperative if shut else None,
+            timings=tuple(timings),
+            details=(("woke_from_s3", True),) if s3 else (),
+        )
+        await self._notify("torpor_after_resume", ctx=ctx, result=result)
+        return result
+
+    async def _verify_resumed(self, ctx: OperationContext, *, shut: bool, s3: bool) -> None:
+        gt = ctx.guest_type
+        assert gt is not None
+        sources = _Sources(
+            xs_paths=() if ctx.cooperative else (f"{ctx.dompath}/device",),
+            device_model=gt.device_model and s3,
+        )
+        timeout = ctx.timeouts.wake if s3 and not shut else ctx.timeouts.resume
+
+        def judge() -> Awaitable[Verdict | None]:
+            return self._first("torpor_check_resumed", ctx=ctx)
+
+        try:
+            verdict = await self._wait(
+                ctx,
+                judge,
+                timeout=timeout,
+                sources=sources,
+                what=f"domain {ctx.domid} running again",
+            )
+        except Timeout as e:
+            raise ResumeFailed(
+                f"the guest did not come back within {timeout:g}s",
+                state=ctx.domain.state_word(),
+                cause=e,
+            ) from e
+        forced = (
+            shut and not ctx.cooperative and ctx.in_place and not gt.survives_inplace_noncooperative
+        )
+        if verdict.failed:
+            if forced:
+                raise ResumeFailed(
+                    f"forced in-place non-cooperative resume: the guest {verdict.state} "
+                    f"({verdict.detail}) -- as Linux guests do when they re-register vcpu_info "
+                    "in the same domain",
+                    state=verdict.state,
+                )
+            raise ResumeFailed(f"resume failed: {verdict.detail}", state=verdict.state)
+        if forced:
+            # Forced: watch a while for the crash or reboot a Linux guest goes into.
+            async def crashed() -> Verdict | None:
+                v = await judge()
+                return v if v is not None and v.failed else Verdict.pending()
+
+            try:
+                verdict = await self._wait(
+                    ctx,
+                    crashed,
+                    timeout=ctx.timeouts.settle,
+                    sources=sources,
+                    what="a crash after the forced resume",
+                )
+            except Timeout:
+                return  # it survived the settle window
+            raise ResumeFailed(
+                f"forced in-place non-cooperative resume: the guest {verdict.state} "
+                f"({verdict.detail}) -- as Linux guests do when they re-register vcpu_info "
+                "in the same domain",
+                state=verdict.state,
+            )
+
+    # -- checkpoint --------------------------------------------------------------------
+
+    async def checkpoint(
+        self,
+        domid: int,
+        callback: Callable[[Result], Any] | None = None,
+        *,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> Result:
+        """Suspend, run ``callback(suspend_result)`` while suspended, resume cooperatively.
+
+        The guest is resumed even if the callback fails; then the callback's
+        error is raised (as an OperationError in phase ``callback``).
+        """
+        suspended = await self.suspend(
+            domid, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout
+        )
+        t0 = time.perf_counter()
+        callback_error: BaseException | None = None
+        if callback is not None:
+            try:
+                res = callback(suspended)
+                if inspect.isawaitable(res):
+                    await res
+            except Exception as e:
+                callback_error = e
+        cb_seconds = time.perf_counter() - t0
+        resumed = await self.resume(domid, cooperative=True)
+        if callback_error is not None:
+            raise OperationError(
+                f"checkpoint callback failed: {callback_error!r}; guest resumed",
+                domid=domid,
+                phase=Phase.CALLBACK,
+                cause=callback_error,
+                state=resumed.state,
+            )
+        return Result(
+            domid=domid,
+            operation="checkpoint",
+            guest_type=suspended.guest_type,
+            outcome="checkpointed",
+            state=resumed.state,
+            method=suspended.method,
+            cooperative=True,
+            timings=(
+                *suspended.timings,
+                PhaseTiming(Phase.CALLBACK, cb_seconds),
+                *resumed.timings,
+            ),
+        )
+
+    # -- bulk --------------------------------------------------------------------------
+
+    async def _bulk(
+        self, domids: Iterable[int], op: Callable[[int], Coroutine[Any, Any, Result]]
+    ) -> list[Result | TorporError]:
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(domid: int) -> Result | TorporError:
+            async with sem:
+                try:
+                    return await op(domid)
+                except TorporError as e:
+                    return e
+
+        return list(await asyncio.gather(*(one(d) for d in domids)))
+
+    async def suspend_many(self, domids: Iterable[int], **kw: Any) -> list[Result | TorporError]:
+        """Suspend many domains at once (bounded concurrency); one result or error each."""
+        return await self._bulk(domids, lambda d: self.suspend(d, **kw))
+
+    async def resume_many(self, domids: Iterable[int], **kw: Any) -> list[Result | TorporError]:
+        """Resume many domains at once (bounded concurrency); one result or error each."""
+        return await self._bulk(domids, lambda d: self.resume(d, **kw))
+
+    # -- inspection --------------------------------------------------------------------
+
+    async def list_domains(self) -> list[dict[str, Any]]:
+        """Every guest domain with its guest type (or why none claims it) and state."""
+        out = []
+        for info in self.host.hypervisor.domain_info_list():
+            if info.domid == 0:
+                continue
+            try:
+                gt: str = (await self.classify(info)).name
+            except UnsupportedGuest:
+                gt = "?"
+            name = await self.host.xenstore.aio.read_or(f"/local/domain/{info.domid}/name", "")
+            state = "S3" if self._in_s3(info) and not info.shutdown else info.state_word()
+            out.append({"domid": info.domid, "name": name, "guest_type": gt, "state": state})
+        return out
+
+
+def _locate(e: TorporError, ctx: OperationContext) -> None:
+    """Make sure an error names its domain and phase."""
+    if e.domid is None:
+        e.domid = ctx.domid
+    if e.phase is None:
+        e.phase = ctx.phase
+
+
+def _refuse_wrappers(pm: pluggy.PluginManager) -> None:
+    for caller in pm.hook.__dict__.values():
+        if not isinstance(caller, pluggy.HookCaller) or not caller.name.startswith("torpor_"):
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.hookwrapper or impl.wrapper:
+                raise TorporError(
+                    f"plugin {impl.plugin_name!r}: torpor hooks take no wrappers "
+                    f"({caller.name}); use the lifecycle hooks instead"
+                )
+
+
+class Torpor:
+    """The synchronous face of :class:`Orchestrator`, for toolstacks without asyncio.
+
+    Runs an orchestrator on a private event-loop thread; every method blocks
+    until its operation ends and returns the same results and raises the same
+    errors.  Thread-safe: operations on different domains may be started from
+    different threads and run concurrently.
+
+    :param host: the host (closed by :meth:`close` if ``own_host``).
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        timeouts: Timeouts | None = None,
+        concurrency: int = 64,
+        own_host: bool = False,
+    ) -> None:
+        self.host = host
+        self._own_host = own_host
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="torpor", daemon=True)
+        self._thread.start()
+        self.orchestrator = Orchestrator(
+            host, plugin_manager=plugin_manager, timeouts=timeouts, concurrency=concurrency
+        )
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def suspend(self, domid: int, **kw: Any) -> Result:
+        return self._run(self.orchestrator.suspend(domid, **kw))
+
+    def resume(self, domid: int, **kw: Any) -> Result:
+        return self._run(self.orchestrator.resume(domid, **kw))
+
+    def checkpoint(
+        self, domid: int, callback: Callable[[Result], Any] | None = None, **kw: Any
+    ) -> Result:
+        return self._run(self.orchestrator.checkpoint(domid, callback, **kw))
+
+    def suspend_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:
+        return self._run(self.orchestrator.suspend_many(domids, **kw))
+
+    def resume_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:
+        return self._run(self.orchestrator.resume_many(domids, **kw))
+
+    def list_domains(self) -> list[dict[str, Any]]:
+        return self._run(self.orchestrator.list_domains())
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self._run(self.orchestrator.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+        if self._own_host:
+            self.host.close()
+
+    def __enter__(self) -> Torpor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
