@@ -10,8 +10,10 @@ Exit codes (stable; scripts may rely on them):
 4     the backend is unavailable (no Xen here, no simulated host)
 ====  ==========================================================
 
-Imports are lazy: ``torpor --help`` and the start-up of every command stay
-cheap (see bench/).
+The host is ``--host xen`` or ``--host sim:DIR`` (or ``$TORPOR_HOST``);
+without either, ``xen`` when ``/proc/xen/capabilities`` says ``control_d``.
+``--json`` prints one JSON object per domain and line.  Imports are lazy so
+start-up stays cheap (see bench/).
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torpor.errors import TorporError
+    from torpor.model import Result
+    from torpor.orchestrator import Torpor
+    from torpor.progress import Reporter
 
 __all__ = [
     "EXIT_ALL_FAILED",
@@ -28,6 +37,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_PARTIAL",
     "EXIT_USAGE",
+    "build_parser",
     "main",
 ]
 
@@ -39,10 +49,225 @@ EXIT_BACKEND = 4
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's own exit code is 2 as well
+    def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+# ---------------------------------------------------------------------------
+# progress and output
+
+
+def _describe(res: Result) -> str:
+    phases = ", ".join(f"{t.phase} {t.seconds * 1000:.1f}ms" for t in res.timings)
+    how = f" via {res.method}" if res.method else ""
+    coop = (
+        ""
+        if res.cooperative is None
+        else (" (cooperative)" if res.cooperative else " (non-cooperative)")
+    )
+    return (
+        f"domain {res.domid}: {res.operation} ok{how}{coop}: {res.outcome}, now {res.state}"
+        f" in {res.seconds * 1000:.1f} ms [{phases}]"
+    )
+
+
+def _error_dict(domid: int, op: str, err: TorporError) -> dict[str, Any]:
+    out: dict[str, Any] = {"domid": domid, "operation": op, "ok": False}
+    out.update(err.to_dict())
+    return out
+
+
+def _report(
+    args: argparse.Namespace,
+    op: str,
+    domids: Sequence[int],
+    results: Sequence[Result | TorporError],
+    reporter: Reporter | None,
+) -> int:
+    from torpor.errors import TorporError
+
+    ok = 0
+    for domid, res in zip(domids, results, strict=True):
+        if isinstance(res, TorporError):
+            if args.json:
+                print(json.dumps(_error_dict(domid, op, res)), flush=True)
+            else:
+                left = getattr(res, "state", None)
+                state = f" (domain left {left})" if left else ""
+                print(f"domain {domid}: {op} FAILED: {res}{state}", flush=True)
+        else:
+            ok += 1
+            if args.json:
+                print(json.dumps(res.to_dict()), flush=True)
+            else:
+                print(_describe(res), flush=True)
+    if ok == len(domids):
+        return EXIT_OK
+    return EXIT_PARTIAL if ok else EXIT_ALL_FAILED
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+def _open(args: argparse.Namespace, reporter: Reporter | None = None) -> Torpor:
+    from torpor.host import Host
+    from torpor.model import Timeouts
+    from torpor.orchestrator import Torpor
+    from torpor.plugins import get_plugin_manager
+
+    plugins: list[Any] = list(getattr(args, "plugin", None) or [])
+    if reporter is not None:
+        plugins.append(reporter)
+    pm = get_plugin_manager(plugins=plugins, block=getattr(args, "no_plugin", None) or [])
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        ack=args.ack_timeout if args.ack_timeout is not None else defaults.ack,
+        suspend=args.suspend_timeout if args.suspend_timeout is not None else defaults.suspend,
+    )
+    host = Host.open(args.host)
+    return Torpor(host, plugin_manager=pm, timeouts=timeouts, own_host=True)
+
+
+def _domids(args: argparse.Namespace, t: Torpor, want: Callable[[str], bool]) -> list[int]:
+    from torpor.errors import UsageError
+    from torpor.host import validate_domid
+
+    if args.all:
+        if args.domids:
+            raise UsageError("give domids or --all, not both")
+        return [d["domid"] for d in t.list_domains() if want(d["state"])]
+    if not args.domids:
+        raise UsageError("no domain given (DOMID... or --all)")
+    seen: list[int] = []
+    for raw in args.domids:
+        d = validate_domid(raw)
+        if d not in seen:
+            seen.append(d)
+    return seen
+
+
+def _bulk(args: argparse.Namespace, op: str) -> int:
+    from torpor.errors import TorporError
+    from torpor.progress import Reporter
+
+    reporter = Reporter(quiet=args.json, total=len(args.domids) or 2)
+    with _open(args, reporter) as t:
+        if op == "suspend":
+            domids = _domids(args, t, lambda s: s == "running")
+        else:
+            domids = _domids(args, t, lambda s: s in ("suspended", "S3"))
+        if not domids:
+            if not args.json:
+                print(f"no domain to {op}")
+            return EXIT_OK
+        reporter.total = len(domids)
+        if len(domids) == 1:
+            try:
+                if op == "suspend":
+                    one: Result | TorporError = t.suspend(domids[0])
+                else:
+                    one = t.resume(domids[0], cooperative=not args.slow, force=args.force)
+            except TorporError as e:
+                one = e
+            results: list[Result | TorporError] = [one]
+        elif op == "suspend":
+            results = t.suspend_many(domids)
+        else:
+            results = t.resume_many(domids, cooperative=not args.slow, force=args.force)
+        for d, r in zip(domids, results, strict=True):
+            reporter.finished(
+                d,
+                not isinstance(r, TorporError),
+                f"domain {d}: {op} " + ("failed" if isinstance(r, TorporError) else "ok"),
+            )
+        return _report(args, op, domids, results, reporter)
+
+
+def _cmd_suspend(args: argparse.Namespace) -> int:
+    return _bulk(args, "suspend")
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    return _bulk(args, "resume")
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from torpor.errors import TorporError, UsageError
+    from torpor.host import validate_domid
+
+    domid = validate_domid(args.domid)
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    if args.interval < 0:
+        raise UsageError("--interval must not be negative")
+    from torpor.progress import Reporter
+
+    reporter = Reporter(quiet=True, total=1)
+    done = 0
+    with _open(args, reporter) as t:
+        for i in range(args.count):
+            if i and args.interval:
+                time.sleep(args.interval / 1000)  # the caller's pacing, not a wait for an event
+            try:
+                res = t.checkpoint(domid)
+            except TorporError as e:
+                if args.json:
+                    print(json.dumps({**_error_dict(domid, "checkpoint", e), "index": i}))
+                else:
+                    print(f"domain {domid}: checkpoint {i + 1}/{args.count} FAILED: {e}")
+                return EXIT_PARTIAL if done else EXIT_ALL_FAILED
+            done += 1
+            if args.json:
+                print(json.dumps({**res.to_dict(), "index": i}), flush=True)
+            else:
+                print(f"checkpoint {i + 1}/{args.count}: " + _describe(res), flush=True)
+    return EXIT_OK
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _open(args) as t:
+        rows = t.list_domains()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return EXIT_OK
+    print(f"{'domid':>5}  {'name':<20} {'type':<7} state")
+    for r in rows:
+        print(f"{r['domid']:>5}  {r['name']:<20} {r['guest_type']:<7} {r['state']}")
+    return EXIT_OK
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from torpor.plugins import get_plugin_manager, plugin_names
+
+    pm = get_plugin_manager(
+        plugins=getattr(args, "plugin", None) or [], block=getattr(args, "no_plugin", None) or []
+    )
+    rows = plugin_names(pm)
+    hooks: dict[str, list[str]] = {}
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks[name] = sorted(
+            c.name for c in pm.get_hookcallers(plugin) or [] if c.name.startswith("torpor_")
+        )
+    if args.json:
+        for name, origin in rows:
+            print(json.dumps({"name": name, "origin": origin, "hooks": hooks.get(name, [])}))
+        return EXIT_OK
+    for name, origin in rows:
+        print(f"{name:<16} {origin}")
+        print(f"{'':<16} hooks: {', '.join(h.removeprefix('torpor_') for h in hooks[name])}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from torpor.demo import run_demo
+
+    return run_demo(json_output=args.json, qemu=args.qemu)
 
 
 def _sim_start(args: argparse.Namespace) -> int:
@@ -57,6 +282,7 @@ def _sim_start(args: argparse.Namespace) -> int:
         print(f"simulated host running in {args.dir}")
         print(f"  xenstored:  XENSTORED_PATH={args.dir}/xenstored/socket")
         print(f"  hypervisor: {args.dir}/hypervisor.sock")
+        print(f"  use it:     torpor --host sim:{args.dir} list")
         _print_status(guests)
     return EXIT_OK
 
@@ -81,7 +307,7 @@ def _sim_stop(args: argparse.Namespace) -> int:
     if daemon.stop(args.dir):
         print(f"simulated host in {args.dir} stopped")
         return EXIT_OK
-    print(f"no simulated host running in {args.dir}", file=sys.stderr)
+    print(f"torpor: no simulated host running in {args.dir}", file=sys.stderr)
     return EXIT_BACKEND
 
 
@@ -99,11 +325,109 @@ def _print_status(rows: Sequence[dict[str, Any]]) -> None:
         )
 
 
+# ---------------------------------------------------------------------------
+# the parser
+
+
+def _common(p: argparse.ArgumentParser, *, sub: bool) -> None:
+    """Options accepted before and after the command (``torpor --json list`` or
+    ``torpor list --json``)."""
+    d: Any = argparse.SUPPRESS if sub else None
+    p.add_argument(
+        "--host",
+        default=d,
+        metavar="HOST",
+        help="'xen' or 'sim:DIR' (default: $TORPOR_HOST, else xen in a dom0)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if sub else False,
+        help="one JSON object per domain and line",
+    )
+    p.add_argument(
+        "-p",
+        "--plugin",
+        action="append",
+        default=d,
+        metavar="MODULE",
+        help="load this plugin module too",
+    )
+    p.add_argument(
+        "--no-plugin",
+        action="append",
+        default=d,
+        metavar="NAME",
+        help="do not load the plugin of this name (e.g. pvhvm)",
+    )
+    p.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=d,
+        metavar="SECONDS",
+        help="how long a guest may take to acknowledge (default 30)",
+    )
+    p.add_argument(
+        "--suspend-timeout",
+        type=float,
+        default=d,
+        metavar="SECONDS",
+        help="how long a domain may take to suspend once asked (default 60)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="torpor", description="Suspend and resume Xen guest domains from dom0.")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _Parser(
+        prog="torpor",
+        description="Suspend and resume Xen guest domains from dom0.",
+        epilog="exit codes: 0 ok, 1 partial failure, 2 usage, 3 all failed, 4 backend unavailable",
+    )
+    _common(p, sub=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+
+    def cmd(
+        name: str, func: Callable[[argparse.Namespace], int], helptext: str
+    ) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=helptext, description=helptext)
+        _common(c, sub=True)
+        c.set_defaults(func=func)
+        return c
+
+    cmd("list", _cmd_list, "list guest domains with their guest type and state")
+    c = cmd("suspend", _cmd_suspend, "suspend domains (shut down with reason suspend, or S3)")
+    c.add_argument("domids", nargs="*", metavar="DOMID")
+    c.add_argument("--all", action="store_true", help="every running guest domain")
+    c = cmd("resume", _cmd_resume, "resume suspended domains (cooperatively by default)")
+    c.add_argument("domids", nargs="*", metavar="DOMID")
+    c.add_argument("--all", action="store_true", help="every suspended guest domain")
+    c.add_argument(
+        "--slow",
+        action="store_true",
+        help="non-cooperative resume (fast=0): for a guest in a new domain",
+    )
+    c.add_argument(
+        "--force", action="store_true", help="do an unsafe in-place non-cooperative resume anyway"
+    )
+    c = cmd("checkpoint", _cmd_checkpoint, "suspend then resume cooperatively, N times")
+    c.add_argument("domid", metavar="DOMID")
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="pause between checkpoints, in milliseconds",
+    )
+    cmd("plugins", _cmd_plugins, "list the loaded plugins and the hooks they implement")
+    c = cmd("demo", _cmd_demo, "suspend and resume guests on an embedded simulated host")
+    c.add_argument(
+        "--no-qemu",
+        dest="qemu",
+        action="store_false",
+        default=None,
+        help="in-process device models even if QEMU is installed",
+    )
 
     sim = sub.add_parser("sim", help="run a simulated Xen host")
     simsub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", parser_class=_Parser)
@@ -148,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in ("host", "plugin", "no_plugin", "ack_timeout", "suspend_timeout"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
