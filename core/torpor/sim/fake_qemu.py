@@ -30,10 +30,14 @@ guest, and the tests run the same checks against both models:
   ``SHUTDOWN_CAUSE_NONE``) and SeaBIOS's resume, which jumps to the waking
   vector; with none, SeaBIOS reboots: under ``-no-reboot`` ``SHUTDOWN
   {guest: true, reason: guest-reset}`` and ``STOP``, else one ``RESET`` and
-  a boot.
+  a boot.  (QEMU now and then repeats that ``SHUTDOWN``/``RESET``: SeaBIOS's
+  ``tryReboot()`` tries its next reboot method before QEMU acted on the
+  first request; the model sends one.)
 * Crash (triple fault): under ``-no-reboot`` ``SHUTDOWN`` (guest-reset) and
   ``STOP``; else ``RESET`` twice (QEMU's reset, then SeaBIOS's ``tryReboot()``
-  from its resume path) and a boot.  Power off: ``SHUTDOWN`` (guest-shutdown)
+  from its resume path) and a boot.  (QEMU now and then shows a third
+  ``RESET``: SeaBIOS's next reboot method runs before QEMU acted on the
+  first; the model shows the usual two.)  Power off: ``SHUTDOWN`` (guest-shutdown)
   and ``STOP`` (``-no-shutdown``).  ``quit``: ``SHUTDOWN`` (guest false,
   host-qmp-quit), the reply, then the process is gone.
 * ``xen-save-devices-state``: present (as in every QEMU 7.2); a running guest
