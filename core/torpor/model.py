@@ -92,6 +92,20 @@ class ShutdownReason(enum.IntEnum):
     SOFT_RESET = 5
 
     @classmethod
+    def state_word(cls, code: int) -> str:
+        """The state a domain shut down with ``code`` is in: ``suspended``, ``crashed``..."""
+        words = {
+            cls.SUSPEND: "suspended",
+            cls.CRASH: "crashed",
+            cls.REBOOT: "rebooted",
+            cls.POWEROFF: "powered-off",
+        }
+        for reason, word in words.items():
+            if code == reason:
+                return word
+        return f"shutdown-{cls.describe(code).replace(' ', '-')}"
+
+    @classmethod
     def describe(cls, code: int) -> str:
         """``suspend`` for 2, ``crash`` for 3; ``reason <n>`` for a code Xen doesn't name."""
         try:
@@ -191,12 +205,7 @@ class DomainInfo:
         if self.dying:
             return "dying"
         if self.shutdown:
-            reason = self.shutdown_reason
-            if reason == ShutdownReason.SUSPEND:
-                return "suspended"
-            if reason == ShutdownReason.CRASH:
-                return "crashed"
-            return "shutdown"
+            return ShutdownReason.state_word(self.shutdown_reason or 0)
         if self.paused:
             return "paused"
         return "running"

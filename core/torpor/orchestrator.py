@@ -80,12 +80,6 @@ __all__ = ["DomainMonitor", "Orchestrator", "Torpor"]
 log = logging.getLogger("torpor")
 T = TypeVar("T")
 
-_FAILURE_STATE = {
-    ShutdownReason.CRASH: "crashed",
-    ShutdownReason.REBOOT: "rebooted",
-    ShutdownReason.POWEROFF: "powered off",
-}
-
 
 class DomainMonitor:
     """The orchestrator's eyes: ``@releaseDomain`` and the suspend event channels.
@@ -474,7 +468,8 @@ class Orchestrator:
             if info.shutdown:
                 what = ShutdownReason.describe(info.shutdown_reason or 0)
                 raise InvalidState(
-                    f"domain {ctx.domid} is shut down ({what}); cannot suspend", state=what
+                    f"domain {ctx.domid} is shut down ({what}); cannot suspend",
+                    state=info.state_word(),
                 )
             if gt.event_channel and not ctx.facts["s3"]:
                 port = await ctx.xenstore.read_or(f"{ctx.dompath}/device/suspend/event-channel", "")
@@ -691,7 +686,7 @@ class Orchestrator:
                 raise InvalidState(
                     f"domain {ctx.domid} is shut down with reason {what}, not suspended; "
                     "it cannot be resumed",
-                    state=_FAILURE_STATE.get(ShutdownReason(info.shutdown_reason or 0), what),
+                    state=info.state_word(),
                 )
             if not shut and not s3:
                 raise NotSuspended(

@@ -24,9 +24,9 @@ from __future__ import annotations
 import errno
 
 from torpor.context import OperationContext
-from torpor.errors import HypervisorError, OperationError
+from torpor.errors import HypervisorError
 from torpor.hookspecs import hookimpl
-from torpor.model import Phase, ShutdownReason, SuspendMethod, Verdict
+from torpor.model import ShutdownReason, SuspendMethod, Verdict
 
 __all__ = [
     "default_suspend_method",
@@ -125,7 +125,11 @@ def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
     if reason == ShutdownReason.SUSPEND:
         return Verdict.ok("suspended")
     what = ShutdownReason.describe(reason)
-    return Verdict.fail(what, f"the domain shut down with reason {what} ({reason})", reason)
+    return Verdict.fail(
+        ShutdownReason.state_word(reason),
+        f"the domain shut down with reason {what} ({reason})",
+        reason,
+    )
 
 
 @hookimpl(trylast=True)
@@ -139,16 +143,10 @@ def torpor_check_resumed(ctx: OperationContext) -> Verdict | None:
         if reason == ShutdownReason.SUSPEND:
             return Verdict.pending("suspended", "still shut down for suspend")
         return Verdict.fail(
-            "crashed" if reason == ShutdownReason.CRASH else what,
+            ShutdownReason.state_word(reason),
             f"the guest shut down with reason {what} ({reason}) after the resume",
             reason,
         )
     if ctx.facts.get("s3"):
         return Verdict.pending("S3", "still asleep in ACPI S3")
     return Verdict.ok("paused" if info.paused else "running")
-
-
-def require(ok: bool, message: str, ctx: OperationContext, phase: Phase) -> None:
-    """Raise an OperationError for ``ctx`` unless ``ok``."""
-    if not ok:
-        raise OperationError(message, domid=ctx.domid, phase=phase)
