@@ -25,6 +25,9 @@ quirks where they bite, each named at the place it is handled:
 * ``disconnect()`` drains the writer first and can stall on a peer that never
   reads; the socket is ours, so a close that overruns its deadline shuts it
   down under the library.
+* A server that hangs up right after the handshake makes ``connect()`` trip
+  its own ``assert self.runstate == Runstate.RUNNING``: that
+  ``AssertionError`` is a lost connection too.
 
 Every failure is a :class:`~torpor.errors.DeviceModelError` (carrying the
 ``domid`` given at construction and the underlying cause); a deadline is a
@@ -213,6 +216,13 @@ class QmpClient:
             self._abort_socket()
             cause = getattr(e, "exc", e)
             raise self._error(f"QMP handshake with {self._path} failed: {cause!r}", e) from e
+        except AssertionError as e:
+            # Quirk: a server that hangs up right after the handshake makes connect()
+            # fail its own `runstate == RUNNING` assertion (the reader already died).
+            self._abort_socket()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), 1.0)
+            raise self._error(f"QMP connection to {self._path} lost during the handshake", e) from e
         self._client = client
         self._lost = None
         self._watcher = asyncio.create_task(self._watch(client), name=f"qmp-watch-{self._path}")
