@@ -254,8 +254,11 @@ class QmpClient:
                 await asyncio.wait_for(client.disconnect(), timeout)
             except TimeoutError:
                 # Quirk: disconnect() flushes the writer first; a peer that never reads
-                # stalls it.  Shut the socket under the library and let it finish.
-                self._abort_socket()
+                # stalls it.  Shut the socket down under the library (not close: a closed
+                # fd leaves epoll silently and the transport would never hear of it).
+                if self._sock is not None:
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.disconnect(), timeout)
             except Exception as e:  # the bottom half's error (EOF, garbage...): already lost
