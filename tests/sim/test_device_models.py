@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -429,6 +432,36 @@ def test_connect_before_the_model_starts_does_not_race(kind: str) -> None:
             await dm.stop()
 
     arun(main())
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64 is not installed")
+def test_qemu_dies_with_a_parent_that_never_stopped_it(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: a test process that crashes leaves no QEMU behind."""
+    code = (
+        "import asyncio, os, sys\n"
+        "from torpor.sim.qemu import QemuDeviceModel\n"
+        "async def main():\n"
+        f"    dm = QemuDeviceModel(run_dir={str(tmp_path)!r})\n"
+        "    await dm.start(timeout=10)\n"
+        "    print(dm.pid, flush=True)\n"
+        "    os._exit(3)  # no stop(), no atexit\n"
+        "asyncio.run(main())\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert child.returncode == 3, child.stderr
+    pid = int(child.stdout.split()[0])
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone and reaped
+    try:
+        ready, _, _ = select.select([fd], [], [], STEP)  # readable once the process exited
+        assert ready, f"QEMU {pid} outlived its parent"
+    finally:
+        os.close(fd)
 
 
 def test_a_qemu_that_fails_to_start_is_an_error_and_no_leak(tmp_path: Path) -> None:

@@ -34,9 +34,10 @@ nothing external (nasm, as) runs, nothing is downloaded.  What it does:
   loads a zero-limit IVT and executes ``int3``: the vector is out of limit, so
   #GP, #DF and a triple fault, which QEMU turns into a guest reset
   (``SHUTDOWN_CAUSE_GUEST_RESET``; with ``-no-reboot`` a ``SHUTDOWN`` event).
-* **Status lines on COM1**: ``torpor-hvm boot``, ``torpor-hvm resume``,
-  ``torpor-hvm s3``, ``torpor-hvm poweroff``, ``torpor-hvm crash``,
-  ``torpor-hvm no-acpi``.
+* **Status lines on COM1**: ``torpor-hvm boot``, ``torpor-hvm resume``
+  (each printed once the waking vector is set and IRQ0 ticks, so a host that
+  sees it may send commands), ``torpor-hvm s3``, ``torpor-hvm poweroff``,
+  ``torpor-hvm crash``, ``torpor-hvm no-acpi``.
 
 A reboot keeps RAM (QEMU's reset does not clear it, and SeaBIOS's POST clears
 only 0x7000-0x90000: ``startBoot()`` in src/post.c), so the boot count of a

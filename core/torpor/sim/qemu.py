@@ -39,9 +39,11 @@ How :class:`QemuDeviceModel` runs QEMU, and why:
   ``reboot=True`` QEMU resets instead (``RESET``, twice: the reset lands in
   SeaBIOS's resume path, whose ``tryReboot()`` resets again) and the guest
   boots again, its boot count 2.
-* The process dies with its parent (``PR_SET_PDEATHSIG``), is killed by
-  :meth:`~QemuDeviceModel.stop`, and by an ``atexit`` hook for any left;
-  :func:`running_qemu_pids` finds any still running (tests assert none).
+* The process dies with its parent (``PR_SET_PDEATHSIG``; strictly, with the
+  parent *thread* that started it: start device models from the thread that
+  runs their event loop), is killed by :meth:`~QemuDeviceModel.stop`, and by
+  an ``atexit`` hook for any left; :func:`running_qemu_pids` finds any still
+  running (tests assert none).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from torpor.sim.hvm_image import GuestCounters
 
 __all__ = [
     "RAM_BYTES",
+    "DeviceModelBase",
     "DeviceModelProcess",
     "GuestAgentShim",
     "QemuDeviceModel",
