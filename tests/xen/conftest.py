@@ -1,0 +1,75 @@
+"""Fixtures for tests on a real Xen 4.17 hypervisor: the lab's dom0 (`make test-xen`).
+
+Every test collected under tests/xen is marked `xen`; outside a Xen control
+domain (a plain `make test` on the host) they are skipped with the reason.
+
+Fixtures:
+  xc           session  xenlab.XenCtrl: libxenctrl/libxenguest through ctypes
+                        (.info(domid) -> DomInfo with raw flags and shutdown
+                        reason, .hvm_param(domid, n), .resume(domid, fast))
+  make_guest   function  make_guest(kind, *, name=None, extra_cmdline="",
+                        overrides=None, wait_ticking=True, timeout=180) -> Guest
+                        kind: pv | pvh | pvhvm | hvm (lab/guests/<kind>.cfg);
+                        Guest: .domid .name .kind .console_log .ticks()
+                        .last_tick() .wait_tick(after=None, timeout) .wait_line(text)
+                        .send(cmd) (HVM types: "s3", "say <text>") .qmp_socket;
+                        every guest is destroyed at teardown and its console
+                        log and xl config are copied to the results
+  xs           function  xenlab.XsConn: a xenstore connection whose waits are
+                        driven by watch events and bounded (.watch, .wait_until,
+                        .mark/.saw, .read)
+  lab_results  session  the writable results directory shared with the host
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# The helpers sit next to this file; make them importable under any import mode.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import xenlab
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    on_xen = xenlab.in_dom0()
+    skip = pytest.mark.skip(reason="needs a Xen dom0: run `make test-xen` (the real-Xen lab)")
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.xen)
+            if not on_xen:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lab_results() -> Path:
+    out = os.environ.get("TORPOR_LAB_OUT")
+    return Path(out) if out else Path(tempfile.mkdtemp(prefix="torpor-lab-"))
+
+
+@pytest.fixture(scope="session")
+def xc() -> Iterator[xenlab.XenCtrl]:
+    handle = xenlab.XenCtrl()
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def make_guest(lab_results: Path) -> Iterator[Callable[..., xenlab.Guest]]:
+    factory = xenlab.GuestFactory(lab_results)
+    yield factory.create
+    factory.destroy_all()
+
+
+@pytest.fixture
+def xs() -> Iterator[xenlab.XsConn]:
+    with xenlab.XsConn() as conn:
+        yield conn
