@@ -9,8 +9,9 @@ convention).
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -60,6 +61,7 @@ class OperationContext:
     started: float = attrs.Factory(time.monotonic)
     _wake: Callable[[], None] | None = None
     _device_model: QmpClient | None = None
+    _cleanups: list[Callable[[], Awaitable[None]]] = attrs.Factory(list)
 
     @property
     def dompath(self) -> str:
@@ -90,14 +92,29 @@ class OperationContext:
 
             client = QmpClient(domid=self.domid)
             await client.connect(self.host.qmp_path(self.domid), timeout=self.timeouts.device_model)
-            if self._wake is not None:
-                wake = self._wake
-                client.subscribe(lambda _event: wake())
+            # Whatever wait is current when an event arrives is woken by it.
+            client.subscribe(lambda _event: self.wake())
             self._device_model = client
         return self._device_model
 
+    def on_close(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await cleanup()`` when the operation ends (a plugin's open channels)."""
+        self._cleanups.append(cleanup)
+
+    def wake(self) -> None:
+        """Make the orchestrator re-ask the current ``torpor_check_*`` hook now
+        (for a plugin whose own event source -- an agent's reply -- fired)."""
+        if self._wake is not None:
+            self._wake()
+
     async def close(self) -> None:
-        """Release what the context opened (the QMP connection)."""
+        """Release what the context opened (plugins' cleanups, the QMP connection)."""
+        while self._cleanups:
+            cleanup = self._cleanups.pop()
+            try:
+                await cleanup()
+            except Exception:  # a cleanup must not hide the operation's outcome
+                logging.getLogger("torpor").exception("cleanup of domain %d failed", self.domid)
         if self._device_model is not None:
             dm, self._device_model = self._device_model, None
             await dm.close()

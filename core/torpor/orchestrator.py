@@ -214,13 +214,29 @@ class Orchestrator:
 
     # -- hooks -----------------------------------------------------------------
 
+    async def _call_impl(self, name: str, impl: Any, kwargs: dict[str, Any]) -> Any:
+        """One hook implementation; a plugin's bug becomes an OperationError, not a traceback."""
+        try:
+            res = impl.function(*[kwargs[a] for a in impl.argnames])
+            if inspect.isawaitable(res):
+                res = await res
+        except TorporError:
+            raise
+        except Exception as e:
+            ctx = kwargs.get("ctx")
+            raise OperationError(
+                f"plugin {impl.plugin_name!r} failed in {name}: {e!r}",
+                domid=getattr(ctx, "domid", None),
+                phase=getattr(ctx, "phase", None),
+                cause=e,
+            ) from e
+        return res
+
     async def _first(self, name: str, **kwargs: Any) -> Any:
         """Call a ``firstresult`` hook, awaiting coroutine implementations."""
         caller = getattr(self.pm.hook, name)
         for impl in reversed(caller.get_hookimpls()):
-            res = impl.function(*[kwargs[a] for a in impl.argnames])
-            if inspect.isawaitable(res):
-                res = await res
+            res = await self._call_impl(name, impl, kwargs)
             if res is not None:
                 return res
         return None
@@ -228,13 +244,9 @@ class Orchestrator:
     async def _all(self, name: str, **kwargs: Any) -> list[Any]:
         """Call a hook on every implementation (last registered first)."""
         caller = getattr(self.pm.hook, name)
-        out = []
-        for impl in reversed(caller.get_hookimpls()):
-            res = impl.function(*[kwargs[a] for a in impl.argnames])
-            if inspect.isawaitable(res):
-                res = await res
-            out.append(res)
-        return out
+        return [
+            await self._call_impl(name, impl, kwargs) for impl in reversed(caller.get_hookimpls())
+        ]
 
     async def _notify(self, name: str, **kwargs: Any) -> None:
         """A lifecycle notification: an embedder's failing listener is logged, not fatal."""
@@ -517,12 +529,13 @@ class Orchestrator:
                             state=ctx.domain.state_word(),
                         )
             async with self._phase(ctx, Phase.SHUTDOWN, timings):
-                await self._wait_suspended(ctx, acked)
+                verdict = await self._wait_suspended(ctx, acked)
         finally:
             if method == SuspendMethod.EVENT_CHANNEL:
                 with contextlib.suppress(TorporError):
                     release_suspend_event_channel(ctx)
-        asleep = ctx.facts.get("s3") and not ctx.domain.shutdown
+        asleep = verdict.state == "S3" and not ctx.domain.shutdown
+        ctx.facts["s3"] = bool(ctx.facts.get("s3") or asleep)
         if gt.device_model and not asleep:
             try:
                 async with self._phase(ctx, Phase.DEVICE_MODEL_SUSPEND, timings):
@@ -577,7 +590,7 @@ class Orchestrator:
         ctx.facts["cancelled"] = not acked
         return acked
 
-    async def _wait_suspended(self, ctx: OperationContext, acked: bool) -> None:
+    async def _wait_suspended(self, ctx: OperationContext, acked: bool) -> Verdict:
         method = ctx.method
         gt = ctx.guest_type
         assert gt is not None
@@ -620,6 +633,7 @@ class Orchestrator:
                     state=verdict.state,
                 )
             raise OperationError(f"suspend failed: {verdict.detail}", state=verdict.state)
+        return verdict
 
     async def _rollback(self, ctx: OperationContext, error: TorporError) -> None:
         """A suspend failed after the guest suspended: resume it cooperatively, then raise."""

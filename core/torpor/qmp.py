@@ -547,6 +547,7 @@ class GuestAgent:
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
         self._path = ""
+        self._pending_reply: asyncio.Future[dict[str, Any]] | None = None
 
     async def connect(
         self, path: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT
@@ -568,6 +569,9 @@ class GuestAgent:
 
     async def close(self) -> None:
         """Close the channel."""
+        pending, self._pending_reply = self._pending_reply, None
+        if pending is not None and not pending.done():
+            pending.cancel()
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
@@ -643,6 +647,48 @@ class GuestAgent:
                 confirm.cancel()
                 with contextlib.suppress(BaseException):
                     await confirm
+
+    async def request_suspend_ram(
+        self, on_error: Callable[[DeviceModelError], None], *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Send ``guest-suspend-ram`` and return: ask, don't wait.
+
+        For a caller that waits for the sleep itself (torpor's orchestrator,
+        on the device model's ``SUSPEND`` event).  The channel is flushed
+        first (``guest-sync-delimited``), which also proves the agent answers.
+        qemu-ga replies only on failure: if it does, ``on_error`` is called
+        with the error (in this loop); the channel is then unusable for other
+        commands until :meth:`close`.
+        """
+        await self.sync(timeout=timeout)
+        async with self._lock:
+            writer, reader = self._io()
+            self._send(writer, {"execute": "guest-suspend-ram"})
+            try:
+                await asyncio.wait_for(writer.drain(), timeout)
+            except (OSError, TimeoutError) as e:
+                raise DeviceModelError(
+                    f"guest-suspend-ram: cannot send to the agent: {e}", domid=self.domid, cause=e
+                ) from e
+
+        def settled(task: asyncio.Future[dict[str, Any]]) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                return  # the agent went away: the guest may well be asleep
+            msg = task.result()
+            if "error" in msg:
+                on_error(self._agent_error("guest-suspend-ram", msg))
+            else:
+                on_error(
+                    DeviceModelError(
+                        f"guest-suspend-ram: unexpected reply {msg!r}", domid=self.domid
+                    )
+                )
+
+        self._pending_reply = asyncio.ensure_future(self._read_message(reader))
+        self._pending_reply.add_done_callback(settled)
 
     # internals
 

@@ -433,6 +433,18 @@ class FakeDeviceModel(DeviceModelBase):
             raise DeviceModelError("device model is not running", domid=self.domid)
         self._uart.extend(command)
 
+    async def pause_vcpus(self) -> None:
+        if self._state == "running":
+            self._disarm()
+            self._set_state("paused")
+            self._emit("STOP")
+
+    async def unpause_vcpus(self) -> None:
+        if self._state == "paused":
+            self._set_state("running")
+            self._arm()
+            self._emit("RESUME")
+
     async def request_s3(self) -> None:
         await self._send_serial(img.CMD_S3)
 

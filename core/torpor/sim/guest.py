@@ -109,6 +109,7 @@ class Behaviour:
     :param freeze_time: seconds freezing tasks takes before the hypercall.
     :param suspend_evtchn: publish a XenLinux suspend event channel.
     :param frontends: PV frontends (``("vif", 0), ("vbd", 51712)``).
+    :param agent: an HVM guest runs a QEMU guest agent (qemu-ga).
     """
 
     misbehaviour: str | None = attrs.field(default=None)
@@ -116,6 +117,7 @@ class Behaviour:
     freeze_time: float = 0.0
     suspend_evtchn: bool = False
     frontends: tuple[tuple[str, int], ...] = (("vif", 0), ("vbd", 51712))
+    agent: bool = True
 
     @misbehaviour.validator
     def _check(self, _a: object, value: str | None) -> None:

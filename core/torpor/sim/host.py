@@ -89,6 +89,8 @@ class SimHost:
         self.guests: dict[int, Any] = {}
         self.kinds: dict[int, str] = {}
         self.behaviours: dict[int, Behaviour] = {}
+        #: domid -> device model (HVM and PVHVM guests)
+        self.device_models: dict[int, Any] = {}
         self._dom0: _GuestRing | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -208,6 +210,9 @@ class SimHost:
         for guest in list(self.guests.values()):
             with contextlib.suppress(Exception):
                 await _maybe_await(guest.stop())
+        for dm in list(self.device_models.values()):
+            with contextlib.suppress(Exception):
+                await dm.stop()
         self.backends.stop()
         if self.xenstored is not None:
             await self.xenstored.close()
@@ -289,6 +294,8 @@ class SimHost:
         self.guests[domid] = guest
         self.kinds[domid] = kind
         self.behaviours[domid] = behaviour
+        if kind == "pvhvm":
+            await self._start_device_model(domid, kind)
         self.xen.unpause(domid)
         await guest.boot()
         return domid
@@ -360,8 +367,52 @@ class SimHost:
             await xs.write(f"{fe}/{k}", v, tx)
         await xs.transaction_end(tx, True)
 
+    def _dm_prefer(self, kind: str) -> Any:
+        # PVHVM: the kernel is simulated here; its QEMU only serves QMP, so the
+        # in-process model does.  HVM: the guest *is* what runs in QEMU.
+        if kind != "hvm" or self.qemu is False:
+            return "in-process"
+        return "qemu" if self.qemu else "auto"
+
+    async def _start_device_model(self, domid: int, kind: str) -> Any:
+        from torpor.sim.qemu import make_device_model
+
+        run_dir = self.dir / "qmp" / f"dm-{domid}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dm = make_device_model(
+            domid=domid,
+            prefer=self._dm_prefer(kind),
+            run_dir=run_dir,
+            qmp_path=self.qmp_socket(domid),
+        )
+        await dm.start()
+        self.device_models[domid] = dm
+        return dm
+
     async def _create_hvm(self, *, name: str | None, behaviour: Behaviour | None) -> int:
-        raise UsageError("HVM guests need the device-model integration (not yet built)")
+        """An HVM guest without PV drivers: its device model runs the guest."""
+        from torpor.sim.hvm import HvmGuest
+
+        behaviour = attrs.evolve(behaviour or Behaviour(), frontends=())
+        dom = self.xen.create_domain(
+            name="", hvm=True, emulation_flags=X86_EMU_ALL, vcpus=1, memory_pages=4
+        )
+        domid = dom.domid
+        dom.name = name or f"hvm-guest-{domid}"
+        await self._make_xenstore_tree(domid, dom.name, dom.uuid, hvm=True, behaviour=behaviour)
+        try:
+            dm = await self._start_device_model(domid, "hvm")
+            guest = HvmGuest(self.xen, domid, dm, behaviour, destroy=self._request_destroy)
+            agent = str(self.dir / "qmp" / f"qga-{domid}") if behaviour.agent else None
+            await guest.start(agent)
+        except BaseException:
+            await self.destroy_guest_async(domid)
+            raise
+        self.guests[domid] = guest
+        self.kinds[domid] = "hvm"
+        self.behaviours[domid] = behaviour
+        self.xen.unpause(domid)
+        return domid
 
     # -- teardown (libxl_domain_destroy) --------------------------------------------
 
@@ -380,10 +431,14 @@ class SimHost:
         guest = self.guests.pop(domid, None)
         self.kinds.pop(domid, None)
         self.behaviours.pop(domid, None)
+        dm = self.device_models.pop(domid, None)
         with contextlib.suppress(TorporError):
             self.xen.destroy(domid)
         if guest is not None:
             await _maybe_await(guest.stop())
+        if dm is not None:
+            with contextlib.suppress(Exception):
+                await dm.stop()
         xs = self._dom0
         for path in (
             f"/local/domain/{domid}",
@@ -425,7 +480,9 @@ class SimHost:
                     misbehaviour=self.behaviours[domid].misbehaviour
                     if domid in self.behaviours
                     else None,
-                    device_model=getattr(guest, "device_model_kind", None),
+                    device_model=self.device_models[domid].kind
+                    if domid in self.device_models
+                    else None,
                 )
             )
         return out

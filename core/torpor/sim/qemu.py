@@ -187,6 +187,18 @@ class DeviceModelProcess(Protocol):
         """Wait until :attr:`run_state` is one of ``states``."""
         ...
 
+    async def pause_vcpus(self) -> None:
+        """The hypervisor stops running the guest (a pause, a shutdown).
+
+        In the sim QEMU plays the domain's vCPUs as well as its device model,
+        so this is QMP ``stop`` on the model's own monitor.  No-op unless running.
+        """
+        ...
+
+    async def unpause_vcpus(self) -> None:
+        """The hypervisor runs the guest again: ``cont``, only if paused."""
+        ...
+
 
 def qemu_binary() -> str | None:
     """Path of ``qemu-system-x86_64`` on ``PATH``, or ``None``."""
@@ -637,6 +649,14 @@ class QemuDeviceModel(DeviceModelBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    async def pause_vcpus(self) -> None:
+        if self._aux is not None and self._state == "running":
+            await self._aux.stop()
+
+    async def unpause_vcpus(self) -> None:
+        if self._aux is not None and self._state == "paused":
+            await self._aux.cont()
 
     async def _send_serial(self, command: bytes) -> None:
         if self._serial_writer is None or not self.alive:

@@ -93,10 +93,14 @@ async def torpor_request_suspend(ctx: OperationContext, method: SuspendMethod) -
     await ctx.device_model()  # its SUSPEND event must wake the orchestrator's wait
     agent = GuestAgent(domid=ctx.domid)
     await agent.connect(path, timeout=ctx.timeouts.device_model)
-    try:
-        await agent.request_suspend_ram(timeout=ctx.timeouts.device_model)
-    finally:
-        await agent.close()
+    ctx.on_close(agent.close)
+
+    def refused(err: DeviceModelError) -> None:
+        # qemu-ga answers guest-suspend-ram only to refuse it.
+        ctx.data["hvm.agent_error"] = err
+        ctx.wake()
+
+    await agent.request_suspend_ram(refused, timeout=ctx.timeouts.device_model)
     return True
 
 
@@ -113,6 +117,9 @@ async def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
         return None
     if ctx.domain.shutdown:
         return None  # the generic judgement names the reason
+    refusal = ctx.data.get("hvm.agent_error")
+    if refusal is not None:
+        return Verdict.fail("running", f"the guest agent refused to suspend: {refusal}")
     if await _asleep(ctx):
         return Verdict.ok("S3", "asleep in ACPI S3")
     return Verdict.pending("running", "not asleep yet")

@@ -1,0 +1,191 @@
+"""HVM guests of the simulated host: a device model (real QEMU) tied to the hypervisor.
+
+An HVM guest without PV drivers has no kernel actor talking xenstore: its
+"kernel" is the boot sector running in its device model
+(:mod:`torpor.sim.hvm_image` on :mod:`torpor.sim.qemu`).  :class:`HvmGuest`
+ties that device model to the hypervisor model the way qemu-xen and Xen are
+tied:
+
+* QEMU's ``SUSPEND`` / ``WAKEUP`` set ``HVM_PARAM_ACPI_S_STATE`` to 3 / 0
+  (qemu-xen's suspend and wakeup notifiers call ``xc_hvm_param_set``); Xen
+  then takes the vCPUs down, and the domain is neither paused nor shut down;
+* a guest power-off (``SHUTDOWN`` guest-shutdown) or crash (guest-reset
+  under ``-no-reboot``: a triple fault) shuts the domain down with reason
+  poweroff / crash;
+* the hypervisor pausing or shutting the domain down stops QEMU's vCPUs, and
+  resuming it runs them again -- in the simulation QEMU plays the vCPUs too.
+  One knowing difference from real Xen: a device-model ``cont`` (which
+  torpor sends before ``xc_domain_resume``, as libxl does) lets the guest run
+  a few milliseconds before the domain is resumed.
+
+The guest agent (qemu-ga) is :class:`~torpor.sim.qemu.GuestAgentShim`; the
+misbehaviours act there, where a real guest would misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torpor.model import HVM_PARAM_ACPI_S_STATE, ShutdownReason
+from torpor.qmp import QmpEvent
+from torpor.sim.guest import Behaviour
+from torpor.sim.hvm_image import GuestCounters
+from torpor.sim.qemu import DeviceModelProcess, GuestAgentShim
+from torpor.sim.xen import SimXen
+
+__all__ = ["HvmGuest"]
+
+log = logging.getLogger("torpor.sim.hvm")
+
+
+class _GuestView:
+    """What the agent shim sees of the guest: the device model, misbehaving as told."""
+
+    def __init__(self, guest: HvmGuest) -> None:
+        self._guest = guest
+        self._dm = guest.dm
+
+    def read_counters(self) -> GuestCounters:
+        return self._dm.read_counters()
+
+    async def wait_run_state(self, states: Iterable[str], *, timeout: float) -> str:
+        return await self._dm.wait_run_state(states, timeout=timeout)
+
+    async def request_s3(self) -> None:
+        g = self._guest
+        mis = g.behaviour.misbehaviour
+        g.log.append(f"agent: guest-suspend-ram ({mis or 'ok'})")
+        if mis in ("never_ack", "ack_then_hang"):
+            return  # the guest takes the request and never sleeps
+        if mis == "crash_during_suspend":
+            await self._dm.request_crash()
+        elif mis == "vanish":
+            g.destroy(g.domid)
+        elif mis == "slow_ack":
+            g.spawn(self._later(g.behaviour.slow_ack))
+        else:
+            await self._dm.request_s3()
+
+    async def _later(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # a slow guest, modelled
+        await self._dm.request_s3()
+
+
+class _Agent(GuestAgentShim):
+    """The shim, with ``unknown_command``: an agent built without guest-suspend-ram."""
+
+    def __init__(self, guest: HvmGuest, path: str) -> None:
+        super().__init__(_GuestView(guest), path)  # type: ignore[arg-type]
+        self.guest = guest
+
+    async def _handle(self, text: bytes) -> bytes | None:
+        if self.guest.behaviour.misbehaviour == "unknown_command":
+            with contextlib.suppress(ValueError):
+                msg = json.loads(text)
+                if isinstance(msg, dict) and msg.get("execute") == "guest-suspend-ram":
+                    return self._error(
+                        "CommandNotFound", "The command guest-suspend-ram has not been found"
+                    )
+        return await super()._handle(text)
+
+
+class HvmGuest:
+    """A simulated HVM domain's guest: its device model, agent and counters."""
+
+    def __init__(
+        self,
+        xen: SimXen,
+        domid: int,
+        dm: DeviceModelProcess,
+        behaviour: Behaviour,
+        *,
+        destroy: Callable[[int], None],
+    ) -> None:
+        self.xen = xen
+        self.domid = domid
+        self.dm = dm
+        self.behaviour = behaviour
+        self.destroy = destroy
+        self.log: list[str] = ["boot"]
+        self.agent: _Agent | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.checksum_at_resume: str | None = None
+
+    @property
+    def device_model_kind(self) -> str:
+        return str(self.dm.kind)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("dom%d: %r", self.domid, task.exception())
+
+    async def start(self, agent_path: str | None) -> None:
+        """Tie the device model to the domain; serve the agent unless the guest has none."""
+        self._unsubscribe = self.dm.on_event(self._on_dm_event)
+        self.xen.domain(self.domid).listeners.append(self._on_domain_state)
+        if agent_path is not None and self.behaviour.misbehaviour != "lose_xenstore":
+            self.agent = _Agent(self, agent_path)
+            await self.agent.start()
+
+    def _on_dm_event(self, ev: QmpEvent) -> None:
+        xen, domid = self.xen, self.domid
+        if domid not in xen.domains:
+            return
+        if ev.name == "SUSPEND":
+            xen.set_hvm_param(domid, HVM_PARAM_ACPI_S_STATE, 3)
+            self.log.append("S3")
+        elif ev.name == "WAKEUP":
+            xen.set_hvm_param(domid, HVM_PARAM_ACPI_S_STATE, 0)
+            self.log.append("S0")
+            self.checksum_at_resume = self.dm.memory_checksum()
+        elif ev.name == "SHUTDOWN" and ev.data.get("guest"):
+            reason = ev.data.get("reason")
+            code = ShutdownReason.CRASH if reason == "guest-reset" else ShutdownReason.POWEROFF
+            self.log.append(f"guest {reason}")
+            xen.sched_shutdown(domid, code)
+
+    def _on_domain_state(self, what: str) -> None:
+        if what in ("paused", "shutdown"):
+            self.spawn(self.dm.pause_vcpus())
+        elif what in ("unpaused", "resumed"):
+            with self.xen.lock:
+                dom = self.xen.domains.get(self.domid)
+                running = dom is not None and dom.is_running
+            if running:
+                if what == "resumed":
+                    self.checksum_at_resume = self.dm.memory_checksum()
+                self.spawn(self.dm.unpause_vcpus())
+
+    def counters(self) -> dict[str, int]:
+        c = self.dm.read_counters()
+        return {
+            "ticks": c.ticks,
+            "boots": c.boots,
+            "cooperative_resumes": c.resumes,
+            "new_domain_resumes": 0,
+            "suspends": c.s3_entries,
+        }
+
+    def memory_checksum(self) -> str:
+        return self.dm.memory_checksum()
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        for t in list(self._tasks):
+            t.cancel()
+        if self.agent is not None:
+            await self.agent.stop()
+        await self.dm.stop()
