@@ -267,7 +267,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from torpor.demo import run_demo
 
-    return run_demo(json_output=args.json, qemu=args.qemu)
+    code: int = run_demo(json_output=args.json, qemu=args.qemu)
+    return code
 
 
 def _sim_start(args: argparse.Namespace) -> int:
