@@ -20,9 +20,11 @@ demo: $(STAMP)
 check-system: $(STAMP)
 	$(PY) tools/check_system.py
 
+LINTED := $(wildcard core plugins tests tools bench examples lab)
+
 lint: $(STAMP)
-	$(PY) -m ruff check core plugins tests tools bench
-	$(PY) -m ruff format --check core plugins tests tools bench
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict core/torpor plugins/pv/torpor_pv plugins/pvhvm/torpor_pvhvm plugins/hvm/torpor_hvm
