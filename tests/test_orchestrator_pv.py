@@ -222,7 +222,7 @@ def test_busy_in_process_and_across_processes(sim_host: SimHost, torpor: Torpor)
     started.wait()
     # Wait until the first suspend holds the domain (its lock file names it).
     lock = os.path.join(sim_host.toolstack_host().lock_dir, f"domain-{dom}.lock")
-    with pytest.raises(DomainBusy, match="in progress|busy"):
+    with pytest.raises(DomainBusy, match=r"in progress|busy"):
         while True:
             try:
                 torpor.suspend(dom)

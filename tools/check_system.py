@@ -17,7 +17,7 @@ import sys
 REQUIRED: list[tuple[str, str, str]] = [
     ("qemu-system-x86", "bin:qemu-system-x86_64", "HVM guests' device models run as real QEMU"),
     ("xenstore-utils", "bin:xenstore-read", "the C xenstore client tools test the sim xenstored"),
-    ("libxen-dev", "file:/usr/include/xenctrl.h", "the cffi xenctrl backend is declared against it"),
+    ("libxen-dev", "file:/usr/include/xenctrl.h", "the cffi xenctrl backend is checked against it"),
 ]
 
 
