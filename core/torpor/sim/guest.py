@@ -308,7 +308,9 @@ class LinuxGuest:
         dom = xen.domain(self.domid)
         for v in dom.vcpus:
             xen.register_vcpu_info(self.domid, v.vcpu_id)
-        if self.kind == "pvhvm":
+        if self.kind in ("pvhvm", "pvh"):
+            # xen_setup_callback_vector(): PVHVM and PVH Linux both take event
+            # channel upcalls through the vector callback.
             xen.guest_set_hvm_param(self.domid, HVM_PARAM_CALLBACK_IRQ, CALLBACK_VIA_VECTOR)
         await self._connect_xenstore()
         self._on_domain_state("boot")
