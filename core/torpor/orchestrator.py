@@ -405,12 +405,22 @@ class Orchestrator:
             for path in sources.xs_paths:
                 watches.append(await xs.watch(path, lambda _p, _t: wake.set()))
             if sources.device_model:
-                await ctx.device_model()
+                try:
+                    await ctx.device_model()
+                except TorporError:
+                    self._refresh(ctx)  # gone with its domain: DomainVanished
+                    raise
             deadline = loop.time() + timeout
             while True:
                 wake.clear()
                 self._refresh(ctx)
-                verdict = await judge()
+                try:
+                    verdict = await judge()
+                except TorporError:
+                    # A judge that failed because the domain went away (its device
+                    # model with it) is reported as the domain going away.
+                    self._refresh(ctx)
+                    raise
                 if verdict is not None and (verdict.done or verdict.failed):
                     return verdict
                 remaining = deadline - loop.time()
