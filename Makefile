@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest check-system test-xen bench docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# the example third-party plugin, installed the way a third party's would be
+	$(PY) -m pip install --quiet -e examples/torpor-pvh
 	@touch $@
 
 demo: $(STAMP)
@@ -31,6 +33,7 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest examples/torpor-pvh/tests $(PYTEST_ARGS)
 
 test: check-system lint typecheck pytest
 

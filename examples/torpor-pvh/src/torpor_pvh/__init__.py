@@ -1,0 +1,1 @@
+"""torpor-pvh: PVH guests for torpor (an example of a third-party guest-type plugin)."""
