@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torpor_pvh.plugin
-
 from torpor.model import SuspendMethod
 from torpor.plugins import get_plugin_manager
 from torpor.testing import Capability, ConformanceSuite
