@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docs]'
 	# the example third-party plugin, installed the way a third party's would be
 	$(PY) -m pip install --quiet -e examples/torpor-pvh
 	@touch $@
@@ -22,7 +22,7 @@ demo: $(STAMP)
 check-system: $(STAMP)
 	$(PY) tools/check_system.py
 
-LINTED := $(wildcard core plugins tests tools bench examples lab)
+LINTED := $(wildcard core plugins tests tools bench examples lab docs)
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
@@ -35,7 +35,12 @@ pytest: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m pytest examples/torpor-pvh/tests $(PYTEST_ARGS)
 
-test: check-system lint typecheck pytest
+# The documentation (docs/), warnings are errors; -E: every page re-read, so
+# a warning is never hidden by an earlier build.
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -E -W --keep-going -b html docs docs/_build/html
+
+test: check-system lint typecheck docs pytest
 
 # The real-Xen lab (lab/README.md): Xen 4.17 + Debian 12 dom0 under QEMU, runs
 # tests/xen in dom0.  System python3, no venv; TEST_XEN_ARGS go to lab/run.
