@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from torpor.builder import DomainBuilder
 from torpor.errors import BackendUnavailable, UsageError
 from torpor.hypervisor import Hypervisor
 from torpor.xenstore import Xenstore
@@ -59,6 +60,7 @@ class Host:
         agent_path: Callable[[int], str | None] = lambda _d: None,
         state_dir: str,
         lock_dir: str,
+        builder: DomainBuilder | None = None,
         xenstore_timeout: float = 10.0,
     ) -> None:
         self.name = name
@@ -70,6 +72,8 @@ class Host:
         self.lock_dir = lock_dir
         self._xenstore: Xenstore | None = None
         self.xenstore_timeout = xenstore_timeout
+        #: saves and builds domains (save / restore / migrate); None: not supported here
+        self.builder = builder
 
     @property
     def xenstore(self) -> Xenstore:
@@ -134,8 +138,11 @@ class Host:
         return cls.for_sim_dir(d, RemoteHypervisor(str(sock), lock_dir=str(run)), name=f"sim:{d}")
 
     @classmethod
-    def for_sim_dir(cls, d: Path, hypervisor: Hypervisor, *, name: str) -> Host:
+    def for_sim_dir(
+        cls, d: Path, hypervisor: Hypervisor, *, name: str, builder: DomainBuilder | None = None
+    ) -> Host:
         return cls(
+            builder=builder,
             name=name,
             hypervisor=hypervisor,
             xenstore_path=str(d / "xenstored" / "socket"),

@@ -40,14 +40,18 @@ from typing import Any, TypeVar
 import attrs
 import pluggy
 
+from torpor.builder import DomainBuilder
 from torpor.context import OperationContext
 from torpor.errors import (
     AckTimeout,
     AlreadySuspended,
+    BackendUnavailable,
     DomainBusy,
     DomainVanished,
     HypervisorError,
+    ImageError,
     InvalidState,
+    MigrationFailed,
     NoSuchDomain,
     NotSuspended,
     OperationError,
@@ -60,6 +64,7 @@ from torpor.errors import (
     UnsupportedGuest,
 )
 from torpor.host import Host, validate_domid
+from torpor.image import SavedDomain, decode, encode, read_image, write_image
 from torpor.model import (
     HVM_PARAM_ACPI_S_STATE,
     DomainInfo,
@@ -876,6 +881,200 @@ class Orchestrator:
             ),
         )
 
+    # -- save, restore, migrate ----------------------------------------------------
+
+    def _builder(self, host: Host, what: str) -> DomainBuilder:
+        if host.builder is None:
+            raise BackendUnavailable(f"host {host.name} cannot {what} domains (no domain builder)")
+        return host.builder
+
+    async def _save_state(self, ctx: OperationContext) -> SavedDomain:
+        """The builder's state plus the device model's saved state."""
+        builder = self._builder(self.host, "save")
+        saved = await asyncio.to_thread(builder.save, ctx.domid)
+        dm_state = ctx.facts.get("device_model_state")
+        if dm_state:
+            # libxl puts QEMU's saved device state in the stream (EMULATOR_CONTEXT).
+            with open(dm_state, "rb") as f:
+                saved = attrs.evolve(saved, device_model=f.read())
+            os.unlink(dm_state)
+        return attrs.evolve(
+            saved, source={**saved.source, "host": self.host.name, "saved_at": time.time()}
+        )
+
+    async def save(self, domid: int, path: str | os.PathLike[str]) -> Result:
+        """Suspend a domain, write its state to ``path``, then destroy it.
+
+        The domain is destroyed only once the file is complete and verified
+        (read back, every checksum checked).  A failure at any point before
+        that resumes the guest cooperatively where it was, and says why.
+        """
+        domid = validate_domid(domid)
+        target = os.fspath(path)
+        async with self._claim(domid, "save"):
+            ctx = await self._context("save", domid)
+            timings: list[PhaseTiming] = []
+            try:
+                suspended = await self._suspend(ctx)
+                timings.extend(suspended.timings)
+                try:
+                    async with self._phase(ctx, Phase.SAVE, timings):
+                        saved = await self._save_state(ctx)
+                        size = await asyncio.to_thread(write_image, saved, target)
+                        check = await asyncio.to_thread(read_image, target)
+                        if check.checksum() != saved.checksum():
+                            raise ImageError(f"{target} does not read back as written")
+                except TorporError as e:
+                    with contextlib.suppress(OSError):
+                        os.unlink(target)
+                    await self._rollback_migration(ctx, e)
+                async with self._phase(ctx, Phase.CLEANUP, timings):
+                    await asyncio.to_thread(self._builder(self.host, "save").destroy, domid)
+            except OperationError as e:
+                _locate(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
+                raise
+            finally:
+                await ctx.close()
+        return Result(
+            domid=domid,
+            operation="save",
+            guest_type=ctx.guest_type_name,
+            outcome="saved",
+            state="destroyed",
+            method=ctx.method,
+            timings=tuple(timings),
+            details=(
+                ("file", target),
+                ("bytes", size),
+                ("checksum", saved.checksum()),
+                ("memory_checksum", saved.memory_checksum()),
+            ),
+        )
+
+    async def _rollback_migration(self, ctx: OperationContext, error: TorporError) -> None:
+        """Saving failed after the guest suspended: resume it where it was, then raise."""
+        try:
+            await self._rollback(ctx, error)
+        except OperationError as e:
+            raise MigrationFailed(
+                e.message, state=e.state, cause=error, phase=ctx.phase, domid=ctx.domid
+            ) from error
+
+    async def restore(
+        self, source: str | os.PathLike[str] | SavedDomain, *, expect_kind: str | None = None
+    ) -> Result:
+        """Build a new domain from a save image and resume it non-cooperatively.
+
+        The image is read and verified before anything is created.  The guest
+        takes the full rebuild path (its suspend hypercall returns 0) and its
+        frontends reconnect to this host's backends.  If the resume fails the
+        new domain is destroyed; the image is untouched.
+        """
+        timings: list[PhaseTiming] = []
+        t0 = time.perf_counter()
+        saved = (
+            source
+            if isinstance(source, SavedDomain)
+            else await asyncio.to_thread(read_image, source)
+        )
+        if expect_kind is not None and saved.kind != expect_kind:
+            raise ImageError(f"image holds a {saved.kind} guest, not {expect_kind}")
+        builder = self._builder(self.host, "restore")
+        try:
+            domid = await asyncio.to_thread(builder.restore, saved)
+        except TorporError as e:
+            raise MigrationFailed(
+                f"building the domain failed: {e.message}",
+                state="not created",
+                phase=Phase.RESTORE,
+                cause=e,
+            ) from e
+        timings.append(PhaseTiming(Phase.RESTORE, time.perf_counter() - t0))
+        try:
+            result = await self._resume_new_domain(domid)
+        except TorporError as e:
+            with contextlib.suppress(TorporError):
+                await asyncio.to_thread(builder.destroy, domid)
+            raise MigrationFailed(
+                f"the restored guest did not resume: {e}; new domain {domid} "
+                "destroyed, the image is intact",
+                state="not restored",
+                domid=domid,
+                phase=e.phase,
+                cause=e,
+            ) from e
+        return attrs.evolve(
+            result,
+            operation="restore",
+            outcome="restored",
+            timings=(*timings, *result.timings),
+            details=(
+                *result.details,
+                ("checksum", saved.checksum()),
+                ("memory_checksum", saved.memory_checksum()),
+            ),
+        )
+
+    async def _resume_new_domain(self, domid: int) -> Result:
+        async with self._claim(domid, "restore"):
+            ctx = await self._context("restore", domid)
+            ctx.cooperative = False
+            ctx.in_place = False
+            try:
+                return await self._resume(ctx)
+            finally:
+                await ctx.close()
+
+    async def migrate(self, domid: int, destination: Orchestrator) -> Result:
+        """Move a domain to another host: suspend, stream, restore there, destroy here.
+
+        The source is destroyed only after the destination guest runs; if
+        anything fails before that, the source is resumed cooperatively and
+        any half-built destination domain destroyed.  Nothing is lost either way.
+        """
+        domid = validate_domid(domid)
+        timings: list[PhaseTiming] = []
+        async with self._claim(domid, "migrate"):
+            ctx = await self._context("migrate", domid)
+            try:
+                suspended = await self._suspend(ctx)
+                timings.extend(suspended.timings)
+                try:
+                    async with self._phase(ctx, Phase.SAVE, timings):
+                        saved = await self._save_state(ctx)
+                    async with self._phase(ctx, Phase.TRANSFER, timings):
+                        # The image format is the wire format: verified on arrival.
+                        saved = await asyncio.to_thread(_through_image, saved)
+                        arrived = await destination.restore(saved, expect_kind=saved.kind)
+                except TorporError as e:
+                    await self._rollback_migration(ctx, e)
+                async with self._phase(ctx, Phase.CLEANUP, timings):
+                    await asyncio.to_thread(self._builder(self.host, "migrate").destroy, domid)
+            except OperationError as e:
+                _locate(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
+                raise
+            finally:
+                await ctx.close()
+        return Result(
+            domid=arrived.domid,
+            operation="migrate",
+            guest_type=ctx.guest_type_name,
+            outcome="migrated",
+            state=arrived.state,
+            method=ctx.method,
+            cooperative=False,
+            timings=(*timings, *arrived.timings),
+            details=(
+                ("source_domid", domid),
+                ("source", self.host.name),
+                ("destination", destination.host.name),
+                ("checksum", saved.checksum()),
+                ("memory_checksum", saved.memory_checksum()),
+            ),
+        )
+
     # -- bulk --------------------------------------------------------------------------
 
     async def _bulk(
@@ -918,6 +1117,13 @@ class Orchestrator:
         return out
 
 
+def _through_image(saved: SavedDomain) -> SavedDomain:
+    """Encode and decode: what crosses to the destination is exactly the image format."""
+    import io
+
+    return decode(io.BytesIO(b"".join(encode(saved))))
+
+
 def _locate(e: TorporError, ctx: OperationContext) -> None:
     """Make sure an error names its domain and phase."""
     if e.domid is None:
@@ -936,6 +1142,14 @@ def _refuse_wrappers(pm: pluggy.PluginManager) -> None:
                     f"plugin {impl.plugin_name!r}: torpor hooks take no wrappers "
                     f"({caller.name}); use the lifecycle hooks instead"
                 )
+
+
+class _RemoteOrchestrator:
+    """The destination of a migration when it runs on another Torpor's loop."""
+
+    def __init__(self, host: Host, restore: Callable[..., Awaitable[Result]]) -> None:
+        self.host = host
+        self.restore = restore
 
 
 class Torpor:
@@ -983,6 +1197,24 @@ class Torpor:
 
     def suspend_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:
         return self._run(self.orchestrator.suspend_many(domids, **kw))
+
+    def save(self, domid: int, path: str | os.PathLike[str]) -> Result:
+        return self._run(self.orchestrator.save(domid, path))
+
+    def restore(self, source: str | os.PathLike[str] | SavedDomain) -> Result:
+        return self._run(self.orchestrator.restore(source))
+
+    def migrate(self, domid: int, destination: Torpor) -> Result:
+        """Migrate to the host ``destination`` drives (its loop restores there)."""
+
+        async def restore_there(saved: SavedDomain, *, expect_kind: str | None = None) -> Result:
+            fut = asyncio.run_coroutine_threadsafe(
+                destination.orchestrator.restore(saved, expect_kind=expect_kind), destination.loop
+            )
+            return await asyncio.wrap_future(fut)
+
+        proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there)
+        return self._run(self.orchestrator.migrate(domid, proxy))  # type: ignore[arg-type]
 
     def resume_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:
         return self._run(self.orchestrator.resume_many(domids, **kw))

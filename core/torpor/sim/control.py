@@ -22,8 +22,11 @@ that sends ``{"op": "evtchn_attach", "args": {"handle": N}}`` then receives
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import errno
+import io
 import itertools
 import json
 import logging
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from torpor.errors import HypervisorError, TorporError, UsageError
+from torpor.image import decode, encode
 from torpor.model import ShutdownReason
 from torpor.sim.xen import EvtchnHandle
 
@@ -43,8 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["MAX_LINE", "ControlServer"]
 
 log = logging.getLogger("torpor.sim.control")
-#: A request line longer than this is refused and the client dropped.
-MAX_LINE = 65536
+#: A request line longer than this is refused and the client dropped
+#: (an image chunk, base64, is the longest legitimate one).
+MAX_LINE = 1024 * 1024
 
 
 class ControlServer:
@@ -58,6 +63,8 @@ class ControlServer:
         self.handles: dict[int, EvtchnHandle] = {}
         self._ids = itertools.count(1)
         self._writers: set[asyncio.StreamWriter] = set()
+        #: image transfers in progress (save images out, restore images in)
+        self.transfers: dict[int, bytearray] = {}
 
     async def start(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -145,7 +152,7 @@ class ControlServer:
                     reply: dict[str, Any] = {"id": rid, "result": result}
                 except TorporError as e:
                     reply = {"id": rid, "error": _error_dict(e)}
-                except (TypeError, ValueError, KeyError) as e:
+                except (TypeError, ValueError, KeyError, binascii.Error) as e:
                     reply = {"id": rid, "error": _error_dict(UsageError(f"bad arguments: {e}"))}
                 await self._send(writer, reply)
                 if op == "sim_stop" and self.on_stop is not None:
@@ -218,7 +225,36 @@ class ControlServer:
             return await self.host.guest_report(int(a["domid"]))
         if op == "sim_stop":
             return None
+        if op == "sim_save":
+            saved = await self.host.save_guest_async(int(a["domid"]))
+            data = b"".join(encode(saved))
+            tid = next(self._ids)
+            self.transfers[tid] = bytearray(data)
+            return {"transfer": tid, "size": len(data)}
+        if op == "transfer_open":
+            tid = next(self._ids)
+            self.transfers[tid] = bytearray()
+            return tid
+        if op == "transfer_read":
+            buf = self._transfer(a)
+            off, length = int(a["offset"]), min(int(a["length"]), MAX_LINE // 2)
+            return base64.b64encode(bytes(buf[off : off + length])).decode()
+        if op == "transfer_write":
+            self._transfer(a).extend(base64.b64decode(a["data"], validate=True))
+            return None
+        if op == "transfer_close":
+            self.transfers.pop(int(a["transfer"]), None)
+            return None
+        if op == "sim_restore":
+            saved = decode(io.BytesIO(bytes(self._transfer(a))))
+            return await self.host.restore_guest_async(saved)
         raise UsageError(f"unknown operation {op!r}")
+
+    def _transfer(self, a: dict[str, Any]) -> bytearray:
+        data = self.transfers.get(int(a["transfer"]))
+        if data is None:
+            raise UsageError(f"no transfer {a['transfer']!r}")
+        return data
 
 
 def _error_dict(e: TorporError) -> dict[str, Any]:

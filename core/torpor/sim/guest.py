@@ -513,6 +513,33 @@ class LinuxGuest:
             return  # destroyed while suspended
         await self.after_suspend_hypercall(ret)
 
+    def adopt_restored(self) -> None:
+        """A kernel restored into a new domain: it is inside its suspend hypercall.
+
+        Called by the restoring host instead of :meth:`boot`; the hypercall
+        returns when the toolstack resumes the domain (0: a new domain).
+        """
+        self.state = "suspended"
+        self.log.append("restored into a new domain")
+        self._ticks_seen = 0
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        with self.xen.lock:
+            self.xen.domains[self.domid].suspend_waiter = fut
+
+        async def wait() -> None:
+            try:
+                ret = await fut
+            except asyncio.CancelledError:
+                return
+            await self.after_suspend_hypercall(ret)
+
+        self._spawn(wait())
+
+    def saved_state(self) -> dict[str, Any]:
+        """The kernel's own state a save carries (its memory travels separately)."""
+        return {"kind": self.kind, "grant_generation": self.grant_generation, "log": self.log[-50:]}
+
     async def after_suspend_hypercall(self, ret: int) -> None:
         """Linux's path once SCHEDOP_shutdown(suspend) returns ``ret``.
 

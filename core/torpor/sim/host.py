@@ -233,9 +233,12 @@ class SimHost:
 
     def toolstack_host(self) -> Any:
         """A :class:`torpor.host.Host` on this simulated host, in process."""
+        from torpor.builder import SimBuilder
         from torpor.host import Host
 
-        return Host.for_sim_dir(self.dir, self.hypervisor(), name=f"sim:{self.dir}")
+        return Host.for_sim_dir(
+            self.dir, self.hypervisor(), name=f"sim:{self.dir}", builder=SimBuilder(self)
+        )
 
     # -- domain building (libxl's job) ----------------------------------------------
 
@@ -342,6 +345,8 @@ class SimHost:
         await xs.write(f"{dompath}/memory/target", "65536", tx)
         await xs.transaction_end(tx, True)
         self.xenstored.introduce(domid, self.xen.store_mfn(domid), 1)
+        # The domain's "ring" for clients in other processes: acts as the guest.
+        await self.xenstored.listen(self.guest_xenstore_socket(domid), domid=domid)
         for kind, devid in behaviour.frontends:
             await self._add_device(domid, kind, devid)
 
@@ -414,6 +419,101 @@ class SimHost:
         self.xen.unpause(domid)
         return domid
 
+    # -- save and restore (libxl's and libxenguest's part) ----------------------------
+
+    def save_guest(self, domid: int) -> Any:
+        """A suspended guest's state as a :class:`torpor.image.SavedDomain`."""
+        return self.run(self.save_guest_async(domid))
+
+    async def save_guest_async(self, domid: int) -> Any:
+        from torpor.image import SavedDomain
+
+        guest = self.guest(domid)
+        kind = self.kinds[domid]
+        behaviour = self.behaviours[domid]
+        dom = self.xen.domain(domid)
+        if kind == "hvm":
+            return await self._save_hvm(domid)
+        if hasattr(guest, "advance"):
+            guest.advance()
+        state = self.xen.save_domain(domid)
+        return SavedDomain(
+            domain={
+                "kind": kind,
+                "name": dom.name,
+                "uuid": dom.uuid,
+                "hvm": dom.hvm,
+                "emulation_flags": dom.emulation_flags,
+                "vcpus": len(dom.vcpus),
+                "memory_pages": len(dom.memory) // 4096,
+                "behaviour": _behaviour_dict(behaviour),
+            },
+            vcpus=state["vcpus"],
+            start_info=state["start_info"],
+            hvm_params=state["hvm_params"],
+            memory=state["memory"],
+            guest=guest.saved_state(),
+            source={"host": self.name, "domid": domid},
+        )
+
+    def restore_guest(self, saved: Any) -> int:
+        """Build a new domain from a saved one; it waits, suspended, for resume(fast=0)."""
+        return self.run(self.restore_guest_async(saved))
+
+    async def restore_guest_async(self, saved: Any) -> int:
+        """libxl's restore: domain, memory, xenstore tree, devices, introduce."""
+        kind = saved.kind
+        if kind not in GUEST_KINDS:
+            raise UsageError(f"this simulated host cannot build a {kind!r} guest")
+        d = saved.domain
+        behaviour = _behaviour_from(d.get("behaviour", {}))
+        if kind == "hvm":
+            return await self._restore_hvm(saved, behaviour)
+        state = {
+            "memory": saved.memory,
+            "vcpus": saved.vcpus,
+            "start_info": saved.start_info,
+            "hvm_params": saved.hvm_params,
+        }
+        dom = self.xen.restore_domain(
+            name=str(d["name"]),
+            hvm=bool(d["hvm"]),
+            emulation_flags=int(d["emulation_flags"]),
+            state=state,
+            uuid=str(d.get("uuid") or "") or None,
+        )
+        domid = dom.domid
+        try:
+            await self._make_xenstore_tree(
+                domid, dom.name, dom.uuid, hvm=dom.hvm, behaviour=behaviour
+            )
+            guest = LinuxGuest(
+                self.xen,
+                self._connect_guest,
+                domid,
+                kind,
+                behaviour=behaviour,
+                on_destroy_request=self._request_destroy,
+            )
+            guest.grant_generation = int(saved.guest.get("grant_generation", 0))
+            self.guests[domid] = guest
+            self.kinds[domid] = kind
+            self.behaviours[domid] = behaviour
+            if kind == "pvhvm":
+                dm = await self._start_device_model(domid, kind)
+                await dm.pause_vcpus()
+            guest.adopt_restored()
+        except BaseException:
+            await self.destroy_guest_async(domid)
+            raise
+        return domid
+
+    async def _save_hvm(self, domid: int) -> Any:
+        raise UsageError(f"saving HVM guest {domid} needs its device model's VM state")
+
+    async def _restore_hvm(self, saved: Any, behaviour: Behaviour) -> int:
+        raise UsageError("restoring an HVM guest needs its device model's VM state")
+
     # -- teardown (libxl_domain_destroy) --------------------------------------------
 
     def _request_destroy(self, domid: int) -> None:
@@ -439,6 +539,8 @@ class SimHost:
         if dm is not None:
             with contextlib.suppress(Exception):
                 await dm.stop()
+        if self.xenstored is not None:
+            await self.xenstored.unlisten(self.guest_xenstore_socket(domid))
         xs = self._dom0
         for path in (
             f"/local/domain/{domid}",
@@ -512,6 +614,20 @@ class SimHost:
         if dom is not None and dom.s3 and not info.shutdown:
             return "S3"
         return info.state_word()
+
+
+def _behaviour_dict(b: Behaviour) -> dict[str, Any]:
+    out = attrs.asdict(b)
+    out["frontends"] = [list(f) for f in b.frontends]
+    return out
+
+
+def _behaviour_from(d: dict[str, Any]) -> Behaviour:
+    fields = {f.name for f in attrs.fields(Behaviour)}
+    kw = {k: v for k, v in d.items() if k in fields}
+    if "frontends" in kw:
+        kw["frontends"] = tuple((str(k), int(v)) for k, v in kw["frontends"])
+    return Behaviour(**kw)
 
 
 class _GuestRing(RingClient):

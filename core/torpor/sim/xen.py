@@ -381,6 +381,87 @@ class SimXen:
             dom = self._domain(domid, "store_mfn")
             return dom.p2m[1] if dom.start_info is not None else 0xFEFFF
 
+    # -- save and restore (what libxenguest's xc_domain_save/restore move) ---
+
+    def save_domain(self, domid: int) -> dict[str, Any]:
+        """A suspended domain's hypervisor-side state, canonical (frames as PFNs).
+
+        Like ``xc_domain_save`` it requires the domain shut down for suspend,
+        and writes machine frame numbers as guest PFNs so they can be
+        re-translated on whichever host restores it.
+        """
+        with self.lock:
+            dom = self._domain(domid, "save")
+            if dom.shutdown_code != ShutdownReason.SUSPEND:
+                raise _err(errno.EINVAL, "save", domid)
+            p2m = {mfn: pfn for pfn, mfn in enumerate(dom.p2m)}
+            si = dom.start_info
+            return {
+                "memory": bytes(dom.memory),
+                "vcpus": [
+                    {
+                        "vcpu_id": v.vcpu_id,
+                        "online": v.online,
+                        # PV: edx holds the start_info MFN; saved as its PFN.
+                        "edx_pfn": p2m.get(v.edx) if not dom.hvm and v.edx else None,
+                    }
+                    for v in dom.vcpus
+                ],
+                "start_info": None
+                if si is None
+                else {
+                    "store": si.store_mfn if si.frames_are_pfns else p2m[si.store_mfn],
+                    "console": si.console_mfn if si.frames_are_pfns else p2m[si.console_mfn],
+                },
+                "hvm_params": {str(k): v for k, v in dom.hvm_params.items()},
+            }
+
+    def restore_domain(
+        self,
+        *,
+        name: str,
+        hvm: bool,
+        emulation_flags: int,
+        state: dict[str, Any],
+        uuid: str | None = None,
+    ) -> SimDomain:
+        """``xc_domain_restore``: a new domain holding the saved state.
+
+        It is left as the guest left it -- inside SCHEDOP_shutdown(suspend),
+        the domain shut down for suspend -- with frame numbers translated to
+        this host's machine frames and no vcpu_info registered (a new
+        domain): ``resume(fast=False)`` then lets the guest rebuild.
+        """
+        memory = state["memory"]
+        pages = max(len(memory) // PAGE_SIZE, 1)
+        dom = self.create_domain(
+            name=name,
+            hvm=hvm,
+            emulation_flags=emulation_flags,
+            vcpus=len(state["vcpus"]),
+            memory_pages=pages,
+            uuid=uuid,
+        )
+        with self.lock:
+            dom.memory[: len(memory)] = memory
+            for v, saved in zip(dom.vcpus, state["vcpus"], strict=True):
+                v.online = bool(saved["online"])
+                pfn = saved.get("edx_pfn")
+                v.edx = dom.p2m[pfn] if pfn is not None else 0
+                v.eax = 0
+            si = state.get("start_info")
+            if si is not None and dom.start_info is not None:
+                dom.start_info.store_mfn = int(si["store"])
+                dom.start_info.console_mfn = int(si["console"])
+                dom.start_info.frames_are_pfns = True
+            elif dom.start_info is not None:
+                dom.start_info = None
+            dom.hvm_params.update({int(k): int(v) for k, v in state["hvm_params"].items()})
+            dom.shutdown_code = ShutdownReason.SUSPEND
+            dom.controller_pause_count = 0
+            self._account(dom)
+        return dom
+
     # -- the Hypervisor Protocol (toolstack side) --------------------------
 
     def domain_info_list(self, first_domid: int = 0, max_domains: int = 1024) -> list[DomainInfo]:
@@ -415,6 +496,7 @@ class SimXen:
             dom.controller_pause_count -= 1
             if dom.controller_pause_count == 0:
                 self._notify(dom, "unpaused")
+                self._return_from_suspend(dom)
 
     def shutdown(self, domid: int, reason: ShutdownReason) -> None:
         """``xc_domain_shutdown`` from dom0 (SCHEDOP_remote_shutdown): the hard path."""
@@ -471,11 +553,20 @@ class SimXen:
         # XEN_DOMCTL_resumedomain -> domain_resume(): clear the shutdown state
         # and unpause the vCPUs paused for it; harmless on a running domain.
         dom.shutdown_code = None
-        waiter, dom.suspend_waiter = dom.suspend_waiter, None
-        eax = dom.vcpus[0].eax
         self._notify(dom, "resumed")
-        if waiter is not None:
-            self._in_loop(_settle, waiter, eax)
+        self._return_from_suspend(dom)
+
+    def _return_from_suspend(self, dom: SimDomain) -> None:
+        # The suspend hypercall returns (with vCPU0's eax) when the vCPU runs
+        # again.  domain_resume() only undoes the pause *for shutdown*: a domain
+        # the controller also paused (domain_pause_by_systemcontroller) keeps
+        # its vCPUs paused, and its kernel runs nothing, until it is unpaused.
+        if dom.suspend_waiter is None or dom.shutdown_code is not None:
+            return
+        if dom.controller_pause_count > 0:
+            return
+        waiter, dom.suspend_waiter = dom.suspend_waiter, None
+        self._in_loop(_settle, waiter, dom.vcpus[0].eax)
 
     def destroy(self, domid: int) -> None:
         with self.lock:
@@ -697,13 +788,9 @@ class SimXen:
             return self._domain(domid, "domain")
 
     def memory_checksum(self, domid: int) -> str:
-        """sha256 of the guest's memory and the vCPU registers a save would carry."""
+        """sha256 of the guest's memory (host-independent: no machine frame numbers)."""
         with self.lock:
-            dom = self._domain(domid, "memory_checksum")
-            h = hashlib.sha256(dom.memory)
-            for v in dom.vcpus:
-                h.update(_WORD.pack(v.edx))
-            return h.hexdigest()
+            return hashlib.sha256(self._domain(domid, "memory_checksum").memory).hexdigest()
 
 
 def _settle(fut: asyncio.Future[int], value: int) -> None:

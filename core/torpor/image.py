@@ -1,0 +1,260 @@
+"""torpor's save image: versioned, self-describing, length-framed, checksummed.
+
+Modelled on libxl's migration stream v2 (xen docs/specs/libxl-migration-stream.pandoc):
+a header, then records, each aligned to 8 octets, ending with an END record.
+Unlike libxl's, every record carries its own CRC-32 and the END record the
+SHA-256 of everything before it, so a truncated, corrupt or foreign file is
+refused *before* anything is built from it.
+
+::
+
+    header   ident    u64  0x546f72706f72496d ("TorporIm"), big-endian
+             version  u32  1
+             options  u32  bit 0: 0 = little-endian records
+    record   type     u32  (RecordType)
+             length   u32  body length, without padding
+             crc32    u32  zlib.crc32 of the body
+             reserved u32  0
+             body     length octets, then zero padding to a multiple of 8
+    END      type 0, body = SHA-256 of every octet before this record
+
+All record fields after the header are little-endian.  Bodies are JSON
+(UTF-8) except ``MEMORY`` and ``DEVICE_MODEL``, which are raw bytes.  A
+reader refuses an unknown record type only if it is marked mandatory
+(type < 0x80000000).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import IO, Any
+
+import attrs
+
+from torpor.errors import ImageError
+
+__all__ = [
+    "IDENT",
+    "VERSION",
+    "RecordType",
+    "SavedDomain",
+    "read_image",
+    "write_image",
+]
+
+IDENT = 0x546F72706F72496D  # "TorporIm"
+VERSION = 1
+_HDR = struct.Struct(">QII")
+_REC = struct.Struct("<IIII")
+#: No record body may exceed this (the largest is an HVM device model's RAM).
+MAX_RECORD = 256 * 1024 * 1024
+_OPTIONAL_BIT = 0x80000000
+
+
+class RecordType(enum.IntEnum):
+    """Record types; bit 31 set = optional (a reader may skip it)."""
+
+    END = 0
+    DOMAIN = 1  # JSON: kind, name, uuid, hvm, emulation flags, vCPUs, pages, behaviour
+    VCPUS = 2  # JSON: per-vCPU registers that matter (start_info canonical as a PFN)
+    START_INFO = 3  # JSON: PV start_info frames (canonical: PFNs)
+    HVM_PARAMS = 4  # JSON: {param: value}
+    MEMORY = 5  # raw guest memory, pfn 0 upwards
+    GUEST = 6  # JSON: the guest kernel's own state (sim) / guest config (real)
+    DEVICE_MODEL = 7  # raw device-model state (QEMU's stream)
+    SOURCE = _OPTIONAL_BIT | 1  # JSON: where and when it was saved (informational)
+
+
+_JSON_RECORDS = {
+    RecordType.DOMAIN,
+    RecordType.VCPUS,
+    RecordType.START_INFO,
+    RecordType.HVM_PARAMS,
+    RecordType.GUEST,
+    RecordType.SOURCE,
+}
+
+
+@attrs.frozen
+class SavedDomain:
+    """A suspended domain's state, as a builder saved it and will restore it.
+
+    :param domain: DOMAIN record (must have ``kind``).
+    :param vcpus: VCPUS record.
+    :param memory: MEMORY record.
+    """
+
+    domain: dict[str, Any]
+    vcpus: list[dict[str, Any]] = attrs.Factory(list)
+    start_info: dict[str, Any] | None = None
+    hvm_params: dict[str, int] = attrs.Factory(dict)
+    memory: bytes = b""
+    guest: dict[str, Any] = attrs.Factory(dict)
+    device_model: bytes | None = None
+    source: dict[str, Any] = attrs.Factory(dict)
+
+    @property
+    def kind(self) -> str:
+        return str(self.domain["kind"])
+
+    def memory_checksum(self) -> str:
+        """SHA-256 of the guest's memory alone (what the guest sees of itself)."""
+        return hashlib.sha256(self.memory).hexdigest()
+
+    def checksum(self) -> str:
+        """SHA-256 of the guest's memory (and device-model state): what must arrive."""
+        h = hashlib.sha256(self.memory)
+        if self.device_model is not None:
+            h.update(self.device_model)
+        return h.hexdigest()
+
+
+def _records(saved: SavedDomain) -> Iterator[tuple[RecordType, bytes]]:
+    def js(obj: Any) -> bytes:
+        return json.dumps(obj, sort_keys=True).encode()
+
+    yield RecordType.SOURCE, js(saved.source)
+    yield RecordType.DOMAIN, js(saved.domain)
+    yield RecordType.VCPUS, js(saved.vcpus)
+    if saved.start_info is not None:
+        yield RecordType.START_INFO, js(saved.start_info)
+    yield RecordType.HVM_PARAMS, js(saved.hvm_params)
+    yield RecordType.GUEST, js(saved.guest)
+    yield RecordType.MEMORY, saved.memory
+    if saved.device_model is not None:
+        yield RecordType.DEVICE_MODEL, saved.device_model
+
+
+def encode(saved: SavedDomain) -> Iterator[bytes]:
+    """The image, as a stream of chunks (for a file, a pipe or a socket)."""
+    digest = hashlib.sha256()
+
+    def out(chunk: bytes) -> bytes:
+        digest.update(chunk)
+        return chunk
+
+    yield out(_HDR.pack(IDENT, VERSION, 0))
+    for rtype, body in _records(saved):
+        if len(body) > MAX_RECORD:
+            raise ImageError(f"{rtype.name} record of {len(body)} bytes is too large")
+        yield out(_REC.pack(rtype, len(body), zlib.crc32(body), 0))
+        yield out(body + b"\0" * (-len(body) % 8))
+    end = digest.digest()
+    yield _REC.pack(RecordType.END, len(end), zlib.crc32(end), 0) + end
+
+
+def write_image(saved: SavedDomain, path: str | os.PathLike[str]) -> int:
+    """Write the image to ``path`` atomically (temp file, fsync, rename); its size."""
+    tmp = f"{os.fspath(path)}.partial"
+    size = 0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in encode(saved):
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ImageError(
+            f"cannot write save image {os.fspath(path)}: {e.strerror or e}", cause=e
+        ) from e
+    return size
+
+
+def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ImageError(f"save image is truncated ({what}: {len(data)} of {n} bytes)")
+    return data
+
+
+def decode(f: IO[bytes]) -> SavedDomain:
+    """Parse and verify a whole image from a stream; ImageError on any defect."""
+    digest = hashlib.sha256()
+    head = f.read(_HDR.size)
+    if len(head) < _HDR.size:
+        raise ImageError("not a torpor save image: shorter than its header")
+    ident, version, options = _HDR.unpack(head)
+    if ident != IDENT:
+        raise ImageError(
+            f"not a torpor save image (ident {head[:8]!r}; xl's files start 'Xen saved domain')"
+        )
+    if version != VERSION:
+        raise ImageError(
+            f"torpor save image version {version} is not supported (this "
+            f"torpor reads version {VERSION})"
+        )
+    if options & 1:
+        raise ImageError("big-endian torpor save images are not supported")
+    digest.update(head)
+    fields: dict[RecordType, Any] = {}
+    while True:
+        rhead = _read_exact(f, _REC.size, "record header")
+        rtype, length, crc, _reserved = _REC.unpack(rhead)
+        if length > MAX_RECORD:
+            raise ImageError(f"record of type {rtype:#x} claims {length} bytes: corrupt image")
+        body = _read_exact(f, length, f"record {rtype:#x}")
+        if zlib.crc32(body) != crc:
+            raise ImageError(f"record of type {rtype:#x} fails its CRC-32: corrupt image")
+        if rtype == RecordType.END:
+            if body != digest.digest():
+                raise ImageError("save image checksum (SHA-256) mismatch: corrupt image")
+            if f.read(1):
+                raise ImageError("data after the END record: corrupt image")
+            break
+        pad = _read_exact(f, -length % 8, "padding")
+        digest.update(rhead)
+        digest.update(body)
+        digest.update(pad)
+        try:
+            kind = RecordType(rtype)
+        except ValueError:
+            if rtype & _OPTIONAL_BIT:
+                continue
+            raise ImageError(f"unknown mandatory record type {rtype:#x}") from None
+        if kind in fields:
+            raise ImageError(f"duplicate {kind.name} record")
+        if kind in _JSON_RECORDS:
+            try:
+                fields[kind] = json.loads(body)
+            except ValueError as e:
+                raise ImageError(f"{kind.name} record is not valid JSON", cause=e) from e
+        else:
+            fields[kind] = body
+    for required in (RecordType.DOMAIN, RecordType.VCPUS, RecordType.MEMORY):
+        if required not in fields:
+            raise ImageError(f"save image has no {required.name} record")
+    domain = fields[RecordType.DOMAIN]
+    if not isinstance(domain, dict) or not isinstance(domain.get("kind"), str):
+        raise ImageError("DOMAIN record does not name the guest type")
+    return SavedDomain(
+        domain=domain,
+        vcpus=fields[RecordType.VCPUS],
+        start_info=fields.get(RecordType.START_INFO),
+        hvm_params={str(k): int(v) for k, v in fields.get(RecordType.HVM_PARAMS, {}).items()},
+        memory=fields[RecordType.MEMORY],
+        guest=fields.get(RecordType.GUEST, {}),
+        device_model=fields.get(RecordType.DEVICE_MODEL),
+        source=fields.get(RecordType.SOURCE, {}),
+    )
+
+
+def read_image(path: str | os.PathLike[str]) -> SavedDomain:
+    """Read and verify a save image file (ImageError if missing or defective)."""
+    try:
+        with open(path, "rb") as f:
+            return decode(f)
+    except OSError as e:
+        raise ImageError(
+            f"cannot read save image {os.fspath(path)}: {e.strerror or e}", cause=e
+        ) from e
