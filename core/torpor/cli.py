@@ -227,6 +227,51 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_save(args: argparse.Namespace) -> int:
+    from torpor.errors import TorporError
+    from torpor.host import validate_domid
+    from torpor.progress import Reporter
+
+    domid = validate_domid(args.domid)
+    with _open(args, Reporter(quiet=args.json, total=1)) as t:
+        try:
+            res: Result | TorporError = t.save(domid, args.file)
+        except TorporError as e:
+            res = e
+        return _report(args, "save", [domid], [res], None)
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from torpor.errors import TorporError
+    from torpor.progress import Reporter
+
+    with _open(args, Reporter(quiet=args.json, total=1)) as t:
+        try:
+            res = t.restore(args.file)
+        except TorporError as e:
+            if args.json:
+                print(json.dumps({"operation": "restore", "ok": False, **e.to_dict()}))
+            else:
+                print(f"restore of {args.file} FAILED: {e}")
+            return EXIT_ALL_FAILED
+        return _report(args, "restore", [res.domid], [res], None)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from torpor.errors import TorporError
+    from torpor.host import validate_domid
+    from torpor.progress import Reporter
+
+    domid = validate_domid(args.domid)
+    dest_args = argparse.Namespace(**{**vars(args), "host": args.to, "plugin": args.plugin})
+    with _open(args, Reporter(quiet=args.json, total=1)) as src, _open(dest_args) as dst:
+        try:
+            res: Result | TorporError = src.migrate(domid, dst)
+        except TorporError as e:
+            res = e
+        return _report(args, "migrate", [domid], [res], None)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as t:
         rows = t.list_domains()
@@ -420,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="pause between checkpoints, in milliseconds",
     )
+    c = cmd("save", _cmd_save, "suspend a domain, write its state to FILE, destroy it")
+    c.add_argument("domid", metavar="DOMID")
+    c.add_argument("file", metavar="FILE")
+    c = cmd("restore", _cmd_restore, "build a new domain from FILE and resume it non-cooperatively")
+    c.add_argument("file", metavar="FILE")
+    c = cmd(
+        "migrate",
+        _cmd_migrate,
+        "move a domain to another host (the source is destroyed once it runs there)",
+    )
+    c.add_argument("domid", metavar="DOMID")
+    c.add_argument("--to", required=True, metavar="HOST", help="'sim:DIR' or 'xen'")
     cmd("plugins", _cmd_plugins, "list the loaded plugins and the hooks they implement")
     c = cmd("demo", _cmd_demo, "suspend and resume guests on an embedded simulated host")
     c.add_argument(

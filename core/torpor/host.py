@@ -133,9 +133,12 @@ class Host:
             raise BackendUnavailable(
                 f"no simulated host in {d} (start one with `torpor sim start --dir {d}`)"
             )
+        from torpor.builder import RemoteSimBuilder
+
         run = d / "run"
         run.mkdir(exist_ok=True)
-        return cls.for_sim_dir(d, RemoteHypervisor(str(sock), lock_dir=str(run)), name=f"sim:{d}")
+        hv = RemoteHypervisor(str(sock), lock_dir=str(run))
+        return cls.for_sim_dir(d, hv, name=f"sim:{d}", builder=RemoteSimBuilder(hv))
 
     @classmethod
     def for_sim_dir(
