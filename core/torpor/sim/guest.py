@@ -192,6 +192,8 @@ class LinuxGuest:
         self._ticks_seen = 0
         self._shutting_down = False
         self._runnable = asyncio.Event()
+        #: Linux's xenwatch thread: watch callbacks run one at a time.
+        self._xenwatch = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.checksum_at_resume: str | None = None
         self.last_hypercall_return: int | None = None
@@ -364,6 +366,7 @@ class LinuxGuest:
         await xs.watch(f"{backend}/state", token)
         try:
             await self._wait_backend(backend, {XenbusState.INIT_WAIT, XenbusState.CONNECTED}, token)
+            await self._runnable.wait()  # a paused domain runs no kernel code
             ref = (self.domid * 1000 + gen) * 2
             port = self.xen.evtchn_alloc_unbound(self.domid, 0)
             tx = await xs.transaction_start()
@@ -388,6 +391,7 @@ class LinuxGuest:
                 await xs.unwatch(f"{backend}/state", token)
 
     async def _set_frontend_state(self, kind: str, devid: int, state: int) -> None:
+        await self._runnable.wait()
         xs = await self._xs()
         await xs.write(f"device/{kind}/{devid}/state", str(state))
         self.frontend_states[f"{kind}/{devid}"] = state
@@ -411,9 +415,16 @@ class LinuxGuest:
 
     def _on_xs_event(self, path: str, token: str) -> None:
         if token == "shutdown":
-            self._spawn(self._shutdown_handler())
+            self._spawn(self._xenwatch_shutdown())
         elif token.startswith("otherend:"):
             self._otherend_events.setdefault(token, asyncio.Event()).set()
+
+    async def _xenwatch_shutdown(self) -> None:
+        # drivers/xen/xenbus/xenbus_xs.c xenwatch_thread(): one callback at a
+        # time, and shutdown_handler() calls do_suspend() itself -- a command
+        # written while the guest suspends is handled after it resumes, not lost.
+        async with self._xenwatch:
+            await self._shutdown_handler()
 
     async def _shutdown_handler(self) -> None:
         """drivers/xen/manage.c shutdown_handler()."""
