@@ -9,6 +9,9 @@ then, showing every phase as it happens:
 2. checkpoints the PV guest a few times;
 3. asks for an in-place non-cooperative resume and shows torpor refusing it,
    with the reason;
+4. migrates the PVHVM guest to a second simulated host, where it resumes
+   non-cooperatively in a new domain (its hypercall returns 0, it rebuilds and
+   its frontends reconnect to the new host's backends);
 
 and ends with a table: guest type, method, timings and the integrity check --
 the guest's counter kept going (it was not rebooted) and its memory checksum
@@ -96,6 +99,7 @@ def run_demo(*, json_output: bool = False, qemu: bool | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="torpor-demo-", dir="/tmp")
     use_qemu = qemu is not False and qemu_binary() is not None
     host = SimHost(workdir, qemu=use_qemu, name="demo")
+    second = SimHost(workdir + "/second", qemu=use_qemu, name="second")
     rows: list[_Row] = []
     records: list[dict[str, Any]] = []
     try:
@@ -142,6 +146,13 @@ def run_demo(*, json_output: bool = False, qemu: bool | None = None) -> int:
                 say(f"  refused, nothing touched: {e.message}")
                 records.append({"domid": pv, "operation": "resume", "ok": False, **e.to_dict()})
             t.resume(pv)
+            say("\n4. migrate the PVHVM guest to a second simulated host")
+            second.start()
+            second.create_guest("pv")  # the new host has guests of its own
+            with Torpor(second.toolstack_host(), own_host=True, plugin_manager=pm) as t2:
+                row, rec = _migrate(host, second, t, t2, guests["pvhvm"], say=say)
+                rows.append(row)
+                records.append(rec)
         _table(rows, say)
         elapsed = time.monotonic() - t_start
         ok = all(r.ok for r in rows) and refused != "not refused"
@@ -161,6 +172,7 @@ def run_demo(*, json_output: bool = False, qemu: bool | None = None) -> int:
         say(f"\ndemo {'passed' if ok else 'FAILED'} in {elapsed:.1f} s")
         return 0 if ok else 3
     finally:
+        second.stop()
         host.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -200,6 +212,45 @@ def _cycle(host: Any, t: Torpor, kind: str, domid: int, say: Any) -> tuple[_Row,
         checksum_equal=after["checksum_at_resume"] == frozen["checksum"],
     )
     return row, [suspended.to_dict(), resumed.to_dict()]
+
+
+def _migrate(
+    src: Any, dst: Any, t: Torpor, t2: Torpor, domid: int, *, say: Any
+) -> tuple[_Row, dict[str, Any]]:
+    before = src.run(src.guest_report(domid))
+    res = t.migrate(domid, t2)
+    details = dict(res.details)
+    _settle(dst, res.domid, before["counters"]["ticks"] + 2)
+    after = dst.run(dst.guest_report(res.domid))
+    say(
+        f"  dom{domid} on the first host is now dom{res.domid} on the second: "
+        f"{res.state}, hypercall returned {after['last_hypercall_return']}, frontends "
+        + ", ".join(f"{k} state {v}" for k, v in after["frontends"].items())
+    )
+    row = _Row(
+        domid=res.domid,
+        kind="pvhvm->",
+        device_model="in-process",
+        method=str(res.method),
+        suspend_ms=sum(
+            x.seconds
+            for x in res.timings
+            if x.phase in (Phase.REQUEST, Phase.ACK, Phase.SHUTDOWN, Phase.SAVE, Phase.TRANSFER)
+        )
+        * 1000,
+        resume_ms=sum(
+            x.seconds
+            for x in res.timings
+            if x.phase in (Phase.RESTORE, Phase.RESUME, Phase.XS_RESUME, Phase.VERIFY)
+        )
+        * 1000,
+        ticks_before=before["counters"]["ticks"],
+        ticks_frozen=before["counters"]["ticks"],
+        ticks_after=after["counters"]["ticks"],
+        boots_same=after["counters"]["boots"] == before["counters"]["boots"],
+        checksum_equal=after["checksum_at_resume"] == details["memory_checksum"],
+    )
+    return row, res.to_dict()
 
 
 def _table(rows: list[_Row], say: Any) -> None:

@@ -1,0 +1,254 @@
+"""Save, restore and migration on simulated hosts: a new domain, rebuilt; nothing lost.
+
+Every injected failure must leave exactly one running copy of the guest:
+the source (resumed cooperatively) or the destination, never neither.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from torpor.errors import ImageError, MigrationFailed, UnexpectedShutdown
+from torpor.image import encode, read_image
+from torpor.model import Phase, Timeouts
+from torpor.orchestrator import Torpor
+from torpor.sim.guest import Behaviour
+from torpor.sim.host import SimHost
+
+KINDS = ("pv", "pvhvm", "pvh")
+
+
+@pytest.fixture
+def dest_host() -> Iterator[SimHost]:
+    d = tempfile.mkdtemp(prefix="tq", dir="/tmp")
+    host = SimHost(d, qemu=False, name="destination")
+    host.start()
+    host.create_guest("pv")  # so the destination's domids differ from the source's
+    yield host
+    host.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def dest(dest_host: SimHost) -> Iterator[Torpor]:
+    t = Torpor(dest_host.toolstack_host(), own_host=True)
+    yield t
+    t.close()
+
+
+def report(host: SimHost, domid: int) -> dict[str, Any]:
+    return host.run(host.guest_report(domid))
+
+
+def running_copies(src: SimHost, dst: SimHost, src_domid: int) -> int:
+    n = 0
+    if src_domid in src.xen.domains and src.xen.domain_info(src_domid).running:
+        n += 1
+    n += sum(1 for d in dst.guests if d != 1 and dst.xen.domain_info(d).running)
+    return n
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_migrate_keeps_counting_with_equal_memory(
+    sim_host: SimHost, dest_host: SimHost, torpor: Torpor, dest: Torpor, kind: str
+) -> None:
+    domid = sim_host.create_guest(kind)
+    before = report(sim_host, domid)["counters"]
+    res = torpor.migrate(domid, dest)
+    assert res.outcome == "migrated" and res.state == "running"
+    details = dict(res.details)
+    assert details["source_domid"] == domid and res.domid != domid
+    assert domid not in sim_host.xen.domains  # the source is gone, after the copy ran
+    after = report(dest_host, res.domid)
+    assert after["last_hypercall_return"] == 0  # a new domain: the full rebuild path
+    assert after["checksum_at_resume"] == details["memory_checksum"]
+    assert after["counters"]["ticks"] >= before["ticks"]
+    assert after["counters"]["boots"] == before["boots"]
+    assert after["counters"]["new_domain_resumes"] == 1
+    # Frontends renegotiated with the destination's backends.
+    assert after["frontends"] == {"vif/0": 4, "vbd/51712": 4}
+    xs = dest_host.toolstack_host().xenstore
+    try:
+        for be in ("vif/{d}/0", "vbd/{d}/51712"):
+            assert xs.read(f"/local/domain/0/backend/{be.format(d=res.domid)}/state") == "4"
+    finally:
+        xs.close()
+    for step in ("xen_vcpu_restore", "gnttab_resume", "irq_resume", "timer_resume", "xs_resume"):
+        assert step in after["log"]
+
+
+def test_save_then_restore_on_another_host(
+    sim_host: SimHost, dest_host: SimHost, torpor: Torpor, dest: Torpor, short_dir: str
+) -> None:
+    domid = sim_host.create_guest("pv")
+    path = os.path.join(short_dir, "guest.img")
+    res = torpor.save(domid, path)
+    assert res.outcome == "saved" and res.state == "destroyed"
+    assert domid not in sim_host.xen.domains
+    assert read_image(path).kind == "pv"
+    back = dest.restore(path)
+    assert back.outcome == "restored" and back.state == "running"
+    assert (
+        report(dest_host, back.domid)["checksum_at_resume"] == dict(back.details)["memory_checksum"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], "CRC-32|checksum"),
+        (lambda b: b"Xen saved domain, xl format\n \0 \r" + b[32:], "not a torpor save image"),
+        (lambda b: b[:8] + (99).to_bytes(4, "big") + b[12:], "version 99"),
+        (lambda b: b"", "shorter than its header"),
+        (lambda b: b + b"trailing", "after the END"),
+    ],
+)
+def test_damaged_images_are_refused_before_anything_is_built(
+    sim_host: SimHost,
+    torpor: Torpor,
+    dest_host: SimHost,
+    dest: Torpor,
+    short_dir: str,
+    damage: Any,
+    match: str,
+) -> None:
+    domid = sim_host.create_guest("pv")
+    path = os.path.join(short_dir, "guest.img")
+    torpor.save(domid, path)
+    with open(path, "rb") as f:
+        data = f.read()
+    bad = os.path.join(short_dir, "bad.img")
+    with open(bad, "wb") as f:
+        f.write(damage(data))
+    domains = sorted(dest_host.xen.domains)
+    with pytest.raises(ImageError, match=match):
+        dest.restore(bad)
+    assert sorted(dest_host.xen.domains) == domains  # nothing was created
+
+
+def test_destination_refuses(
+    sim_host: SimHost,
+    dest_host: SimHost,
+    torpor: Torpor,
+    dest: Torpor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    domid = sim_host.create_guest("pvhvm")
+
+    def refuse(saved: Any) -> int:
+        raise ImageError("destination refused the guest (no room)")
+
+    monkeypatch.setattr(dest.host.builder, "restore", refuse)
+    with pytest.raises(MigrationFailed) as e:
+        torpor.migrate(domid, dest)
+    assert e.value.state == "running"
+    assert running_copies(sim_host, dest_host, domid) == 1
+    assert report(sim_host, domid)["counters"]["cooperative_resumes"] == 1
+
+
+def test_stream_cut(
+    sim_host: SimHost,
+    dest_host: SimHost,
+    torpor: Torpor,
+    dest: Torpor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    domid = sim_host.create_guest("pv")
+
+    def cut(saved: Any) -> Iterator[bytes]:
+        data = b"".join(encode(saved))
+        yield data[: len(data) // 3]  # the connection dropped here
+
+    monkeypatch.setattr("torpor.orchestrator.encode", cut)
+    with pytest.raises(MigrationFailed, match="truncated") as e:
+        torpor.migrate(domid, dest)
+    assert e.value.state == "running" and e.value.phase == Phase.TRANSFER
+    assert running_copies(sim_host, dest_host, domid) == 1
+
+
+def test_disk_full_during_save(
+    sim_host: SimHost, torpor: Torpor, short_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    domid = sim_host.create_guest("pv")
+    path = os.path.join(short_dir, "guest.img")
+    real_open = open
+
+    class Full:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *a: object) -> None:
+            self.f.close()
+
+    def full_open(p: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+        f = real_open(p, mode, *a, **kw)
+        return Full(f) if "w" in mode and str(p).endswith(".partial") else f
+
+    monkeypatch.setattr("builtins.open", full_open)
+    with pytest.raises(MigrationFailed, match="No space left") as e:
+        torpor.save(domid, path)
+    monkeypatch.undo()
+    assert e.value.state == "running"
+    assert not os.path.exists(path) and not os.path.exists(path + ".partial")
+    assert sim_host.xen.domain_info(domid).running
+
+
+def test_destination_guest_fails_to_resume(
+    sim_host: SimHost, dest_host: SimHost, torpor: Torpor, dest: Torpor
+) -> None:
+    domid = sim_host.create_guest("pv")
+    dest_host.xen.fail_ops["resume"] = errno.EIO
+    try:
+        with pytest.raises(MigrationFailed) as e:
+            torpor.migrate(domid, dest)
+    finally:
+        del dest_host.xen.fail_ops["resume"]
+    assert e.value.state == "running"
+    assert running_copies(sim_host, dest_host, domid) == 1
+    assert sorted(dest_host.guests) == [1]  # the half-built copy was destroyed
+
+
+def test_source_guest_crashes_mid_save(sim_host: SimHost, torpor: Torpor, short_dir: str) -> None:
+    """A guest that crashes by itself while being saved is reported as crashed, no file."""
+    domid = sim_host.create_guest("pv", behaviour=Behaviour.parse("crash_during_suspend"))
+    path = os.path.join(short_dir, "guest.img")
+    with Torpor(sim_host.toolstack_host(), own_host=True, timeouts=Timeouts(suspend=2)) as t:
+        with pytest.raises(UnexpectedShutdown) as e:
+            t.save(domid, path)
+    assert e.value.state == "crashed"
+    assert not os.path.exists(path)
+    assert domid in sim_host.xen.domains  # not destroyed: the operator decides
+
+
+def test_migration_over_the_control_socket(short_dir: str) -> None:
+    """Two `torpor sim` daemons: the image crosses hypervisor.sock in chunks."""
+    from torpor.host import Host
+    from torpor.sim import daemon
+
+    a, b = os.path.join(short_dir, "a"), os.path.join(short_dir, "b")
+    daemon.start(a, ["pvhvm"])
+    daemon.start(b, ["pv"])
+    try:
+        with Torpor(Host.sim(a), own_host=True) as src, Torpor(Host.sim(b), own_host=True) as dst:
+            res = src.migrate(1, dst)
+            assert res.state == "running" and res.domid == 2
+            rows = {r["domid"]: r for r in dst.list_domains()}
+            assert rows[2]["guest_type"] == "pvhvm" and rows[2]["state"] == "running"
+            assert src.list_domains() == []
+    finally:
+        daemon.stop(a)
+        daemon.stop(b)
