@@ -272,6 +272,49 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         return _report(args, "migrate", [domid], [res], None)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from torpor.host import validate_domid
+
+    domid = validate_domid(args.domid)
+    with _open(args) as t:
+        st = t.status(domid)
+    if args.json:
+        print(json.dumps(st))
+        return EXIT_OK
+    print(f"domain {domid} ({st['guest_type']}): {st['state']}")
+    if st["request_pending"]:
+        print("  a suspend request is pending in control/shutdown")
+    intent = st["intent"]
+    if intent:
+        who = "still running" if st["intent_alive"] else "no longer running"
+        print(
+            f"  torpor pid {intent.get('pid')} ({who}) was doing: {intent.get('op')}"
+            + (f" via {intent['method']}" if intent.get("method") else "")
+            + (", guest asked" if intent.get("requested") else "")
+        )
+        if not st["intent_alive"]:
+            print(f"  run `torpor recover {domid}` to bring it back to running")
+    return EXIT_OK
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from torpor.errors import TorporError
+    from torpor.host import validate_domid
+
+    domid = validate_domid(args.domid)
+    with _open(args) as t:
+        try:
+            res: Result | TorporError = t.recover(domid)
+        except TorporError as e:
+            res = e
+        code = _report(args, "recover", [domid], [res], None)
+        if not args.json and not isinstance(res, TorporError):
+            actions: list[str] = list(dict(res.details)["actions"])  # type: ignore[call-overload]
+            for action in actions:
+                print(f"  {action}")
+        return code
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as t:
         rows = t.list_domains()
@@ -477,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("domid", metavar="DOMID")
     c.add_argument("--to", required=True, metavar="HOST", help="'sim:DIR' or 'xen'")
+    c = cmd(
+        "status",
+        _cmd_status,
+        "the truth about a domain: its state, a pending request, torpor's intent",
+    )
+    c.add_argument("domid", metavar="DOMID")
+    c = cmd("recover", _cmd_recover, "bring a domain a killed torpor left behind back to running")
+    c.add_argument("domid", metavar="DOMID")
     cmd("plugins", _cmd_plugins, "list the loaded plugins and the hooks they implement")
     c = cmd("demo", _cmd_demo, "suspend and resume guests on an embedded simulated host")
     c.add_argument(

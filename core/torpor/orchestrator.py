@@ -32,6 +32,7 @@ import fcntl
 import inspect
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -65,6 +66,7 @@ from torpor.errors import (
 )
 from torpor.host import Host, validate_domid
 from torpor.image import SavedDomain, decode, encode, read_image, write_image
+from torpor.intent import IntentLog, pid_alive
 from torpor.model import (
     HVM_PARAM_ACPI_S_STATE,
     DomainInfo,
@@ -205,6 +207,7 @@ class Orchestrator:
         plugin_manager: pluggy.PluginManager | None = None,
         timeouts: Timeouts | None = None,
         concurrency: int = 64,
+        record_intent: bool = True,
     ) -> None:
         self.host = host
         self.pm = plugin_manager or get_plugin_manager()
@@ -213,6 +216,9 @@ class Orchestrator:
         self.concurrency = concurrency
         self.monitor = DomainMonitor(host)
         self._busy: dict[int, str] = {}
+        #: Keep an intent record in xenstore while an operation runs (torpor.intent).
+        self.record_intent = record_intent
+        self._intent = IntentLog(host)
 
     async def close(self) -> None:
         await self.monitor.close()
@@ -315,11 +321,17 @@ class Orchestrator:
         os.pwrite(fd, f"torpor pid {os.getpid()} ({operation})\n".encode(), 0)
         self._busy[domid] = operation
         try:
+            if self.record_intent:
+                await self._intent.begin(domid, operation)
             yield
         finally:
             self._busy.pop(domid, None)
-            os.ftruncate(fd, 0)
-            os.close(fd)
+            try:
+                if self.record_intent:
+                    await self._intent.end(domid)
+            finally:
+                os.ftruncate(fd, 0)
+                os.close(fd)
 
     # -- context -------------------------------------------------------------------
 
@@ -518,6 +530,8 @@ class Orchestrator:
                     ack_watch = await ctx.xenstore.watch(
                         shutdown_path, lambda _p, _t: ack_wake.set()
                     )
+                if self.record_intent:
+                    await self._intent.update(ctx.domid, method=str(method), requested=True)
                 done = await self._first("torpor_request_suspend", ctx=ctx, method=method)
                 if not done:
                     raise OperationError(
@@ -1099,6 +1113,130 @@ class Orchestrator:
         """Resume many domains at once (bounded concurrency); one result or error each."""
         return await self._bulk(domids, lambda d: self.resume(d, **kw))
 
+    # -- status and recovery -------------------------------------------------------
+
+    async def status(self, domid: int) -> dict[str, Any]:
+        """The truth about a domain, from observation, and any torpor intent record.
+
+        ``state`` is what the hypervisor says (``running``, ``paused``,
+        ``suspended``, ``S3``, ``crashed``...); ``request_pending`` whether a
+        ``control/shutdown`` suspend request is outstanding; ``intent`` what a
+        torpor process was doing (``intent_alive``: whether it still runs).
+        """
+        domid = validate_domid(domid)
+        info = self._domain_info(domid, Phase.VALIDATE)
+        try:
+            guest_type: str = (await self.classify(info)).name
+        except UnsupportedGuest:
+            guest_type = "?"
+        s3 = self._in_s3(info) and not info.shutdown
+        xs = self.host.xenstore.aio
+        request = await xs.read_or(f"/local/domain/{domid}/control/shutdown", "")
+        intent = await self._intent.read(domid)
+        alive = None
+        if intent is not None and isinstance(intent.get("pid"), int):
+            alive = intent.get("host") == socket.gethostname() and pid_alive(intent["pid"])
+        return {
+            "domid": domid,
+            "guest_type": guest_type,
+            "state": "S3" if s3 else info.state_word(),
+            "shutdown_reason": info.shutdown_reason,
+            "request_pending": request == "suspend",
+            "intent": intent,
+            "intent_alive": alive,
+            "busy": domid in self._busy,
+        }
+
+    async def recover(self, domid: int) -> Result:
+        """Bring a domain a dead torpor left behind back to running.
+
+        Withdraws a pending suspend request (in a transaction), waits a
+        moment for a guest that had already acked to finish suspending,
+        resumes a suspended domain cooperatively (device model first), wakes
+        one in S3, always sends XS_RESUME (xenstored's latch may still be
+        set), drops a leftover suspend event channel subscription, and
+        removes the intent record.  A crashed domain cannot be recovered.
+        """
+        domid = validate_domid(domid)
+        timings: list[PhaseTiming] = []
+        actions: list[str] = []
+        intent = await self._intent.read(domid)
+        if intent is not None and intent.get("host") == socket.gethostname():
+            pid = intent.get("pid")
+            if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+                raise DomainBusy(
+                    f"torpor pid {pid} is still working on domain {domid} "
+                    f"({intent.get('op')}); not recovering under it",
+                    domid=domid,
+                    phase=Phase.VALIDATE,
+                    state="unchanged",
+                )
+        async with self._claim(domid, "recover"):
+            ctx = await self._context("recover", domid)
+            ctx.cooperative = True
+            try:
+                async with self._phase(ctx, Phase.CANCEL, timings):
+                    path = f"{ctx.dompath}/control/shutdown"
+                    pending = await ctx.xenstore.read_or(path, "") == "suspend"
+                    if (
+                        not ctx.domain.shutdown
+                        and pending
+                        and not await self._cancel_request(ctx, path)
+                    ):
+                        actions.append("withdrew a pending suspend request")
+                    if intent is not None and intent.get("method") == str(
+                        SuspendMethod.EVENT_CHANNEL
+                    ):
+                        with contextlib.suppress(TorporError):
+                            ctx.hypervisor.evtchn_subscribe(domid, 0)
+                        actions.append("dropped the suspend event channel subscription")
+                    if intent is not None and intent.get("requested") and not ctx.domain.shutdown:
+                        # The guest may have taken the request just before torpor died.
+                        with contextlib.suppress(Timeout):
+                            await self._wait(
+                                ctx,
+                                lambda: self._first("torpor_check_suspended", ctx=ctx),
+                                timeout=ctx.timeouts.settle,
+                                sources=_Sources(),
+                                what="a suspend already under way",
+                            )
+                self._refresh(ctx)
+                info = ctx.domain
+                if info.shutdown and not info.suspended:
+                    raise ResumeFailed(
+                        f"domain {domid} is {info.state_word()}; torpor cannot bring it back",
+                        state=info.state_word(),
+                    )
+                if info.suspended or ctx.facts.get("s3"):
+                    result = await self._resume(ctx)
+                    timings.extend(result.timings)
+                    actions.append(
+                        "woke it from S3" if not info.suspended else "resumed it cooperatively"
+                    )
+                else:
+                    async with self._phase(ctx, Phase.XS_RESUME, timings):
+                        await ctx.xenstore.resume(domid)
+                    if ctx.guest_type is not None and ctx.guest_type.device_model:
+                        async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
+                            await self._all("torpor_device_model_resume", ctx=ctx)
+                self._refresh(ctx)
+            except OperationError as e:
+                _locate(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
+                raise
+            finally:
+                await ctx.close()
+        return Result(
+            domid=domid,
+            operation="recover",
+            guest_type=ctx.guest_type_name,
+            outcome="recovered",
+            state=ctx.domain.state_word(),
+            cooperative=True,
+            timings=tuple(timings),
+            details=(("actions", actions or ["nothing to do: it was running"]), ("intent", intent)),
+        )
+
     # -- inspection --------------------------------------------------------------------
 
     async def list_domains(self) -> list[dict[str, Any]]:
@@ -1221,6 +1359,12 @@ class Torpor:
 
     def list_domains(self) -> list[dict[str, Any]]:
         return self._run(self.orchestrator.list_domains())
+
+    def status(self, domid: int) -> dict[str, Any]:
+        return self._run(self.orchestrator.status(domid))
+
+    def recover(self, domid: int) -> Result:
+        return self._run(self.orchestrator.recover(domid))
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -832,6 +832,28 @@ class AsyncXenstore:
         reply = await self._call(Op.DIRECTORY, _check_path(path) + _NUL, tx_id=_tx(tx), path=path)
         return _split(reply)
 
+    async def exists(self, path: str, *, tx: Transaction | None = None) -> bool:
+        try:
+            await self._call(Op.READ, _check_path(path) + _NUL, tx_id=_tx(tx), path=path)
+        except XenstoreError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    async def get_perms(self, path: str, *, tx: Transaction | None = None) -> list[Perm]:
+        reply = await self._call(Op.GET_PERMS, _check_path(path) + _NUL, tx_id=_tx(tx), path=path)
+        return [Perm.parse(p) for p in _split(reply)]
+
+    async def set_perms(
+        self, path: str, perms: list[Perm] | list[str], *, tx: Transaction | None = None
+    ) -> None:
+        entries = [p if isinstance(p, Perm) else Perm.parse(p) for p in perms]
+        if not entries:
+            raise UsageError("a permission list needs at least the owner entry")
+        payload = _check_path(path) + _NUL + b"".join(str(p).encode() + _NUL for p in entries)
+        _expect_ok(await self._call(Op.SET_PERMS, payload, tx_id=_tx(tx), path=path))
+
     async def resume(self, domid: int) -> None:
         _expect_ok(await self._call(Op.RESUME, _domid_arg(domid)))
 
