@@ -263,15 +263,32 @@ class _SocketConn(_Conn):
     ) -> None:
         super().__init__(server, conn_id, domid)
         self.transport = transport
+        #: While a batch of requests is processed, output is gathered here and
+        #: written with one send (order is kept; see _XsProtocol.data_received).
+        self.out: list[bytes] | None = None
 
     def _send(self, mtype: int, req_id: int, tx_id: int, payload: bytes) -> None:
-        self.transport.write(HEADER.pack(mtype, req_id, tx_id, len(payload)) + payload)
+        data = HEADER.pack(mtype, req_id, tx_id, len(payload)) + payload
+        if self.out is not None:
+            self.out.append(data)
+        else:
+            self.transport.write(data)
 
     def _event(self, payload: bytes, path: str, token: bytes) -> None:
-        self.transport.write(HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload)
+        data = HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload
+        if self.out is not None:
+            self.out.append(data)
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out, self.out = self.out, None
+        if out:
+            self.transport.write(b"".join(out))
 
     def _shutdown_transport(self) -> None:
         # Like destroy_conn(): pending output is flushed, then the socket closed.
+        self.flush()
         self.transport.close()
 
 
@@ -294,6 +311,13 @@ class _XsProtocol(asyncio.Protocol):
             return
         buf = self._buf
         buf += data
+        conn.out = []
+        try:
+            self._consume(conn, buf)
+        finally:
+            conn.flush()
+
+    def _consume(self, conn: _SocketConn, buf: bytearray) -> None:
         n = len(buf)
         off = 0
         process = self._server._process
