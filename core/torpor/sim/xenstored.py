@@ -22,7 +22,7 @@ Knowingly left out (each is timing or resource policing, not semantics):
 write rate limiting (wrl_*), the outstanding-request limit and the stall of a
 domain above its hard memory quota (both only pause reading a ring), watch
 event time-outs, dropping a duplicate of a still-queued watch event (events
-are handed to the transport at once, so none is ever queued), live update,
+are handed to the transport promptly, so there is hardly ever a queue), live update,
 and the memory accounting of queued replies (node records and watches are
 accounted).
 """
