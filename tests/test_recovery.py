@@ -1,22 +1,26 @@
 """torpor killed with SIGKILL in every phase: status tells the truth, recover fixes it.
 
-Each case runs the real CLI against a `torpor sim` daemon with a plugin that
-SIGKILLs the torpor process at the start or end of one phase, then checks
-``torpor status`` and ``torpor recover`` from a fresh process.
+Each case runs the real CLI (``torpor.cli.main``, in a forked child so that
+it is a process of its own to kill) against a `torpor sim` daemon with a
+plugin that SIGKILLs that process at the start or end of one phase, then
+checks ``status`` and ``recover`` as a new toolstack process would, with a
+fresh connection.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from torpor.host import Host
+from torpor.model import Timeouts
+from torpor.orchestrator import Torpor
 from torpor.sim import daemon
 
 HERE = Path(__file__).parent
@@ -27,22 +31,41 @@ SUSPEND_POINTS = [
 ]
 RESUME_POINTS = [
     f"resume:{when}:{phase}"
-    for phase in ("validate", "device-model-resume", "resume", "xs-resume", "guest-resume",
-                  "verify")
+    for phase in (
+        "validate",
+        "device-model-resume",
+        "resume",
+        "xs-resume",
+        "guest-resume",
+        "verify",
+    )
     for when in ("started", "finished")
 ]
 
 
-def torpor(dirpath: str, *args: str, kill_at: str | None = None,
-           timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": f"{HERE}:{os.environ.get('PYTHONPATH', '')}"}
-    if kill_at:
-        env["TORPOR_TEST_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "torpor.cli", "--host", f"sim:{dirpath}", "-p", "kill_plugin",
-         *args],
-        capture_output=True, text=True, env=env, timeout=timeout, check=False,
-    )
+def killed(dirpath: str, *args: str, kill_at: str) -> int:
+    """Run ``torpor ARGS`` in a forked child that kills itself at ``kill_at``; its status."""
+    pid = os.fork()
+    if pid == 0:  # the child: a torpor process of its own
+        try:
+            os.environ["TORPOR_TEST_KILL_AT"] = kill_at
+            sys.path.insert(0, str(HERE))
+            from torpor.cli import main
+
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                os.dup2(null.fileno(), 2)
+            code = main(["--host", f"sim:{dirpath}", "-p", "kill_plugin", *args])
+        except BaseException:
+            code = 99
+        os._exit(code)
+    _, wstatus = os.waitpid(pid, 0)
+    return -os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else os.WEXITSTATUS(wstatus)
+
+
+def toolstack(dirpath: str) -> Torpor:
+    """A fresh toolstack process's view: its own connections, nothing cached."""
+    return Torpor(Host.sim(dirpath), own_host=True, timeouts=Timeouts(settle=2.0))
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +81,20 @@ def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     del d
 
 
-def status(dirpath: str, domid: int) -> dict[str, object]:
-    out = torpor(dirpath, "status", str(domid), "--json")
-    assert out.returncode == 0, out.stderr
-    result: dict[str, object] = json.loads(out.stdout)
-    return result
+def status(dirpath: str, domid: int) -> dict[str, Any]:
+    with toolstack(dirpath) as t:
+        return t.status(domid)
 
 
 def check_recovers(dirpath: str, domid: int) -> None:
-    out = torpor(dirpath, "recover", str(domid), "--json")
-    assert out.returncode == 0, out.stdout + out.stderr
-    st = status(dirpath, domid)
-    assert st["state"] == "running" and not st["request_pending"] and st["intent"] is None
-    # The domain is fully usable again: xenstored's latch was re-armed, so a
-    # new suspend is noticed and a cooperative resume works.
-    for op in ("suspend", "resume"):
-        res = torpor(dirpath, op, str(domid), "--json")
-        assert res.returncode == 0, res.stdout + res.stderr
+    with toolstack(dirpath) as t:
+        assert t.recover(domid).state == "running"
+        st = t.status(domid)
+        assert st["state"] == "running" and not st["request_pending"] and st["intent"] is None
+        # Fully usable again: xenstored's latch was re-armed, so a new suspend
+        # is noticed (a lost XS_RESUME would make this one time out).
+        t.suspend(domid, suspend_timeout=5)
+        t.resume(domid)
 
 
 def _domid(point: str, kind: str) -> int:
@@ -89,8 +109,7 @@ def test_killed_during_suspend(sim_dir: str, point: str, kind: str) -> None:
     domid = _domid(point, kind)
     if kind == "pv" and "device-model" in point:
         pytest.skip("a PV guest has no device model phase")
-    out = torpor(sim_dir, "suspend", str(domid), kill_at=point)
-    assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+    assert killed(sim_dir, "suspend", str(domid), kill_at=point) == -signal.SIGKILL
     st = status(sim_dir, domid)
     intent = st["intent"]
     assert isinstance(intent, dict) and intent["op"] == "suspend"
@@ -108,13 +127,14 @@ def test_killed_during_resume(sim_dir: str, point: str, kind: str) -> None:
     domid = _domid(point, kind)
     if kind == "pv" and "device-model" in point:
         pytest.skip("a PV guest has no device model phase")
-    assert torpor(sim_dir, "suspend", str(domid)).returncode == 0
-    out = torpor(sim_dir, "resume", str(domid), kill_at=point)
-    assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr
+    with toolstack(sim_dir) as t:
+        t.suspend(domid)
+    assert killed(sim_dir, "resume", str(domid), kill_at=point) == -signal.SIGKILL
     st = status(sim_dir, domid)
     assert isinstance(st["intent"], dict) and st["intent"]["op"] == "resume"
     # Before xc_domain_resume it is still suspended; after, running.
     before_resume = point.split(":")[2] in ("validate", "device-model-resume") or (
-        point == "resume:started:resume")
+        point == "resume:started:resume"
+    )
     assert st["state"] == ("suspended" if before_resume else "running")
     check_recovers(sim_dir, domid)
