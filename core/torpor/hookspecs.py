@@ -59,10 +59,12 @@ hookimpl = pluggy.HookimplMarker("torpor")
 def torpor_classify_domain(domain: DomainInfo, host: Host) -> GuestType | None:
     """Claim a domain: say which guest type it is, or ``None`` if not yours.
 
-    Called at the start of every operation (suspend, resume, checkpoint,
-    save...) and by ``torpor list``, before anything is touched.  Look only:
-    read the domain info, HVM params (``host.hypervisor.get_hvm_param``),
-    never change the domain.
+    Called at the start of every operation (suspend, resume, save, restore,
+    migrate, recover; a checkpoint is a suspend and a resume), and by
+    ``torpor list`` and ``torpor status``, before anything is touched.  Look
+    only: read the domain info, HVM params (``host.hypervisor.get_hvm_param``),
+    never change the domain.  To read xenstore, make the implementation
+    ``async def`` and use ``host.xenstore.aio``: the hook runs on the event loop.
 
     ``firstresult``: the first plugin to return a :class:`~torpor.model.GuestType`
     owns the domain for the whole operation.  A domain no plugin claims gets
@@ -96,6 +98,7 @@ def torpor_choose_suspend_method(
 
     :param ctx: the operation; ``ctx.guest_type`` is set.
     :param default: the method libxl would use.
+    :return: a :class:`~torpor.model.SuspendMethod`, or ``None`` to keep ``default``.
     """
 
 
@@ -115,6 +118,8 @@ def torpor_request_suspend(ctx: OperationContext, method: SuspendMethod) -> bool
 
     :param ctx: the operation; ``ctx.method`` is ``method``.
     :param method: the method chosen by :func:`torpor_choose_suspend_method`.
+    :return: ``True`` once the guest was asked; ``None`` to let the next
+        implementation try.
     """
 
 
@@ -122,9 +127,12 @@ def torpor_request_suspend(ctx: OperationContext, method: SuspendMethod) -> bool
 def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
     """Judge whether the domain has reached its suspended state.
 
-    Called at once after the request, then each time an event arrives that
-    might change the answer, until a verdict is done or failed or the
-    suspend deadline passes.  ``ctx.domain`` is fresh domain info.
+    Called once the guest was asked (for the xenstore handshake: once it
+    acked), then each time an event arrives that might change the answer
+    (``@releaseDomain``, the suspend event channel, a device model event),
+    until a verdict is done or failed or the suspend deadline passes.
+    ``ctx.domain`` is fresh domain info.  ``torpor recover`` also asks it, for
+    a few seconds, about a guest that was asked before torpor died.
 
     ``firstresult``: torpor's generic implementation answers done for a domain
     shut down with reason suspend, failed for any other shutdown reason;
@@ -141,7 +149,8 @@ def torpor_device_model_suspend(ctx: OperationContext) -> None:
     """Quiesce the guest's device model once the guest is suspended.
 
     Called in the ``device-model-suspend`` phase, after the domain reached its
-    suspended state, for guest types with ``device_model=True``.  libxl does
+    suspended state, for guest types with ``device_model=True`` (not for a
+    guest that went to sleep in ACPI S3: QEMU must stay up to wake it).  libxl does
     QMP ``stop`` then ``xen-save-devices-state``.  Raise
     :class:`~torpor.errors.DeviceModelError` on failure; the orchestrator then
     resumes the guest cooperatively and reports the suspend as failed.
@@ -161,7 +170,10 @@ def torpor_device_model_resume(ctx: OperationContext) -> None:
     Called in the ``device-model-resume`` phase for guest types with
     ``device_model=True`` when the domain is shut down: QMP ``cont``.  It must
     come first -- resuming the device model after the domain made HVM resume
-    fail silently (libxl commit f33b4fc4ef).
+    fail silently (libxl commit f33b4fc4ef).  Also called in the rollback of a
+    suspend, save or migration that failed after the guest suspended (its
+    errors are then ignored), and by ``torpor recover`` for a domain that is
+    running, whose device model a killed torpor may have left stopped.
 
     :param ctx: the operation.
     """
@@ -171,9 +183,11 @@ def torpor_device_model_resume(ctx: OperationContext) -> None:
 def torpor_resume_guest(ctx: OperationContext) -> None:
     """Guest-type work once the domain has resumed and XS_RESUME was sent.
 
-    Called in the ``guest-resume`` phase of every resume.  The HVM plugin wakes
-    a guest in S3 here (``system_wakeup``).  Act only; the orchestrator then
-    waits on :func:`torpor_check_resumed`.
+    Called in the ``guest-resume`` phase of every resume.  A guest asleep in
+    S3 was never shut down, so for it this comes straight after validation
+    (no ``xc_domain_resume``, no XS_RESUME).  The HVM plugin wakes a guest in
+    S3 here (``system_wakeup``).  Act only; the orchestrator then waits on
+    :func:`torpor_check_resumed`.
 
     :param ctx: the operation; ``ctx.cooperative`` says fast or not.
     """
@@ -184,15 +198,19 @@ def torpor_check_resumed(ctx: OperationContext) -> Verdict | None:
     """Judge whether the resumed guest is really back.
 
     Called at once after :func:`torpor_resume_guest` and again on each event
-    (``@releaseDomain``, device model events, changes under the domain's
-    ``device/`` tree) until done or failed or the resume deadline passes.
+    (``@releaseDomain``; device model events when the guest was in S3;
+    changes under the domain's ``device/`` tree after a non-cooperative
+    resume) until done or failed or the resume deadline passes.
 
     ``firstresult``: torpor's generic implementation answers done when the
     domain runs (not shut down, not in S3) and failed when it shut down
     again (a crash, a reboot).  A plugin may demand more (frontends
     reconnected after a resume in a new domain) or return ``None``.
 
-    :param ctx: the operation.
+    :param ctx: the operation; ``ctx.cooperative`` and ``ctx.in_place`` say
+        which kind of resume it was.
+    :return: :meth:`Verdict.ok`, :meth:`Verdict.fail`, :meth:`Verdict.pending`,
+        or ``None``.
     """
 
 
@@ -262,8 +280,15 @@ def torpor_phase_finished(
 def torpor_operation_failed(ctx: OperationContext, error: TorporError) -> None:
     """An operation failed; ``error.state`` says what the domain was left in.
 
-    Called exactly once per failed operation, after any rollback (a
-    cooperative resume after a failed suspend) has been done.
+    Called exactly once when a suspend, resume, save, migration or recovery
+    fails with an :class:`~torpor.errors.OperationError` after the domain was
+    classified, after any rollback (a cooperative resume after a failed
+    suspend) has been done.  Not called for refusals raised before
+    classification (``NoSuchDomain``, ``UnsupportedGuest``, ``DomainBusy``),
+    for a failed restore (``MigrationFailed`` goes to the caller), or for a
+    :class:`~torpor.errors.TorporError` that is not an ``OperationError``
+    (a ``DeviceModelError`` or ``XenstoreError`` raised by a plugin or an
+    adapter): those reach the caller only.
 
     :param ctx: the operation.
     :param error: the error the caller will receive.
