@@ -51,6 +51,36 @@ guest, and the tests run the same checks against both models:
   expects) loads it.
 * ``human-monitor-command``: ``xp /<n><x><b|h|w|g> <addr>`` in QEMU's format
   (enough for counter reads); anything else "unknown command".
+* Saving the whole VM (:meth:`FakeDeviceModel.save_vm_state`; QEMU: ``migrate``
+  to a file) writes this model's own format (below) but shows what QEMU 7.2
+  shows: ``STOP`` for a running guest, ``MIGRATION`` ``setup``,
+  ``MIGRATION_PASS`` 1, ``active``, ``pre-switchover``, ``device``,
+  ``MIGRATION_PASS`` 2, ``completed`` (the QEMU model saves with
+  ``pause-before-switchover``), and run state ``postmigrate`` after; ``cont``
+  runs such a source again.  A guest in S3 is woken by the save, as QEMU
+  7.2's ``migration_completion()`` wakes it: ``STOP`` and ``WAKEUP`` come
+  after ``active`` (QEMU varies their order and may send ``WAKEUP`` after
+  ``pre-switchover``; the model sends them before), the wake-up's reset puts
+  the vCPU at the reset vector, and the saved run state is ``running``:
+  whoever continues that state (a restored model, or the source after
+  ``cont``) goes through SeaBIOS's S3 resume path to the guest's waking
+  vector.  A model made with ``incoming=FILE`` starts ``paused`` (QEMU's
+  ``-S``) from such a file, without booting.
+
+The saved VM state format (version 1, big-endian)::
+
+    8 bytes   magic "TORPORVM"
+    u32       version (1)
+    u32       header length H
+    H bytes   header, JSON: ram_bytes, page_size, pages, body_sha256,
+              run_state (QEMU's "global state"), cpu ("program" or
+              "reset-vector"), devices (uart-rx, cmos-shutdown-status,
+              seabios-post-done)
+    body      `pages` records: u32 page number, then the page (zero pages
+              are left out, as QEMU leaves out zero pages' contents)
+
+A QEMU migration stream (``QEVM``) is refused with a clear error, as QEMU
+refuses this format (:class:`torpor.sim.qemu.QemuDeviceModel`).
 
 Not modelled: out-of-band execution, QEMU's exact wording of JSON syntax
 errors, and every command not listed by ``query-commands`` here.
@@ -61,6 +91,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -76,7 +107,15 @@ from typing import Any, Literal
 from torpor.errors import DeviceModelError
 from torpor.qmp import QmpEvent
 from torpor.sim import hvm_image as img
-from torpor.sim.qemu import RAM_BYTES, DeviceModelBase, Kind, _listening_socket
+from torpor.sim.qemu import (
+    _CONTINUABLE,
+    INPROC_VM_MAGIC,
+    QEMU_VM_FILE_MAGIC,
+    RAM_BYTES,
+    DeviceModelBase,
+    Kind,
+    _listening_socket,
+)
 
 __all__ = ["FakeDeviceModel", "Flavour"]
 
@@ -89,6 +128,11 @@ FADT_ADDR = 0x00FE0040
 RSDT_ADDR = 0x00FE0100
 PM_BASE = 0x600  # PIIX4 PM I/O base QEMU's SeaBIOS programs; PM1a_CNT = base + 4
 CMOS_S3_RESUME = 0xFE  # CMOS shutdown status QEMU sets on S3 (hw/rtc/mc146818rtc.c)
+
+#: The saved VM state format's version, and its page size.
+VM_STATE_VERSION = 1
+_PAGE = 4096
+_ZERO_PAGE = bytes(_PAGE)
 
 _QEMU_VERSION = {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "torpor in-process"}
 
@@ -304,7 +348,8 @@ class _Connection:
 class FakeDeviceModel(DeviceModelBase):
     """An in-process device model with QEMU 7.2's observable QMP behaviour.
 
-    Same constructor arguments as :class:`~torpor.sim.qemu.QemuDeviceModel`,
+    Same constructor arguments as :class:`~torpor.sim.qemu.QemuDeviceModel`
+    (``incoming``: a VM state saved by this model's :meth:`save_vm_state`),
     plus ``flavour``: which QEMU to mirror where they differ
     (``xen-load-devices-state``, see the module docstring).
     """
@@ -319,9 +364,11 @@ class FakeDeviceModel(DeviceModelBase):
         qmp_path: str | os.PathLike[str] | None = None,
         reboot: bool = False,
         flavour: Flavour = "qemu-system-x86_64",
+        incoming: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(domid=domid, reboot=reboot)
         self.flavour = flavour
+        self.incoming = None if incoming is None else Path(os.path.abspath(incoming))
         self._own_dir = run_dir is None
         self.run_dir = Path(
             run_dir if run_dir is not None else tempfile.mkdtemp(prefix="torpor-dm-")
@@ -338,6 +385,7 @@ class FakeDeviceModel(DeviceModelBase):
         self._timer: asyncio.TimerHandle | None = None
         self._cmos_shutdown = 0
         self._post_done = False
+        self._cpu_at_reset = False  # a wake-up's reset happened while the VM was stopped
         self._started = False
         self._exited = False
         self._seq = 0
@@ -360,9 +408,19 @@ class FakeDeviceModel(DeviceModelBase):
         if self._started:
             raise DeviceModelError("device model already started", domid=self.domid)
         self._started = True
+        saved: _SavedVm | None = None
+        if self.incoming is not None:
+            try:
+                saved = _SavedVm.load(self.incoming, domid=self.domid)
+            except BaseException:
+                await self.stop()
+                raise
         self._mem = mmap.mmap(-1, RAM_BYTES)
         sock = _listening_socket(self._qmp_path)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        if saved is not None:
+            self._restore(saved)
+            return
         self._set_state("running")
         asyncio.get_running_loop().call_soon(self._firmware_entry)
         try:
@@ -370,6 +428,79 @@ class FakeDeviceModel(DeviceModelBase):
         except BaseException:
             await self.stop()
             raise
+
+    # ------------------------------------------------------------------ save / restore
+
+    async def save_vm_state(self, path: str | os.PathLike[str], *, timeout: float) -> None:
+        """Write the whole VM state to ``path`` (this model's format; see the module
+        docstring), with QEMU 7.2's events and run states.  Synchronous here, so
+        ``timeout`` is never reached."""
+        if not self.alive:
+            raise DeviceModelError("device model is not running", domid=self.domid)
+        target = Path(os.path.abspath(path))
+        if not target.parent.is_dir():
+            raise DeviceModelError(
+                f"saving the VM state to {target}: no directory {target.parent}", domid=self.domid
+            )
+        if self._state == "running":
+            await self.pause_vcpus()
+        self._emit("MIGRATION", {"status": "setup"})
+        self._emit("MIGRATION_PASS", {"pass": 1})
+        self._emit("MIGRATION", {"status": "active"})
+        if self._state == "suspended":
+            # migration_completion(): qemu_system_wakeup_request(), then the VM stops; the
+            # main loop's wake-up resets the machine (the vCPU to the reset vector).
+            self._set_state("running")
+            self._emit("STOP")
+            self._emit("WAKEUP")
+            self._cpu_at_reset = True
+            global_state = "running"
+        else:
+            global_state = self._state
+        # QemuDeviceModel saves with pause-before-switchover (so that the wake-up's reset
+        # is always in the saved vCPU state) and continues at once.
+        self._emit("MIGRATION", {"status": "pre-switchover"})
+        self._emit("MIGRATION", {"status": "device"})
+        part = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            with open(part, "wb") as f:
+                _SavedVm.write(f, self._ram(), global_state, self._cpu_at_reset, self._devices())
+            os.replace(part, target)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            self._emit("MIGRATION", {"status": "failed"})
+            raise DeviceModelError(
+                f"saving the VM state to {target}: {e.strerror}", domid=self.domid, cause=e
+            ) from e
+        finally:
+            if self._state in ("paused", "running"):  # QEMU: finish-migrate, then postmigrate
+                self._set_state("postmigrate")
+        self._emit("MIGRATION_PASS", {"pass": 2})
+        self._emit("MIGRATION", {"status": "completed"})
+
+    def _devices(self) -> dict[str, Any]:
+        return {
+            "uart-rx": list(self._uart),
+            "cmos-shutdown-status": self._cmos_shutdown,
+            "seabios-post-done": self._post_done,
+        }
+
+    def _restore(self, saved: _SavedVm) -> None:
+        """Become the saved VM, stopped: QEMU after ``-S -incoming``."""
+        ram = self._ram()
+        for number, page in saved.pages:
+            ram[number * _PAGE : (number + 1) * _PAGE] = page
+        devices = saved.devices
+        self._uart = deque(int(b) for b in devices["uart-rx"])
+        self._cmos_shutdown = int(devices["cmos-shutdown-status"])
+        self._post_done = bool(devices["seabios-post-done"])
+        self._cpu_at_reset = saved.cpu == "reset-vector"
+        self._emit("MIGRATION", {"status": "setup"})
+        self._emit("MIGRATION", {"status": "active"})
+        # process_incoming_migration_bh(): "running" obeys -S; any other state is taken.
+        self._set_state("paused" if saved.run_state == "running" else saved.run_state)
+        self._emit("MIGRATION", {"status": "completed"})
 
     async def stop(self) -> None:
         if self._exited:
@@ -440,10 +571,8 @@ class FakeDeviceModel(DeviceModelBase):
             self._emit("STOP")
 
     async def unpause_vcpus(self) -> None:
-        if self._state == "paused":
-            self._set_state("running")
-            self._arm()
-            self._emit("RESUME")
+        if self._state in _CONTINUABLE:
+            self._continue()
 
     async def request_s3(self) -> None:
         await self._send_serial(img.CMD_S3)
@@ -455,6 +584,16 @@ class FakeDeviceModel(DeviceModelBase):
         await self._send_serial(img.CMD_CRASH)
 
     # ------------------------------------------------------------------ the machine
+
+    def _continue(self) -> None:
+        """QEMU's vm_start(): ``RESUME``, then the vCPU runs on from where it is."""
+        self._set_state("running")
+        self._emit("RESUME")
+        if self._cpu_at_reset:
+            self._cpu_at_reset = False
+            asyncio.get_running_loop().call_soon(self._firmware_entry)
+        else:
+            self._arm()
 
     def _arm(self) -> None:
         if self._timer is None and self._state == "running" and not self._exited:
@@ -660,10 +799,8 @@ class FakeDeviceModel(DeviceModelBase):
         if cmd == "cont":
             if state in ("shutdown", "internal-error"):
                 raise _QmpError("GenericError", "Resetting the Virtual Machine is required")
-            if state == "paused":
-                self._set_state("running")
-                self._arm()
-                self._emit("RESUME")
+            if state in _CONTINUABLE:
+                self._continue()
             return {}
         if cmd == "system_wakeup":
             if state != "suspended":
@@ -780,3 +917,108 @@ class FakeDeviceModel(DeviceModelBase):
 
 
 _NO_REPLY: Any = object()
+
+
+class _SavedVm:
+    """This model's saved VM state: writing it, and reading it back with every check."""
+
+    def __init__(
+        self,
+        pages: list[tuple[int, bytes]],
+        run_state: str,
+        cpu: str,
+        devices: dict[str, Any],
+    ) -> None:
+        self.pages = pages
+        self.run_state = run_state
+        self.cpu = cpu
+        self.devices = devices
+
+    @staticmethod
+    def write(
+        f: Any, ram: mmap.mmap, run_state: str, cpu_at_reset: bool, devices: dict[str, Any]
+    ) -> None:
+        body = bytearray()
+        count = 0
+        for number in range(len(ram) // _PAGE):
+            page = ram[number * _PAGE : (number + 1) * _PAGE]
+            if page != _ZERO_PAGE:
+                body += struct.pack(">I", number) + page
+                count += 1
+        header = json.dumps(
+            {
+                "ram_bytes": len(ram),
+                "page_size": _PAGE,
+                "pages": count,
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "run_state": run_state,
+                "cpu": "reset-vector" if cpu_at_reset else "program",
+                "devices": devices,
+            }
+        ).encode()
+        f.write(INPROC_VM_MAGIC + struct.pack(">II", VM_STATE_VERSION, len(header)))
+        f.write(header)
+        f.write(body)
+
+    @classmethod
+    def load(cls, path: Path, *, domid: int | None) -> _SavedVm:
+        def bad(why: str) -> DeviceModelError:
+            return DeviceModelError(f"saved VM state {path}: {why}", domid=domid)
+
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DeviceModelError(
+                f"saved VM state {path}: {e.strerror}", domid=domid, cause=e
+            ) from e
+        if raw.startswith(QEMU_VM_FILE_MAGIC):
+            raise bad(
+                "a QEMU migration stream (QEVM), written by a QEMU device model: "
+                "the in-process device model cannot load it"
+            )
+        if not raw.startswith(INPROC_VM_MAGIC):
+            raise bad(f"not a saved VM state (no {INPROC_VM_MAGIC.decode()} magic)")
+        fixed = len(INPROC_VM_MAGIC) + 8
+        if len(raw) < fixed:
+            raise bad(f"truncated ({len(raw)} bytes)")
+        version, hlen = struct.unpack_from(">II", raw, len(INPROC_VM_MAGIC))
+        if version != VM_STATE_VERSION:
+            raise bad(f"format version {version}; this model reads {VM_STATE_VERSION}")
+        if len(raw) < fixed + hlen:
+            raise bad(f"truncated in its header ({len(raw)} bytes)")
+        try:
+            head = json.loads(raw[fixed : fixed + hlen])
+            pages = int(head["pages"])
+            digest = str(head["body_sha256"])
+            ram_bytes, page_size = int(head["ram_bytes"]), int(head["page_size"])
+            run_state, cpu = str(head["run_state"]), str(head["cpu"])
+            raw_devices = head["devices"]
+            devices = {
+                "uart-rx": [int(b) & 0xFF for b in raw_devices["uart-rx"]],
+                "cmos-shutdown-status": int(raw_devices["cmos-shutdown-status"]) & 0xFF,
+                "seabios-post-done": bool(raw_devices["seabios-post-done"]),
+            }
+            if cpu not in ("program", "reset-vector"):
+                raise ValueError(f"cpu {cpu!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise bad(f"corrupt header ({type(e).__name__}: {e})") from e
+        if (ram_bytes, page_size) != (RAM_BYTES, _PAGE):
+            raise bad(
+                f"RAM of {ram_bytes} bytes in {page_size}-byte pages; this model has "
+                f"{RAM_BYTES} in {_PAGE}"
+            )
+        body = memoryview(raw)[fixed + hlen :]
+        if len(body) != pages * (4 + _PAGE):
+            raise bad(
+                f"truncated or padded: {len(body)} bytes of pages, {pages * (4 + _PAGE)} expected"
+            )
+        if hashlib.sha256(body).hexdigest() != digest:
+            raise bad("corrupt: the pages' checksum does not match")
+        out = []
+        for i in range(pages):
+            at = i * (4 + _PAGE)
+            (number,) = struct.unpack_from(">I", body, at)
+            if number >= RAM_BYTES // _PAGE:
+                raise bad(f"page {number} is outside RAM")
+            out.append((number, bytes(body[at + 4 : at + 4 + _PAGE])))
+        return cls(out, run_state, cpu, devices)

@@ -44,6 +44,52 @@ How :class:`QemuDeviceModel` runs QEMU, and why:
   runs their event loop), is killed by :meth:`~QemuDeviceModel.stop`, and by
   an ``atexit`` hook for any left; :func:`running_qemu_pids` finds any still
   running (tests assert none).
+
+Saving and restoring a whole VM (torpor's save / restore / migration): in the
+sim QEMU runs the guest's vCPUs as well as its devices, so the guest's complete
+state (RAM, CPU, devices) is QEMU's VM state, moved with QEMU's own migration:
+
+* :meth:`~DeviceModelProcess.save_vm_state` stops the guest (``stop`` on the
+  model's own monitor, never on :attr:`qmp_path`) and runs ``migrate`` to an
+  ``exec:`` URI (``cat > FILE``), waiting on ``MIGRATION`` events (capability
+  ``events``), through ``pre-switchover`` (capability
+  ``pause-before-switchover``, on only during the save; see S3 below) to
+  ``completed``.  QEMU reports ``completed`` before it has closed the pipe to
+  the writer (the state is set in ``migration_completion()``;
+  ``migrate_fd_cleanup()`` closes the channel later, in a bottom half), so
+  the writer's own exit status comes back through a FIFO and only then is
+  the file renamed into place: the file is whole when :meth:`save_vm_state`
+  returns, or absent.  The source stays stopped, in run state
+  ``postmigrate`` (QEMU lets ``cont`` run it again: a checkpoint).
+* ``incoming=FILE``: QEMU starts with ``-S -incoming defer``; the model sets
+  the ``events`` capability on the new QEMU, then ``migrate-incoming``
+  ``exec:cat FILE``.  Setting the capability first is what makes the end of
+  the load an event (with ``-incoming exec:...`` the load starts before any
+  monitor command runs, and its end could only be polled for), and a bad URI
+  is a QMP error rather than an exit.  ``start()`` returns on ``MIGRATION``
+  ``completed`` (sent after the run state is set:
+  ``process_incoming_migration_bh()``), the guest paused, its RAM written by
+  QEMU into the new memory-backend file and readable here.  A failed load
+  makes QEMU 7.2 exit (``process_incoming_migration_co()``): ``start()``
+  raises with QEMU's last log lines.
+* S3 does not survive a QEMU 7.2 migration.  ``migration_completion()``
+  calls ``qemu_system_wakeup_request(QEMU_WAKEUP_REASON_OTHER)`` and stores
+  the global run state (now ``running``) before it stops the VM; QEMU's main
+  loop then carries out the wake-up (a system reset: the vCPU goes to the
+  reset vector, RAM and the CMOS shutdown status 0xFE stay) and sends
+  ``WAKEUP``.  So the source shows ``WAKEUP``, the stream says ``running``,
+  and the restored model starts ``paused``, not ``suspended``; on ``cont``
+  SeaBIOS takes its S3 resume path to the guest's waking vector: the guest
+  resumes from S3 as after a ``system_wakeup`` (resume count + 1, boot count
+  unchanged, no ``RESET``), on the restored model.  The wake-up runs in the
+  main loop while the migration thread saves the device state, and the two
+  race: seen here, 5 saves of 60 kept the vCPU where S3 stopped it (the
+  restored guest then ran on without the resume path).  The pause before
+  switchover closes the race: the migration thread waits there without the
+  big lock, after the wake-up was requested and before the vCPU state is
+  saved, and the save continues (``migrate-continue``) only after
+  ``WAKEUP``.  QEMU 9.0 keeps S3 across a migration instead (Steve
+  Sistare's "migration: preserve suspended runstate"); 7.2 runs here.
 """
 
 from __future__ import annotations
@@ -56,6 +102,7 @@ import itertools
 import json
 import mmap
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -78,6 +125,7 @@ __all__ = [
     "make_device_model",
     "qemu_binary",
     "running_qemu_pids",
+    "saved_vm_state_kind",
 ]
 
 #: Guest RAM of a simulated HVM guest (QEMU ``-m``).
@@ -86,6 +134,13 @@ QEMU_BINARY = "qemu-system-x86_64"
 #: The ``-name`` every QEMU started here carries: it names the owning process.
 _NAME_TAG = "torpor-sim"
 _instances = itertools.count(1)
+#: The first bytes of a QEMU migration stream (migration/savevm.c ``QEMU_VM_FILE_MAGIC``).
+QEMU_VM_FILE_MAGIC = b"QEVM"
+#: The first bytes of a VM state saved by the in-process model (:mod:`torpor.sim.fake_qemu`).
+INPROC_VM_MAGIC = b"TORPORVM"
+#: The run states :meth:`DeviceModelProcess.unpause_vcpus` continues from: a pause, and
+#: a source whose state was saved (QEMU 7.2 lets ``cont`` run it again: ``qmp_cont``).
+_CONTINUABLE = frozenset({"paused", "postmigrate"})
 
 Kind = Literal["qemu", "in-process"]
 
@@ -127,7 +182,26 @@ class DeviceModelProcess(Protocol):
         ...
 
     async def start(self, *, timeout: float = 10.0) -> None:
-        """Start the device model and wait for the guest's ``torpor-hvm boot`` line."""
+        """Start the device model and wait for the guest's ``torpor-hvm boot`` line.
+
+        A model made with ``incoming=FILE`` does not boot the guest: it loads
+        the VM state saved by :meth:`save_vm_state` and returns once it is
+        loaded, the guest paused (run state ``paused``) where it was saved;
+        :meth:`unpause_vcpus` continues it.  A missing, truncated, foreign or
+        corrupt file is a :class:`DeviceModelError` (nothing is left running).
+        """
+        ...
+
+    async def save_vm_state(self, path: str | os.PathLike[str], *, timeout: float) -> None:
+        """Write the whole VM state (RAM, vCPU, devices) to ``path``.
+
+        A running guest is stopped first (``STOP``); the model stays stopped
+        afterwards, in run state ``postmigrate`` (:meth:`unpause_vcpus` may
+        continue it: a checkpoint).  The file appears whole or not at all.
+        A model made with ``incoming=path`` restores it.  A guest in S3 is
+        woken by the save (QEMU 7.2; see the module docstring).  Failures are
+        :class:`DeviceModelError`, the deadline :class:`Timeout`.
+        """
         ...
 
     async def stop(self) -> None:
@@ -196,13 +270,32 @@ class DeviceModelProcess(Protocol):
         ...
 
     async def unpause_vcpus(self) -> None:
-        """The hypervisor runs the guest again: ``cont``, only if paused."""
+        """The hypervisor runs the guest again: ``cont``, only if paused (or, after
+        :meth:`save_vm_state`, ``postmigrate``)."""
         ...
 
 
 def qemu_binary() -> str | None:
     """Path of ``qemu-system-x86_64`` on ``PATH``, or ``None``."""
     return shutil.which(QEMU_BINARY)
+
+
+def saved_vm_state_kind(path: str | os.PathLike[str]) -> Kind | None:
+    """Which device model wrote the VM state at ``path``: ``"qemu"`` (a QEMU
+    migration stream), ``"in-process"``, or ``None`` (neither).
+
+    An unreadable file is a :class:`DeviceModelError`.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(INPROC_VM_MAGIC))
+    except OSError as e:
+        raise DeviceModelError(f"saved VM state {os.fspath(path)}: {e.strerror}", cause=e) from e
+    if head.startswith(QEMU_VM_FILE_MAGIC):
+        return "qemu"
+    if head == INPROC_VM_MAGIC:
+        return "in-process"
+    return None
 
 
 def make_device_model(
@@ -212,14 +305,26 @@ def make_device_model(
     run_dir: str | os.PathLike[str] | None = None,
     qmp_path: str | os.PathLike[str] | None = None,
     reboot: bool = False,
+    incoming: str | os.PathLike[str] | None = None,
 ) -> DeviceModelProcess:
     """Real QEMU when ``qemu-system-x86_64`` is installed (or ``prefer="qemu"``),
-    else the in-process model; ``kind`` on the result says which."""
+    else the in-process model; ``kind`` on the result says which.
+
+    ``incoming``: start from a VM state saved by
+    :meth:`DeviceModelProcess.save_vm_state` instead of booting the guest.
+    Only the kind of model that saved a state can load it
+    (:func:`saved_vm_state_kind` tells which); the other refuses it in
+    :meth:`~DeviceModelProcess.start`.
+    """
     if prefer == "qemu" or (prefer == "auto" and qemu_binary() is not None):
-        return QemuDeviceModel(domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot)
+        return QemuDeviceModel(
+            domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
+        )
     from torpor.sim.fake_qemu import FakeDeviceModel
 
-    return FakeDeviceModel(domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot)
+    return FakeDeviceModel(
+        domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +559,8 @@ class QemuDeviceModel(DeviceModelBase):
     :param qmp_path: torpor's QMP socket (default ``run_dir/qmp.sock``).
     :param reboot: let a guest reset reboot the guest (default: ``-no-reboot``).
     :param qemu: the binary (default: ``qemu-system-x86_64`` on ``PATH``).
+    :param incoming: a VM state saved by :meth:`save_vm_state` (by this or
+        another QEMU device model) to start from instead of booting.
     """
 
     kind: Kind = "qemu"
@@ -466,8 +573,10 @@ class QemuDeviceModel(DeviceModelBase):
         qmp_path: str | os.PathLike[str] | None = None,
         reboot: bool = False,
         qemu: str | None = None,
+        incoming: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(domid=domid, reboot=reboot)
+        self.incoming = None if incoming is None else Path(os.path.abspath(incoming))
         self._own_dir = run_dir is None
         self.run_dir = Path(
             run_dir if run_dir is not None else tempfile.mkdtemp(prefix="torpor-dm-")
@@ -487,6 +596,8 @@ class QemuDeviceModel(DeviceModelBase):
         self._aux: QmpClient | None = None
         self._mem: mmap.mmap | None = None
         self._stopped = False
+        self._save_lock = asyncio.Lock()
+        self._migration_set_up = False
         self.name = f"{_NAME_TAG}.{os.getpid()}.{next(_instances)}"
 
     @property
@@ -534,12 +645,18 @@ class QemuDeviceModel(DeviceModelBase):
         ]  # fmt: skip
         if not self.reboot:
             args.append("-no-reboot")
+        if self.incoming is not None:
+            # Paused after the load; the URI comes by QMP once the events capability is on.
+            args += ["-S", "-incoming", "defer"]
         return args
 
     async def start(self, *, timeout: float = 10.0) -> None:
         if self._proc is not None:
             raise DeviceModelError("device model already started", domid=self.domid)
+        if self.incoming is not None:
+            self._check_incoming(self.incoming)
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         hvm_image.write_image(self._image)
         with open(self._ram_path, "wb") as f:
             f.truncate(RAM_BYTES)
@@ -570,7 +687,7 @@ class QemuDeviceModel(DeviceModelBase):
         # QEMU holds the listening sockets now; ours would only keep stale paths alive.
         for s in self._listeners:
             s.close()
-        self._set_state("running")
+        self._set_state("running" if self.incoming is None else "inmigrate")
         self._tasks = [
             loop.create_task(self._read_serial(reader), name=f"{self.name}-com1"),
             loop.create_task(self._reap(), name=f"{self.name}-reap"),
@@ -580,7 +697,10 @@ class QemuDeviceModel(DeviceModelBase):
             await aux_client.connect(self._aux_path, timeout=timeout)
             self._aux = aux_client
             aux_client.subscribe(self._note_event)
-            await self.wait_serial(hvm_image.LINE_BOOT, timeout=timeout, since=0)
+            if self.incoming is None:
+                await self.wait_serial(hvm_image.LINE_BOOT, timeout=timeout, since=0)
+            else:
+                await self._load_incoming(aux_client, self.incoming, deadline)
         except BaseException as e:
             detail = self._log_tail()
             await self.stop()
@@ -612,6 +732,175 @@ class QemuDeviceModel(DeviceModelBase):
             return ""
         lines = [ln for ln in text.splitlines() if "waiting for connection" not in ln]
         return " | ".join(lines[-3:])
+
+    # ------------------------------------------------------------ save / restore
+
+    def _check_incoming(self, path: Path) -> None:
+        """Refuse, before QEMU starts, what QEMU could only fail on: no file, or the
+        in-process model's format."""
+        if saved_vm_state_kind(path) == "in-process":
+            raise DeviceModelError(
+                f"saved VM state {path} was written by the in-process device model, "
+                "not by QEMU: QEMU cannot load it",
+                domid=self.domid,
+            )
+
+    async def _load_incoming(self, aux: QmpClient, path: Path, deadline: float) -> None:
+        """``migrate-incoming exec:cat PATH`` and wait for its ``MIGRATION`` outcome."""
+        loop = asyncio.get_running_loop()
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        await aux.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "events", "state": True}]},
+            timeout=left(),
+        )
+        mark = aux.event_mark()
+        await aux.execute(
+            "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"}, timeout=left()
+        )
+        try:
+            ev = await aux.wait_event(
+                "MIGRATION", since=mark, match=_migration_over, timeout=left()
+            )
+            outcome = str(ev.data.get("status"))
+        except DeviceModelError:
+            outcome = "ended by QEMU's exit"  # QEMU 7.2 exits on a failed incoming migration
+        if outcome != "completed":
+            # Let QEMU finish dying, so its last words are in the log.
+            if self._proc is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._proc.wait(), min(left(), 5.0))
+            raise DeviceModelError(
+                f"restoring the VM state from {path}: QEMU's incoming migration {outcome}",
+                domid=self.domid,
+            )
+        self._set_state(await aux.query_status(timeout=left()))
+
+    async def save_vm_state(self, path: str | os.PathLike[str], *, timeout: float) -> None:
+        aux = self._aux
+        if aux is None or not self.alive:
+            raise DeviceModelError("device model is not running", domid=self.domid)
+        target = Path(os.path.abspath(path))
+        if not target.parent.is_dir():
+            raise DeviceModelError(
+                f"saving the VM state to {target}: no directory {target.parent}", domid=self.domid
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        async with self._save_lock:
+            if self._state == "running":
+                await aux.stop(timeout=left())
+            # QEMU < 9.0 wakes a guest in S3 as the migration completes (see the module
+            # docstring): the save must wait for that wake-up's reset.
+            wakes = self._state == "suspended" and await self._qemu_major(aux, left()) < 9
+            if not self._migration_set_up:
+                # A stopped VM gains nothing from the live-migration throttle (128 MiB/s).
+                await aux.execute(
+                    "migrate-set-parameters", {"max-bandwidth": 1 << 40}, timeout=left()
+                )
+                self._migration_set_up = True
+            await self._set_capabilities(aux, left(), events=True, pause=True)
+            part = target.with_name(f".{target.name}.{os.getpid()}.part")
+            with _WriterStatus() as status:
+                try:
+                    await self._migrate_to(aux, part, status, wakes, left)
+                    os.replace(part, target)
+                except BaseException:
+                    # A writer still running would recreate the file: let it end first.
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(status.wait(), min(left(), 2.0))
+                    with contextlib.suppress(FileNotFoundError):
+                        part.unlink()
+                    raise
+                finally:
+                    if self.alive:
+                        with contextlib.suppress(DeviceModelError, Timeout):
+                            # Left on, it would hold any later migration at pre-switchover.
+                            await self._set_capabilities(aux, 1.0, pause=False)
+                        with contextlib.suppress(DeviceModelError, Timeout):
+                            self._set_state(await aux.query_status(timeout=max(left(), 1.0)))
+
+    async def _qemu_major(self, aux: QmpClient, timeout: float) -> int:
+        reply = await aux.execute("query-version", timeout=timeout)
+        try:
+            return int(reply["qemu"]["major"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise DeviceModelError(
+                f"query-version: unexpected reply {reply!r}", domid=self.domid
+            ) from e
+
+    async def _set_capabilities(
+        self, aux: QmpClient, timeout: float, *, events: bool | None = None, pause: bool
+    ) -> None:
+        caps = [{"capability": "pause-before-switchover", "state": pause}]
+        if events is not None:
+            caps.append({"capability": "events", "state": events})
+        await aux.execute("migrate-set-capabilities", {"capabilities": caps}, timeout=timeout)
+
+    async def _migrate_to(
+        self,
+        aux: QmpClient,
+        part: Path,
+        status: _WriterStatus,
+        wakes: bool,
+        left: Callable[[], float],
+    ) -> None:
+        """``migrate`` to ``cat > part``, through pre-switchover, to the writer's end."""
+        command = f"cat > {shlex.quote(str(part))}; {status.report_command()}"
+        mark = aux.event_mark()
+        await aux.execute("migrate", {"uri": f"exec:{command}"}, timeout=left())
+        try:
+            ev = await aux.wait_event(
+                "MIGRATION", since=mark, match=_migration_paused_or_over, timeout=left()
+            )
+            if ev.data.get("status") == "pre-switchover":
+                # The VM is stopped and RAM is sent; the vCPU and device state are not.
+                # migration_maybe_pause() waits here without the BQL, so QEMU's main loop
+                # carries out a wake-up requested by migration_completion() (WAKEUP comes
+                # after its system reset): the saved vCPU is then always the reset one.
+                # Without this pause the two race (seen: 5 of 60 saves kept the vCPU
+                # where S3 stopped it).
+                if wakes:
+                    await aux.wait_event("WAKEUP", since=mark, timeout=left())
+                await aux.execute("migrate-continue", {"state": "pre-switchover"}, timeout=left())
+                ev = await aux.wait_event(
+                    "MIGRATION", since=mark, match=_migration_over, timeout=left()
+                )
+        except Timeout:
+            with contextlib.suppress(DeviceModelError, Timeout):
+                await aux.execute("migrate_cancel", timeout=1.0)
+            raise
+        outcome = str(ev.data.get("status"))
+        if outcome != "completed":
+            info = await aux.execute("query-migrate", timeout=max(left(), 1.0))
+            desc = info.get("error-desc") if isinstance(info, dict) else None
+            raise DeviceModelError(
+                f"saving the VM state to {part.parent}: QEMU's migration {outcome}"
+                + (f": {desc}" if desc else ""),
+                domid=self.domid,
+            )
+        # QEMU says completed before it closed the pipe: the writer may still be writing.
+        try:
+            rc = await asyncio.wait_for(status.wait(), left())
+        except TimeoutError as e:
+            raise Timeout(
+                "saving the VM state: the writer did not finish in time",
+                deadline=left(),
+                domid=self.domid,
+            ) from e
+        if rc != 0:
+            raise DeviceModelError(
+                f"saving the VM state to {part.parent}: the writer failed (status {rc}): "
+                f"{self._log_tail()}",
+                domid=self.domid,
+            )
 
     async def stop(self) -> None:
         if self._stopped:
@@ -655,8 +944,10 @@ class QemuDeviceModel(DeviceModelBase):
             await self._aux.stop()
 
     async def unpause_vcpus(self) -> None:
-        if self._aux is not None and self._state == "paused":
+        if self._aux is not None and self._state in _CONTINUABLE:
             await self._aux.cont()
+            if self._state == "postmigrate":  # no event says so: QEMU now runs it
+                self._set_state(await self._aux.query_status())
 
     async def _send_serial(self, command: bytes) -> None:
         if self._serial_writer is None or not self.alive:
@@ -680,6 +971,64 @@ class QemuDeviceModel(DeviceModelBase):
         if self._mem is None or self._mem.closed:
             raise DeviceModelError("guest memory is not mapped", domid=self.domid)
         return self._mem
+
+
+def _migration_over(ev: QmpEvent) -> bool:
+    return ev.data.get("status") in ("completed", "failed", "cancelled")
+
+
+def _migration_paused_or_over(ev: QmpEvent) -> bool:
+    return ev.data.get("status") == "pre-switchover" or _migration_over(ev)
+
+
+class _WriterStatus:
+    """The exit status of the shell command QEMU writes a migration stream to.
+
+    QEMU reports a migration ``completed`` once the last byte went into the
+    pipe, not once the writer wrote it out, and never sees a writer's own
+    failure (a full disk) after that.  The command therefore ends with
+    ``echo $? 1<>FIFO``: ``<>`` opens the FIFO read-write, which never blocks,
+    so the shell (and QEMU, which waits for it in ``migrate_fd_cleanup()``)
+    can never hang on it, even after this object is gone.  This end holds a
+    writer of its own too, so it never reads an end-of-file.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="torpor-save-")
+        self.fifo = Path(self._dir, "status")
+        os.mkfifo(self.fifo, 0o600)
+        self._rfd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self._wfd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+        self._buf = b""
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = self._loop.create_future()
+        self._loop.add_reader(self._rfd, self._readable)
+
+    def report_command(self) -> str:
+        return f"echo $? 1<>{shlex.quote(str(self.fifo))}"
+
+    def _readable(self) -> None:
+        try:
+            self._buf += os.read(self._rfd, 64)
+        except BlockingIOError:
+            return
+        if b"\n" in self._buf and not self._done.done():
+            line = self._buf.split(b"\n", 1)[0].strip()
+            self._done.set_result(int(line) if line.isdigit() else -1)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._done)
+
+    def __enter__(self) -> _WriterStatus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.remove_reader(self._rfd)
+        os.close(self._rfd)
+        os.close(self._wfd)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        if not self._done.done():
+            self._done.cancel()
 
 
 # ---------------------------------------------------------------------------
