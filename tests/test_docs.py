@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,9 +58,12 @@ def not_hooks() -> set[str]:
     """``torpor_*`` names that are not hooks: packages, modules, pytest fixtures."""
     names = set(pytest_plugin.__all__)
     for top in ("core", "plugins", "examples", "lab", "tests"):
-        for p in (ROOT / top).rglob("torpor_*"):
-            if ".egg-info" not in p.name and "__pycache__" not in p.parts:
-                names.add(p.stem)
+        for here, dirs, files in os.walk(ROOT / top):
+            # not into caches (lab/cache may hold a dom0 image) or build output
+            dirs[:] = [d for d in dirs if "cache" not in d and not d.endswith(".egg-info")]
+            for name in (*dirs, *files):
+                if name.startswith("torpor_"):
+                    names.add(Path(here, name).stem)
     return names
 
 
@@ -102,7 +106,7 @@ def test_docs_name_only_existing_hooks() -> None:
                 else:
                     ok = word in hooks or word in others
                 if not ok:
-                    bad.append(f"{path.relative_to(ROOT)}:{n}: {word}")
+                    bad.append(f"{path.relative_to(DOCS.parent)}:{n}: {word}")
     assert not bad, "the docs name hooks that torpor.hookspecs does not have:\n" + "\n".join(bad)
 
 
