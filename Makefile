@@ -22,7 +22,7 @@ demo: $(STAMP)
 check-system: $(STAMP)
 	$(PY) tools/check_system.py
 
-LINTED := $(wildcard core plugins tests tools bench examples lab docs)
+LINTED := $(wildcard core plugins tests tools bench examples lab docs/conf.py)
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
