@@ -115,6 +115,8 @@ from torpor.sim.qemu import (
     DeviceModelBase,
     Kind,
     _listening_socket,
+    _save_target,
+    _saved_already,
 )
 
 __all__ = ["FakeDeviceModel", "Flavour"]
@@ -437,11 +439,9 @@ class FakeDeviceModel(DeviceModelBase):
         ``timeout`` is never reached."""
         if not self.alive:
             raise DeviceModelError("device model is not running", domid=self.domid)
-        target = Path(os.path.abspath(path))
-        if not target.parent.is_dir():
-            raise DeviceModelError(
-                f"saving the VM state to {target}: no directory {target.parent}", domid=self.domid
-            )
+        target = _save_target(path, self.domid)
+        if self._state == "postmigrate":
+            raise _saved_already(target, self.domid)
         if self._state == "running":
             await self.pause_vcpus()
         self._emit("MIGRATION", {"status": "setup"})

@@ -654,7 +654,11 @@ class QemuDeviceModel(DeviceModelBase):
         if self._proc is not None:
             raise DeviceModelError("device model already started", domid=self.domid)
         if self.incoming is not None:
-            self._check_incoming(self.incoming)
+            try:
+                self._check_incoming(self.incoming)
+            except DeviceModelError:
+                await self.stop()
+                raise
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         hvm_image.write_image(self._image)
@@ -736,12 +740,27 @@ class QemuDeviceModel(DeviceModelBase):
     # ------------------------------------------------------------ save / restore
 
     def _check_incoming(self, path: Path) -> None:
-        """Refuse, before QEMU starts, what QEMU could only fail on: no file, or the
-        in-process model's format."""
-        if saved_vm_state_kind(path) == "in-process":
+        """Refuse, before QEMU starts, a file that is not a QEMU migration stream.
+
+        A stream with the right start and anything wrong after it is QEMU's to
+        refuse (it exits).  An empty one it would never notice: QEMU 7.2 waits
+        for it with a ``G_IO_IN`` watch on the pipe (``exec_start_incoming_migration()``,
+        migration/exec.c), and a bare hang-up never fires it (seen: it waits forever).
+        """
+        try:
+            kind = saved_vm_state_kind(path)
+        except DeviceModelError as e:
+            raise DeviceModelError(e.message, domid=self.domid, cause=e.cause) from e
+        if kind == "in-process":
             raise DeviceModelError(
                 f"saved VM state {path} was written by the in-process device model, "
                 "not by QEMU: QEMU cannot load it",
+                domid=self.domid,
+            )
+        if kind is None:
+            raise DeviceModelError(
+                f"saved VM state {path} is not a QEMU migration stream "
+                f"(no {QEMU_VM_FILE_MAGIC.decode()} magic; {path.stat().st_size} bytes)",
                 domid=self.domid,
             )
 
@@ -783,11 +802,9 @@ class QemuDeviceModel(DeviceModelBase):
         aux = self._aux
         if aux is None or not self.alive:
             raise DeviceModelError("device model is not running", domid=self.domid)
-        target = Path(os.path.abspath(path))
-        if not target.parent.is_dir():
-            raise DeviceModelError(
-                f"saving the VM state to {target}: no directory {target.parent}", domid=self.domid
-            )
+        target = _save_target(path, self.domid)
+        if self._state == "postmigrate":
+            raise _saved_already(target, self.domid)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
 
@@ -811,7 +828,14 @@ class QemuDeviceModel(DeviceModelBase):
             with _WriterStatus() as status:
                 try:
                     await self._migrate_to(aux, part, status, wakes, left)
-                    os.replace(part, target)
+                    try:
+                        os.replace(part, target)
+                    except OSError as e:
+                        raise DeviceModelError(
+                            f"saving the VM state to {target}: {e.strerror}",
+                            domid=self.domid,
+                            cause=e,
+                        ) from e
                 except BaseException:
                     # A writer still running would recreate the file: let it end first.
                     with contextlib.suppress(Exception):
@@ -971,6 +995,28 @@ class QemuDeviceModel(DeviceModelBase):
         if self._mem is None or self._mem.closed:
             raise DeviceModelError("guest memory is not mapped", domid=self.domid)
         return self._mem
+
+
+def _save_target(path: str | os.PathLike[str], domid: int | None) -> Path:
+    """The absolute path a VM state is saved to, refused early where it cannot be."""
+    target = Path(os.path.abspath(path))
+    if not target.parent.is_dir():
+        raise DeviceModelError(
+            f"saving the VM state to {target}: no directory {target.parent}", domid=domid
+        )
+    if target.is_dir():
+        raise DeviceModelError(f"saving the VM state to {target}: Is a directory", domid=domid)
+    return target
+
+
+def _saved_already(target: Path, domid: int | None) -> DeviceModelError:
+    # QEMU 7.2 migrate_prepare(): a postmigrate VM cannot be migrated again until it ran.
+    return DeviceModelError(
+        f"saving the VM state to {target}: QEMU refuses (\"Can't migrate the vm that was "
+        'paused due to previous migration"): its state was saved already and it has not '
+        "run since; continue it first (unpause_vcpus), or use the file saved before",
+        domid=domid,
+    )
 
 
 def _migration_over(ev: QmpEvent) -> bool:
