@@ -364,7 +364,7 @@ def _sim_start(args: argparse.Namespace) -> int:
 
     kinds = daemon.parse_guests(args.guests)
     misbehave = daemon.parse_misbehaviours(args.misbehave or [])
-    guests = daemon.start(args.dir, kinds, misbehave, qemu=args.qemu)
+    guests = daemon.start(args.dir, kinds, misbehave, qemu=args.qemu, freeze_time=args.freeze_time)
     if args.json:
         print(json.dumps({"dir": args.dir, "guests": guests}))
     else:
@@ -563,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="qemu",
         action="store_false",
         help="in-process device models even if QEMU is installed",
+    )
+    s.add_argument(
+        "--freeze-time",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long each guest takes to freeze its tasks when suspending",
     )
     s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     s.set_defaults(func=_sim_start)

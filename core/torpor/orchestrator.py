@@ -765,7 +765,6 @@ class Orchestrator:
                 # Every time: xenstored re-arms @releaseDomain only on XS_RESUME.
                 await ctx.xenstore.resume(ctx.domid)
         async with self._phase(ctx, Phase.GUEST_RESUME, timings):
-            self._refresh(ctx)
             await self._all("torpor_resume_guest", ctx=ctx)
         async with self._phase(ctx, Phase.VERIFY, timings):
             await self._verify_resumed(ctx, shut=shut, s3=s3)

@@ -89,6 +89,8 @@ def start(
     misbehave: dict[int, str] | None = None,
     *,
     qemu: bool | None = None,
+    freeze_time: float = 0.0,
+    frontends: bool = True,
     timeout: float = 120.0,
 ) -> list[dict[str, Any]]:
     """Start a simulated host daemon in ``directory``; return its guests once booted."""
@@ -111,6 +113,10 @@ def start(
         argv += ["--misbehave", f"{domid}={what}"]
     if qemu is not None:
         argv += ["--qemu" if qemu else "--no-qemu"]
+    if freeze_time:
+        argv += ["--freeze-time", str(freeze_time)]
+    if not frontends:
+        argv += ["--no-frontends"]
     with open(d / LOGFILE, "ab") as logf:
         proc = subprocess.Popen(
             argv,
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--misbehave", action="append", default=[])
     ap.add_argument("--qemu", dest="qemu", action="store_true", default=None)
     ap.add_argument("--no-qemu", dest="qemu", action="store_false")
+    ap.add_argument("--freeze-time", type=float, default=0.0)
+    ap.add_argument("--no-frontends", dest="frontends", action="store_false", default=True)
     args = ap.parse_args(argv)
     ready = os.fdopen(args.ready_fd, "w")
     d = Path(args.dir)
@@ -213,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         host.start()
         kinds = parse_guests(args.guests)
         misbehave = parse_misbehaviours(args.misbehave)
+        base = {"freeze_time": args.freeze_time}
+        if not args.frontends:
+            base["frontends"] = ()
         for i, kind in enumerate(kinds, start=1):
-            beh = Behaviour.parse(misbehave[i]) if i in misbehave else None
+            beh = Behaviour.parse(misbehave[i], **base) if i in misbehave else Behaviour(**base)
             domid = host.create_guest(kind, behaviour=beh)
             if domid != i:
                 raise TorporError(f"guest {i} got domid {domid}")

@@ -174,10 +174,10 @@ class SimHost:
         self.backends.on_event(path, token)
 
     def _xenstored_domain_info(self, domid: int) -> DomainInfo | None:
-        try:
-            return self.xen.domain_info(domid)
-        except TorporError:
-            return None
+        # What C xenstored's check_domains() learns from the hypervisor: only
+        # the flags matter, and this runs for every domain on every VIRQ.
+        flags = self.xen.domain_flags(domid)
+        return None if flags is None else DomainInfo(domid=domid, flags=flags)
 
     def _virq_dom_exc(self) -> None:
         if self.xenstored is not None:
@@ -349,6 +349,12 @@ class SimHost:
         await self.xenstored.listen(self.guest_xenstore_socket(domid), domid=domid)
         for kind, devid in behaviour.frontends:
             await self._add_device(domid, kind, devid)
+        # libxl__wait_device_connection(): a device add completes (and the
+        # domain is unpaused) once its backend is in InitWait.
+        for kind, devid in behaviour.frontends:
+            await self.backends.wait_probed(
+                f"/local/domain/0/backend/{kind}/{domid}/{devid}", self.call_timeout
+            )
 
     async def _add_device(self, domid: int, kind: str, devid: int) -> None:
         """libxl__device_generic_add(): backend and frontend directories."""

@@ -165,6 +165,19 @@ class SimDomain:
         extra = now_ns - self.running_since_ns if self.running_since_ns is not None else 0
         return self.cpu_time_ns + extra
 
+    def flags(self) -> int:
+        """The ``XEN_DOMINF_*`` word alone (cheap: what xenstored's checks need)."""
+        running = self.is_running
+        return DomainInfo.make_flags(
+            hvm=self.hvm,
+            hap=self.hvm,
+            dying=self.dying,
+            shutdown_reason=self.shutdown_code,
+            paused=self.controller_pause_count > 0,
+            running=running,
+            blocked=not running and self.shutdown_code is None and not self.dying,
+        )
+
     def info(self) -> DomainInfo:
         running = self.is_running
         flags = DomainInfo.make_flags(
@@ -257,6 +270,7 @@ class SimXen:
         self.calls: dict[str, int] = {}
         #: Inject a failure: op name -> errno (the hypervisor backend erroring).
         self.fail_ops: dict[str, int] = {}
+        self._virq_pending = False
         self._make_dom0()
 
     # -- internals ---------------------------------------------------------
@@ -324,8 +338,16 @@ class SimXen:
             self._in_loop(listener, what)
 
     def _send_virq_dom_exc(self) -> None:
+        # A VIRQ is a pending bit: raised again before the handler ran, it is
+        # still one event (xenstored then checks every domain once).
+        if self.virq_dom_exc is not None and not self._virq_pending:
+            self._virq_pending = True
+            self._in_loop(self._deliver_virq_dom_exc)
+
+    def _deliver_virq_dom_exc(self) -> None:
+        self._virq_pending = False
         if self.virq_dom_exc is not None:
-            self._in_loop(self.virq_dom_exc)
+            self.virq_dom_exc()
 
     def _alloc_mfn(self) -> int:
         mfn = self._next_mfn
@@ -474,6 +496,12 @@ class SimXen:
         with self.lock:
             self._count("domain_info", domid)
             return self._domain(domid, "domain_info").info()
+
+    def domain_flags(self, domid: int) -> int | None:
+        """Just the flags word of an existing domain, or None (for xenstored's checks)."""
+        with self.lock:
+            dom = self.domains.get(domid)
+            return None if dom is None else dom.flags()
 
     def pause(self, domid: int) -> None:
         with self.lock:
