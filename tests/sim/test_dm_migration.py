@@ -273,6 +273,61 @@ def test_a_guest_saved_in_s3_is_woken_by_the_save(kind: str, hosts: tuple[Path, 
     arun(main())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_source_saved_in_s3_and_continued_resumes_there(kind: str, tmp_path: Path) -> None:
+    """The wake-up's reset is the source's state too: ``cont`` takes it through
+    SeaBIOS's resume path, as it does the restored copy."""
+
+    async def main() -> None:
+        src, qmp = await boot_source(kind, tmp_path)
+        try:
+            mark = qmp.event_mark()
+            await src.request_s3()
+            await qmp.wait_event("SUSPEND", since=mark, timeout=STEP)
+            asleep = src.read_counters()
+            await src.save_vm_state(tmp_path / "s3", timeout=STEP)
+            line = src.serial_mark()
+            await src.unpause_vcpus()
+            await src.wait_serial(img.LINE_RESUME, since=line, timeout=STEP)
+            after = await ticks_beyond(src, asleep.ticks)
+            assert (after.boots, after.resumes) == (1, 1)
+            assert src.run_state == "running" and await qmp.query_status() == "running"
+            assert "RESET" not in {e.name for e in qmp.events_since(mark)}
+        finally:
+            await qmp.close()
+            await src.stop()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_powered_off_guest_is_restored_powered_off(kind: str, hosts: tuple[Path, Path]) -> None:
+    """The stream carries QEMU's run state: ``shutdown`` stays ``shutdown``."""
+
+    async def main() -> None:
+        src, qmp = await boot_source(kind, hosts[0])
+        try:
+            mark = qmp.event_mark()
+            await src.request_poweroff()
+            await qmp.wait_event("STOP", since=mark, timeout=STEP)
+            await src.save_vm_state(hosts[0] / "off", timeout=STEP)
+            assert src.run_state == "postmigrate"
+        finally:
+            await qmp.close()
+            await src.stop()
+        dst, qmp2, _ = await restore(kind, hosts[1], hosts[0] / "off")
+        try:
+            assert dst.run_state == "shutdown" and await qmp2.query_status() == "shutdown"
+            await dst.unpause_vcpus()  # nothing to continue
+            with pytest.raises(DeviceModelError, match="Resetting the Virtual Machine"):
+                await qmp2.cont()
+        finally:
+            await qmp2.close()
+            await dst.stop()
+
+    arun(main())
+
+
 # ---------------------------------------------------------------------------- bad files
 
 

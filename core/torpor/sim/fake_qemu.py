@@ -474,8 +474,8 @@ class FakeDeviceModel(DeviceModelBase):
                 f"saving the VM state to {target}: {e.strerror}", domid=self.domid, cause=e
             ) from e
         finally:
-            if self._state in ("paused", "running"):  # QEMU: finish-migrate, then postmigrate
-                self._set_state("postmigrate")
+            # QEMU: vm_stop_force_state(finish-migrate) from any state, then postmigrate.
+            self._set_state("postmigrate")
         self._emit("MIGRATION_PASS", {"pass": 2})
         self._emit("MIGRATION", {"status": "completed"})
 

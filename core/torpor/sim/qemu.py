@@ -760,7 +760,7 @@ class QemuDeviceModel(DeviceModelBase):
         if kind is None:
             raise DeviceModelError(
                 f"saved VM state {path} is not a QEMU migration stream "
-                f"(no {QEMU_VM_FILE_MAGIC.decode()} magic; {path.stat().st_size} bytes)",
+                f"(no {QEMU_VM_FILE_MAGIC.decode()} magic)",
                 domid=self.domid,
             )
 
@@ -827,7 +827,7 @@ class QemuDeviceModel(DeviceModelBase):
             part = target.with_name(f".{target.name}.{os.getpid()}.part")
             with _WriterStatus() as status:
                 try:
-                    await self._migrate_to(aux, part, status, wakes, left)
+                    await self._migrate_to(aux, target, part, status, wakes=wakes, left=left)
                     try:
                         os.replace(part, target)
                     except OSError as e:
@@ -837,9 +837,10 @@ class QemuDeviceModel(DeviceModelBase):
                             cause=e,
                         ) from e
                 except BaseException:
-                    # A writer still running would recreate the file: let it end first.
+                    # A writer still running would recreate the file: let it end first
+                    # (it does once QEMU closed the pipe: a cancel or a failure does).
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(status.wait(), min(left(), 2.0))
+                        await asyncio.wait_for(status.wait(), min(max(left(), 0.5), 2.0))
                     with contextlib.suppress(FileNotFoundError):
                         part.unlink()
                     raise
@@ -871,8 +872,10 @@ class QemuDeviceModel(DeviceModelBase):
     async def _migrate_to(
         self,
         aux: QmpClient,
+        target: Path,
         part: Path,
         status: _WriterStatus,
+        *,
         wakes: bool,
         left: Callable[[], float],
     ) -> None:
@@ -906,7 +909,7 @@ class QemuDeviceModel(DeviceModelBase):
             info = await aux.execute("query-migrate", timeout=max(left(), 1.0))
             desc = info.get("error-desc") if isinstance(info, dict) else None
             raise DeviceModelError(
-                f"saving the VM state to {part.parent}: QEMU's migration {outcome}"
+                f"saving the VM state to {target}: QEMU's migration {outcome}"
                 + (f": {desc}" if desc else ""),
                 domid=self.domid,
             )
@@ -915,13 +918,13 @@ class QemuDeviceModel(DeviceModelBase):
             rc = await asyncio.wait_for(status.wait(), left())
         except TimeoutError as e:
             raise Timeout(
-                "saving the VM state: the writer did not finish in time",
+                f"saving the VM state to {target}: the writer did not finish in time",
                 deadline=left(),
                 domid=self.domid,
             ) from e
         if rc != 0:
             raise DeviceModelError(
-                f"saving the VM state to {part.parent}: the writer failed (status {rc}): "
+                f"saving the VM state to {target}: the writer failed (status {rc}): "
                 f"{self._log_tail()}",
                 domid=self.domid,
             )
