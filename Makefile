@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest check-system test-xen bench docs clean
+.PHONY: reliability demo test lint typecheck pytest check-system test-xen bench docs clean
 
 $(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test: check-system lint typecheck docs pytest
 # tests/xen in dom0.  System python3, no venv; TEST_XEN_ARGS go to lab/run.
 test-xen:
 	$(PYTHON) lab/run $(TEST_XEN_ARGS)
+
+# docs/reliability.md: the fault matrix, generated from a test run.
+reliability: $(STAMP)
+	TORPOR_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest tests/test_fault_matrix.py -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

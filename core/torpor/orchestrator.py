@@ -333,6 +333,27 @@ class Orchestrator:
                 os.ftruncate(fd, 0)
                 os.close(fd)
 
+    def _as_operation_error(self, e: TorporError, ctx: OperationContext) -> OperationError:
+        """Every failure of an operation is an OperationError naming the domain's state.
+
+        A lost xenstore connection or a failing hypervisor call mid-operation
+        arrives as its own error; the caller gets it wrapped, with the state
+        the domain was observed in afterwards (``unknown`` if even that fails).
+        """
+        _locate(e, ctx)
+        if isinstance(e, OperationError):
+            return e
+        state = _observed_state(self.host.hypervisor, ctx.domid)
+        if state == "running" and ctx.facts.get("s3"):
+            state = "S3"
+        return OperationError(
+            f"{ctx.operation} failed in phase {ctx.phase}: {e.message}",
+            domid=ctx.domid,
+            phase=ctx.phase,
+            state=state,
+            cause=e,
+        )
+
     # -- context -------------------------------------------------------------------
 
     def _domain_info(self, domid: int, phase: Phase) -> DomainInfo:
@@ -485,10 +506,12 @@ class Orchestrator:
             ctx.timeouts = timeouts
             try:
                 return await self._suspend(ctx)
-            except OperationError as e:
-                _locate(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
-                raise
+            except TorporError as e:
+                err = self._as_operation_error(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+                if err is e:
+                    raise
+                raise err from e
             finally:
                 await ctx.close()
 
@@ -706,10 +729,12 @@ class Orchestrator:
             ctx.force = force
             try:
                 return await self._resume(ctx)
-            except OperationError as e:
-                _locate(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
-                raise
+            except TorporError as e:
+                err = self._as_operation_error(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+                if err is e:
+                    raise
+                raise err from e
             finally:
                 await ctx.close()
 
@@ -943,10 +968,12 @@ class Orchestrator:
                     await self._rollback_migration(ctx, e)
                 async with self._phase(ctx, Phase.CLEANUP, timings):
                     await asyncio.to_thread(self._builder(self.host, "save").destroy, domid)
-            except OperationError as e:
-                _locate(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
-                raise
+            except TorporError as e:
+                err = self._as_operation_error(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+                if err is e:
+                    raise
+                raise err from e
             finally:
                 await ctx.close()
         return Result(
@@ -1064,10 +1091,12 @@ class Orchestrator:
                     await self._rollback_migration(ctx, e)
                 async with self._phase(ctx, Phase.CLEANUP, timings):
                     await asyncio.to_thread(self._builder(self.host, "migrate").destroy, domid)
-            except OperationError as e:
-                _locate(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
-                raise
+            except TorporError as e:
+                err = self._as_operation_error(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+                if err is e:
+                    raise
+                raise err from e
             finally:
                 await ctx.close()
         return Result(
@@ -1219,10 +1248,12 @@ class Orchestrator:
                         async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
                             await self._all("torpor_device_model_resume", ctx=ctx)
                 self._refresh(ctx)
-            except OperationError as e:
-                _locate(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=e)
-                raise
+            except TorporError as e:
+                err = self._as_operation_error(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+                if err is e:
+                    raise
+                raise err from e
             finally:
                 await ctx.close()
         return Result(
@@ -1259,6 +1290,15 @@ def _through_image(saved: SavedDomain) -> SavedDomain:
     import io
 
     return decode(io.BytesIO(b"".join(encode(saved))))
+
+
+def _observed_state(hv: Any, domid: int) -> str:
+    try:
+        return str(hv.domain_info(domid).state_word())
+    except HypervisorError as e:
+        return "gone" if e.errno == errno.ESRCH else "unknown"
+    except TorporError:
+        return "unknown"
 
 
 def _locate(e: TorporError, ctx: OperationContext) -> None:

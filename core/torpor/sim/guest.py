@@ -295,6 +295,25 @@ class LinuxGuest:
             "suspends": self._data(OFF_SUSPENDS),
         }
 
+    def memory_consistent(self) -> bool:
+        """Whether guest memory holds exactly what the guest's own work wrote.
+
+        The work is deterministic in the tick counter, so the last ``words``
+        ticks' values must sit in their slots: a toolstack that lost, tore or
+        scribbled on guest memory fails this.
+        """
+        counter = self.advance()
+        if counter < 0:
+            return False
+        with self.xen.lock:
+            mem = self.xen.domains[self.domid].memory
+            words = (len(mem) - WORK_FIRST_PFN * PAGE_SIZE) // 8
+            expected: dict[int, int] = {}
+            for value in range(max(1, counter - words + 1), counter + 1):
+                slot = WORK_FIRST_PFN * PAGE_SIZE + ((value * 2654435761) % words) * 8
+                expected[slot] = value * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+            return all(_U64.unpack_from(mem, slot)[0] == v for slot, v in expected.items())
+
     def memory_checksum(self) -> str:
         """sha256 of guest memory (after materialising work) and vCPU state."""
         self.advance()

@@ -34,6 +34,7 @@ from typing import Any
 from torpor.model import HVM_PARAM_ACPI_S_STATE, ShutdownReason
 from torpor.qmp import QmpEvent
 from torpor.sim.guest import Behaviour
+from torpor.sim import hvm_image
 from torpor.sim.hvm_image import GuestCounters
 from torpor.sim.qemu import DeviceModelProcess, GuestAgentShim
 from torpor.sim.xen import SimXen
@@ -180,6 +181,12 @@ class HvmGuest:
 
     def memory_checksum(self) -> str:
         return self.dm.memory_checksum()
+
+    def memory_consistent(self) -> bool:
+        """The boot sector's ring holds exactly what its tick counter says it wrote."""
+        c = self.dm.read_counters()
+        region = self.dm.read_memory(hvm_image.REGION_ADDR, hvm_image.REGION_SIZE)
+        return hvm_image.region_matches(region, c.ticks)
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:
