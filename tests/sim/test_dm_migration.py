@@ -34,7 +34,7 @@ from torpor.sim.qemu import (
     saved_vm_state_kind,
 )
 
-from .dm_fixtures import HAVE_QEMU, KINDS, STEP, arun, no_leaked_qemu
+from .dm_fixtures import HAVE_QEMU, KINDS, QEMU_MARKS, STEP, arun, no_leaked_qemu
 
 pytestmark = pytest.mark.usefixtures(no_leaked_qemu.__name__)
 
@@ -331,31 +331,47 @@ def test_a_powered_off_guest_is_restored_powered_off(kind: str, hosts: tuple[Pat
 # ---------------------------------------------------------------------------- bad files
 
 
-@pytest.fixture(scope="module")
-def saved_states() -> Iterator[dict[str, Path]]:
-    """One good saved state per available model kind."""
-    d = Path(tempfile.mkdtemp(prefix="dmS", dir="/tmp"))
-    kinds = ["in-process"] + (["qemu"] if HAVE_QEMU else [])
+class SavedStates:
+    """One good saved state per model kind, made on first use (QEMU only when asked)."""
 
-    async def save(kind: str) -> Path:
-        dm = new_model(kind, run_dir=d / kind)
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        self._made: dict[str, Path] = {}
+
+    def __getitem__(self, kind: str) -> Path:
+        if kind not in self._made:
+            self._made[kind] = arun(self._save(kind))
+        return self._made[kind]
+
+    async def _save(self, kind: str) -> Path:
+        path = self.where / f"{kind}.state"
+        dm = new_model(kind, run_dir=self.where / kind)
         try:
             await dm.start(timeout=STEP)
-            await dm.save_vm_state(d / f"{kind}.state", timeout=STEP)
+            await dm.save_vm_state(path, timeout=STEP)
         finally:
             await dm.stop()
-        return d / f"{kind}.state"
+        return path
 
-    yield {k: arun(save(k)) for k in kinds}
+
+@pytest.fixture(scope="module")
+def saved_states() -> Iterator[SavedStates]:
+    d = Path(tempfile.mkdtemp(prefix="dmS", dir="/tmp"))
+    yield SavedStates(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
-def bad_file(case: str, kind: str, states: dict[str, Path], where: Path) -> tuple[Path, str]:
+BAD_CASES = ["missing", "empty", "truncated", "garbage", "bad-after-magic", "foreign"]
+
+
+def bad_file(case: str, kind: str, states: SavedStates, where: Path) -> tuple[Path, str]:
     """A state file that must be refused, and what the error must say."""
     path = where / f"{case}.state"
-    good = states[kind].read_bytes()
     if case == "missing":
         return path, "No such file"
+    if case == "foreign":
+        return states[OTHER[kind]], "in-process device model"
+    good = states[kind].read_bytes()
     if case == "empty":
         path.write_bytes(b"")
     elif case == "truncated":
@@ -364,10 +380,6 @@ def bad_file(case: str, kind: str, states: dict[str, Path], where: Path) -> tupl
         path.write_bytes(bytes(range(256)) * 64)
     elif case == "bad-after-magic":  # the right magic and version, then nonsense
         path.write_bytes(good[:12] + b"\xa5" * 4096)
-    elif case == "foreign":
-        if OTHER[kind] not in states:
-            pytest.skip("the other model's state needs qemu-system-x86_64")
-        return states[OTHER[kind]], "in-process device model"
     if kind == "in-process":
         return path, "saved VM state"
     if case in ("empty", "garbage"):  # refused before QEMU starts (an empty stream hangs it)
@@ -375,12 +387,22 @@ def bad_file(case: str, kind: str, states: dict[str, Path], where: Path) -> tupl
     return path, "QEMU said"  # QEMU fails the load and exits: its last log lines
 
 
-@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
-    "case", ["missing", "empty", "truncated", "garbage", "bad-after-magic", "foreign"]
+    ("kind", "case"),
+    [
+        pytest.param(
+            kind,
+            case,
+            # The in-process model's "foreign" file is a real QEMU stream.
+            marks=QEMU_MARKS if kind == "qemu" or case == "foreign" else (),
+            id=f"{case}-{kind}",
+        )
+        for kind in ("qemu", "in-process")
+        for case in BAD_CASES
+    ],
 )
 def test_a_bad_state_file_is_refused_quickly_and_leaves_nothing(
-    kind: str, case: str, saved_states: dict[str, Path], hosts: tuple[Path, Path]
+    kind: str, case: str, saved_states: SavedStates, hosts: tuple[Path, Path]
 ) -> None:
     path, says = bad_file(case, kind, saved_states, hosts[0])
 
@@ -405,9 +427,9 @@ def test_a_bad_state_file_is_refused_quickly_and_leaves_nothing(
     arun(main())
 
 
-def test_the_error_names_what_qemu_said(saved_states: dict[str, Path], tmp_path: Path) -> None:
-    if not HAVE_QEMU:
-        pytest.skip("qemu-system-x86_64 is not installed")
+@pytest.mark.qemu
+@pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64 is not installed")
+def test_the_error_names_what_qemu_said(saved_states: SavedStates, tmp_path: Path) -> None:
     path = tmp_path / "half"
     good = saved_states["qemu"].read_bytes()
     path.write_bytes(good[: len(good) // 2])
@@ -422,9 +444,9 @@ def test_the_error_names_what_qemu_said(saved_states: dict[str, Path], tmp_path:
     assert "incoming migration" in message and "load of migration failed" in message
 
 
-def test_saved_vm_state_kind(saved_states: dict[str, Path], tmp_path: Path) -> None:
-    for kind, path in saved_states.items():
-        assert saved_vm_state_kind(path) == kind
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_vm_state_kind(kind: str, saved_states: SavedStates, tmp_path: Path) -> None:
+    assert saved_vm_state_kind(saved_states[kind]) == kind
     (tmp_path / "x").write_bytes(b"not a state")
     assert saved_vm_state_kind(tmp_path / "x") is None
     with pytest.raises(DeviceModelError, match="No such file"):
