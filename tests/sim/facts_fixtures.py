@@ -33,7 +33,10 @@ from torpor.errors import HypervisorError
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.model import DomainInfo, ShutdownReason
 from torpor.sim.host import SimHost
+from torpor.sim.qemu import running_qemu_pids
 from torpor.xenstore import Xenstore
+
+from .dm_fixtures import KINDS
 
 T = TypeVar("T")
 
@@ -75,6 +78,19 @@ def release(xs: Xenstore) -> Iterator[ReleaseDomain]:
     r = ReleaseDomain(xs)
     yield r
     r.close()
+
+
+@pytest.fixture(params=KINDS)
+def hvm_host(request: pytest.FixtureRequest, short_dir: str) -> Iterator[SimHost]:
+    """A host whose HVM guests run on real QEMU (``qemu``) or the in-process model."""
+    before = running_qemu_pids()
+    host = SimHost(short_dir, qemu=request.param == "qemu")
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+    assert running_qemu_pids() == before, "the simulated host left a QEMU behind"
 
 
 # --------------------------------------------------------------------------- @releaseDomain
@@ -137,6 +153,12 @@ class ReleaseDomain:
             if predicate(info):
                 return info
             self.wait_beyond(seen, max(0.0, deadline - time.monotonic()))
+
+    def assert_quiet(self, seen: int, window: float = QUIET) -> None:
+        """No event beyond ``seen`` within ``window`` (for what has no event of its own)."""
+        with self._cond:
+            fired = self._cond.wait_for(lambda: self._count > seen, window)
+        assert not fired, "@releaseDomain fired"
 
     def close(self) -> None:
         self._watch.unwatch()
@@ -216,6 +238,11 @@ async def _drain() -> None:
     # synchronous post-suspend path) finish.
     for _ in range(10):
         await asyncio.sleep(0)
+
+
+async def in_host(host: SimHost, coro: Coroutine[Any, Any, T]) -> T:
+    """From another event loop: await ``coro`` run in the host's loop."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, host.loop))
 
 
 def drain(host: SimHost) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterator
+import threading
 from typing import Any
 
 import pytest
@@ -23,12 +23,11 @@ from torpor.qmp import GuestAgent, QmpClient
 from torpor.sim import hvm_image as img
 from torpor.sim.guest import CALLBACK_VIA_VECTOR, Behaviour, XenbusState
 from torpor.sim.host import SimHost
-from torpor.sim.qemu import running_qemu_pids
 from torpor.sim.xen import START_INFO_PFN
 from torpor.sim.xenstored import RingClient
 from torpor.xenstore import Xenstore
 
-from .dm_fixtures import KINDS, arun
+from .dm_fixtures import arun
 from .facts_fixtures import (
     QUIET,
     STEP,
@@ -38,6 +37,8 @@ from .facts_fixtures import (
     control_shutdown,
     drain,
     hv,
+    hvm_host,
+    in_host,
     is_suspended,
     latched,
     no_port,
@@ -53,7 +54,7 @@ from .facts_fixtures import (
     xs,
 )
 
-__all__ = ["hv", "release", "xs"]  # fixtures, imported for pytest
+__all__ = ["hv", "hvm_host", "release", "xs"]  # fixtures, imported for pytest
 
 PV_KINDS = ["pv", "pvhvm"]
 
@@ -552,6 +553,61 @@ def test_a_frontend_that_restarts_at_initialising_reconnects(
     assert sim_host.backends.connects[be] == 2
 
 
+class _RemovedUnderfoot:
+    """dom0's backend connection, with the toolstack removing ``device`` right
+    after the driver has read its state: the interleaving of a device teardown
+    racing a state switch, made to happen every time."""
+
+    def __init__(self, inner: Any, device: str) -> None:
+        self.inner = inner
+        self.device = device
+        self.fired = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read(self, path: str, tx: int = 0) -> str:
+        value: str = await self.inner.read(path, tx)
+        if path == f"{self.device}/state" and not self.fired:
+            self.fired = True
+            await self.inner.rm(self.device)  # libxl__device_destroy, right now
+        return value
+
+
+def test_a_backend_never_resurrects_a_removed_device(sim_host: SimHost, xs: Xenstore) -> None:
+    """xenbus_switch_state() (drivers/xen/xenbus/xenbus_client.c) writes the new
+    state in a transaction, and not at all once the node is gone: "we don't want
+    to resurrect that directory"."""
+    dom = sim_host.create_guest("pv")
+    booted(sim_host, dom)
+    fe, be = dev_paths(dom, "vif", 0)
+    backends = sim_host.backends
+    real_changed = backends._frontend_changed
+    handled = threading.Event()
+
+    async def frontend_changed(device: str) -> None:
+        try:
+            await real_changed(device)
+        finally:
+            if device == be:
+                handled.set()
+
+    racing = _RemovedUnderfoot(backends.xs, be)
+    backends.xs = racing
+    backends._frontend_changed = frontend_changed  # type: ignore[method-assign]
+    try:
+        # The frontend starts over: the backend would switch to InitWait ...
+        xs.write(f"{fe}/state", str(XenbusState.INITIALISING))
+        assert handled.wait(STEP)
+    finally:
+        backends.xs = racing.inner
+        del backends._frontend_changed
+    assert racing.fired
+    # ... but the toolstack removed the device meanwhile: it stays removed.
+    assert not xs.exists(be)
+    assert xs.read_or(f"/local/domain/0/backend/vif/{dom}/0/state", None) is None
+
+
 # ---------------------------------------------------------------------------
 # The guest kernel runs only while its domain runs, one watch callback at a time
 # ---------------------------------------------------------------------------
@@ -580,21 +636,29 @@ def test_a_paused_guest_does_not_negotiate_its_frontends(
     sim_host: SimHost, xs: Xenstore, hv: Any
 ) -> None:
     """A paused domain runs no kernel code: its frontends move on only once it runs."""
-    held: list[tuple[str, str]] = []
-    backends = sim_host.backends
-    backends.on_event = lambda path, token: held.append((path, token))  # type: ignore[method-assign]
-    dom = sim_host.create_guest("pv")
+    xen = sim_host.xen
+    real_create = xen.create_domain
+
+    def create_domain(**kw: Any) -> Any:
+        dom = real_create(**kw)
+
+        def pause_once_unpaused(what: str) -> None:
+            # The toolstack pauses the guest again as soon as it first runs.
+            if what == "unpaused" and pause_once_unpaused in dom.listeners:
+                dom.listeners.remove(pause_once_unpaused)
+                xen.pause(dom.domid)
+
+        dom.listeners.append(pause_once_unpaused)
+        return dom
+
+    xen.create_domain = create_domain  # type: ignore[method-assign]
+    try:
+        dom = sim_host.create_guest("pv")
+    finally:
+        del xen.create_domain
+    assert hv.domain_info(dom).paused
     fe, be = dev_paths(dom, "vif", 0)
-    hv.pause(dom)
-
-    async def release_backends() -> None:
-        del backends.on_event  # dom0's backends see what they missed, and probe
-        for path, token in held:
-            backends.on_event(path, token)
-
-    on_host(sim_host, release_backends())
-    xs.wait(f"{be}/state", lambda v: v != str(XenbusState.INITIALISING), timeout=STEP)
-    assert xs.read(f"{be}/state") == str(XenbusState.INIT_WAIT)  # the frontend did not answer
+    assert xs.read(f"{be}/state") == str(XenbusState.INIT_WAIT)  # libxl waited for it
     with pytest.raises(Timeout):
         xs.wait(f"{fe}/state", lambda v: v != str(XenbusState.INITIALISING), timeout=QUIET)
     assert not xs.exists(f"{fe}/event-channel")
@@ -607,23 +671,6 @@ def test_a_paused_guest_does_not_negotiate_its_frontends(
 # HVM: ACPI S3 through the guest agent and QMP; the hard path stops QEMU's vCPUs
 # (real-xen.md "Plain HVM"; libxl_dom_suspend.c; hvm.py)
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(params=KINDS)
-def hvm_host(request: pytest.FixtureRequest, short_dir: str) -> Iterator[SimHost]:
-    before = running_qemu_pids()
-    host = SimHost(short_dir, qemu=request.param == "qemu")
-    host.start()
-    try:
-        yield host
-    finally:
-        host.stop()
-    assert running_qemu_pids() == before, "the simulated host left a QEMU behind"
-
-
-async def in_host(host: SimHost, coro: Any) -> Any:
-    """Await a coroutine that must run in the host's loop (device-model waits)."""
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, host.loop))
 
 
 def test_s3_cycle_and_hard_suspend_of_an_hvm_guest(hvm_host: SimHost) -> None:

@@ -26,7 +26,7 @@ import errno
 import logging
 from typing import Any
 
-from torpor.errors import XenstoreError
+from torpor.errors import TorporError, XenstoreError
 from torpor.sim.guest import GuestXenstore, XenbusState
 
 __all__ = ["BackendDriver"]
@@ -49,6 +49,8 @@ class BackendDriver:
         self.connects: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._probing: set[str] = set()
+        #: backend path -> set once the device is probed (InitWait, other end watched)
+        self._probed: dict[str, asyncio.Event] = {}
 
     async def start(self, xs: GuestXenstore) -> None:
         self.xs = xs
@@ -109,14 +111,51 @@ class BackendDriver:
                 return
             self.devices[be] = frontend
             if int(state or 0) in (XenbusState.INITIALISING, XenbusState.UNKNOWN):
-                await self.xs.write(f"{be}/state", str(XenbusState.INIT_WAIT))
+                await self._switch_state(be, XenbusState.INIT_WAIT)
             await self.xs.watch(f"{frontend}/state", f"fe:{be}")
+            self._probed.setdefault(be, asyncio.Event()).set()
         finally:
             self._probing.discard(be)
+
+    async def wait_probed(self, be: str, timeout: float) -> None:
+        """Until the device at ``be`` is probed: in InitWait, its frontend watched.
+
+        What libxl__wait_device_connection() (libxl_device.c) waits for before
+        a device add completes -- and so before libxl unpauses a new domain.
+        """
+        try:
+            await asyncio.wait_for(self._probed.setdefault(be, asyncio.Event()).wait(), timeout)
+        except TimeoutError:
+            raise TorporError(f"backend {be} did not reach InitWait within {timeout:g}s") from None
+
+    async def _switch_state(self, be: str, state: int) -> None:
+        """drivers/xen/xenbus/xenbus_client.c __xenbus_switch_state(): in a
+        transaction, and only if ``state`` is still there -- "if the node has
+        gone, we don't write to it, as the device will be tearing down, and we
+        don't want to resurrect that directory"."""
+        assert self.xs is not None
+        while True:
+            tx = await self.xs.transaction_start()
+            try:
+                await self.xs.read(f"{be}/state", tx)
+            except XenstoreError as e:
+                await self.xs.transaction_end(tx, False)
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            await self.xs.write(f"{be}/state", str(state), tx)
+            try:
+                await self.xs.transaction_end(tx, True)
+            except XenstoreError as e:
+                if e.errno == errno.EAGAIN:
+                    continue
+                raise
+            return
 
     async def _forget(self, be: str) -> None:
         assert self.xs is not None
         frontend = self.devices.pop(be, None)
+        self._probed.pop(be, None)
         if frontend is not None:
             with contextlib.suppress(XenstoreError):
                 await self.xs.unwatch(f"{frontend}/state", f"fe:{be}")
@@ -137,7 +176,7 @@ class BackendDriver:
             XenbusState.INITIALISING,
         ):
             # The frontend starts over (a new domain after restore): so do we.
-            await self.xs.write(f"{be}/state", str(XenbusState.INIT_WAIT))
+            await self._switch_state(be, XenbusState.INIT_WAIT)
         elif fe_state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
             if be_state != XenbusState.CONNECTED:
                 # connect_rings(): the frontend's ring and event channel must be there.
@@ -146,14 +185,14 @@ class BackendDriver:
                 )
                 port = await self._read(f"{frontend}/event-channel")
                 if ring is None or port is None:
-                    await self.xs.write(f"{be}/state", str(XenbusState.CLOSING))
+                    await self._switch_state(be, XenbusState.CLOSING)
                     return
-                await self.xs.write(f"{be}/state", str(XenbusState.CONNECTED))
+                await self._switch_state(be, XenbusState.CONNECTED)
                 self.connects[be] = self.connects.get(be, 0) + 1
         elif fe_state in (XenbusState.CLOSING, XenbusState.CLOSED) and be_state not in (
             XenbusState.CLOSED,
         ):
-            await self.xs.write(f"{be}/state", str(XenbusState.CLOSED))
+            await self._switch_state(be, XenbusState.CLOSED)
 
     def stop(self) -> None:
         for t in list(self._tasks):
