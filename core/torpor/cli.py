@@ -19,7 +19,9 @@ start-up stays cheap (see bench/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -131,14 +133,15 @@ def _open(args: argparse.Namespace, reporter: Reporter | None = None) -> Torpor:
     return Torpor(host, plugin_manager=pm, timeouts=timeouts, own_host=True)
 
 
-def _domids(args: argparse.Namespace, t: Torpor, want: Callable[[str], bool]) -> list[int]:
+def _explicit_domids(args: argparse.Namespace) -> list[int]:
+    """The domids given on the command line, validated before any host is opened."""
     from torpor.errors import UsageError
     from torpor.host import validate_domid
 
     if args.all:
         if args.domids:
             raise UsageError("give domids or --all, not both")
-        return [d["domid"] for d in t.list_domains() if want(d["state"])]
+        return []
     if not args.domids:
         raise UsageError("no domain given (DOMID... or --all)")
     seen: list[int] = []
@@ -149,10 +152,17 @@ def _domids(args: argparse.Namespace, t: Torpor, want: Callable[[str], bool]) ->
     return seen
 
 
+def _domids(args: argparse.Namespace, t: Torpor, want: Callable[[str], bool]) -> list[int]:
+    if args.all:
+        return [d["domid"] for d in t.list_domains() if want(d["state"])]
+    return _explicit_domids(args)
+
+
 def _bulk(args: argparse.Namespace, op: str) -> int:
     from torpor.errors import TorporError
     from torpor.progress import Reporter
 
+    _explicit_domids(args)  # a malformed domid is bad usage, whatever the host
     reporter = Reporter(quiet=args.json, total=len(args.domids) or 2)
     with _open(args, reporter) as t:
         if op == "suspend":
@@ -394,7 +404,10 @@ def _sim_stop(args: argparse.Namespace) -> int:
     from torpor.sim import daemon
 
     if daemon.stop(args.dir):
-        print(f"simulated host in {args.dir} stopped")
+        if args.json:
+            print(json.dumps({"dir": args.dir, "stopped": True}))
+        else:
+            print(f"simulated host in {args.dir} stopped")
         return EXIT_OK
     print(f"torpor: no simulated host running in {args.dir}", file=sys.stderr)
     return EXIT_BACKEND
@@ -579,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_sim_status)
     s = simsub.add_parser("stop", help="stop a simulated host (QEMU children included)")
     s.add_argument("--dir", required=True)
+    s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     s.set_defaults(func=_sim_stop)
     return p
 
@@ -605,6 +619,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ALL_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``torpor list | head``): not an error of ours.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the final flush
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ __all__ = ["OperationContext"]
 class OperationContext:
     """One operation on one domain, as the hooks see it.
 
-    :param operation: ``suspend``, ``resume``, ``checkpoint``, ``save``, ``restore``.
+    :param operation: ``suspend``, ``resume``, ``save``, ``restore``, ``migrate``,
+        ``recover`` (a checkpoint is a suspend then a resume).
     :param domid: the domain.
     :param host: the host's backends.
     :param timeouts: the deadlines in force.

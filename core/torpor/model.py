@@ -367,6 +367,8 @@ class Result:
             "method": None if self.method is None else str(self.method),
             "cooperative": self.cooperative,
             "seconds": round(self.seconds, 6),
-            "phases": {str(t.phase): round(t.seconds, 6) for t in self.timings},
+            # A list, not a dict: a checkpoint or a migration goes through a
+            # phase more than once, and every timing must add up to ``seconds``.
+            "phases": [[str(t.phase), round(t.seconds, 6)] for t in self.timings],
             **dict(self.details),
         }

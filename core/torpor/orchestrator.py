@@ -427,8 +427,12 @@ class Orchestrator:
         timeout: float,
         sources: _Sources,
         what: str,
+        fresh: bool = False,
     ) -> Verdict:
-        """Re-ask ``judge`` on every relevant event until done or failed; Timeout after."""
+        """Re-ask ``judge`` on every relevant event until done or failed; Timeout after.
+
+        ``fresh``: ``ctx.domain`` was just read; the first judgement uses it.
+        """
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         undo: list[Callable[[], None]] = []
@@ -449,9 +453,12 @@ class Orchestrator:
                     self._refresh(ctx)  # gone with its domain: DomainVanished
                     raise
             deadline = loop.time() + timeout
+            refresh = not fresh
             while True:
                 wake.clear()
-                self._refresh(ctx)
+                if refresh:
+                    self._refresh(ctx)
+                refresh = True
                 try:
                     verdict = await judge()
                 except TorporError:
@@ -544,8 +551,8 @@ class Orchestrator:
         method = ctx.method
         shutdown_path = f"{ctx.dompath}/control/shutdown"
         acked = False
+        ack_watch = None
         try:
-            ack_watch = None
             ack_wake = asyncio.Event()
             async with self._phase(ctx, Phase.REQUEST, timings):
                 if method == SuspendMethod.XENSTORE:
@@ -562,12 +569,10 @@ class Orchestrator:
                         state="running",
                     )
             if method == SuspendMethod.XENSTORE:
-                try:
-                    async with self._phase(ctx, Phase.ACK, timings):
-                        acked = await self._wait_ack(ctx, shutdown_path, ack_wake)
-                finally:
-                    if ack_watch is not None:
-                        await ctx.xenstore.unwatch(ack_watch)
+                async with self._phase(ctx, Phase.ACK, timings):
+                    acked = await self._wait_ack(ctx, shutdown_path, ack_wake)
+                await ctx.xenstore.unwatch(ack_watch)  # type: ignore[arg-type]
+                ack_watch = None
                 if not acked:
                     async with self._phase(ctx, Phase.CANCEL, timings):
                         acked = await self._cancel_request(ctx, shutdown_path)
@@ -583,6 +588,9 @@ class Orchestrator:
             async with self._phase(ctx, Phase.SHUTDOWN, timings):
                 verdict = await self._wait_suspended(ctx, acked)
         finally:
+            if ack_watch is not None:  # the request or the ack wait failed
+                with contextlib.suppress(TorporError):
+                    await ctx.xenstore.unwatch(ack_watch)
             if method == SuspendMethod.EVENT_CHANNEL:
                 with contextlib.suppress(TorporError):
                     release_suspend_event_channel(ctx)
@@ -790,6 +798,8 @@ class Orchestrator:
                 # Every time: xenstored re-arms @releaseDomain only on XS_RESUME.
                 await ctx.xenstore.resume(ctx.domid)
         async with self._phase(ctx, Phase.GUEST_RESUME, timings):
+            if shut:  # resumed: the hooks see the domain as it is now
+                self._refresh(ctx)
             await self._all("torpor_resume_guest", ctx=ctx)
         async with self._phase(ctx, Phase.VERIFY, timings):
             await self._verify_resumed(ctx, shut=shut, s3=s3)
@@ -825,6 +835,7 @@ class Orchestrator:
                 timeout=timeout,
                 sources=sources,
                 what=f"domain {ctx.domid} running again",
+                fresh=shut,
             )
         except Timeout as e:
             raise ResumeFailed(
@@ -949,6 +960,7 @@ class Orchestrator:
         """
         domid = validate_domid(domid)
         target = os.fspath(path)
+        self._builder(self.host, "save")  # refuse before touching the guest
         async with self._claim(domid, "save"):
             ctx = await self._context("save", domid)
             timings: list[PhaseTiming] = []
@@ -1063,6 +1075,12 @@ class Orchestrator:
             ctx.in_place = False
             try:
                 return await self._resume(ctx)
+            except TorporError as e:
+                err = self._as_operation_error(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+                if err is e:
+                    raise
+                raise err from e
             finally:
                 await ctx.close()
 
@@ -1075,6 +1093,8 @@ class Orchestrator:
         """
         domid = validate_domid(domid)
         timings: list[PhaseTiming] = []
+        self._builder(self.host, "migrate")  # refuse before touching the guest
+        self._builder(destination.host, "restore")
         async with self._claim(domid, "migrate"):
             ctx = await self._context("migrate", domid)
             try:

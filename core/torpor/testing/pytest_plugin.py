@@ -12,6 +12,9 @@ until a fixture is used.  Fixtures:
     ``plugins`` (no entry points).
 ``torpor_guest``
     the domid of a well-behaved guest of the class's ``guest_kind``.
+``torpor_guest_factory``
+    a factory: ``torpor_guest_factory("never_ack", suspend_evtchn=True)`` -> domid
+    (a misbehaviour, and :class:`torpor.sim.guest.Behaviour` options).
 ``torpor_misbehaving_guest``
     a factory: ``torpor_misbehaving_guest("never_ack")`` -> domid.
 ``torpor_client``
@@ -33,6 +36,7 @@ __all__ = [
     "torpor_client",
     "torpor_client_with",
     "torpor_guest",
+    "torpor_guest_factory",
     "torpor_misbehaving_guest",
     "torpor_plugin_manager",
     "torpor_sim_host",
@@ -74,18 +78,26 @@ def torpor_guest(request: pytest.FixtureRequest, torpor_sim_host: Any) -> int:
 
 
 @pytest.fixture
-def torpor_misbehaving_guest(
+def torpor_guest_factory(
     request: pytest.FixtureRequest, torpor_sim_host: Any
-) -> Callable[[str], int]:
+) -> Callable[..., int]:
     from torpor.sim.guest import Behaviour
 
     kind = _kind(request)
 
-    def make(misbehaviour: str) -> int:
-        domid: int = torpor_sim_host.create_guest(kind, behaviour=Behaviour.parse(misbehaviour))
+    def make(misbehaviour: str | None = None, **options: Any) -> int:
+        behaviour = (
+            Behaviour.parse(misbehaviour, **options) if misbehaviour else Behaviour(**options)
+        )
+        domid: int = torpor_sim_host.create_guest(kind, behaviour=behaviour)
         return domid
 
     return make
+
+
+@pytest.fixture
+def torpor_misbehaving_guest(torpor_guest_factory: Callable[..., int]) -> Callable[[str], int]:
+    return torpor_guest_factory
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from torpor.model import Phase, ShutdownReason, SuspendMethod, Timeouts
 
 __all__ = [
     "Capability",
+    "CapabilitySuite",
     "CheckpointSuite",
     "ConformanceBase",
     "ConformanceSuite",
@@ -135,11 +136,13 @@ def expected_failure(misbehaviour: str, method: SuspendMethod) -> Expected:
             return Expected(errors.OperationError, "running", Phase.SHUTDOWN)
         if misbehaviour == "lose_xenstore":  # no agent: the hard suspend needs none
             return Expected(None, "suspended")
-    if method in (SuspendMethod.EVENT_CHANNEL, SuspendMethod.HARD_SHUTDOWN):
-        # No ack in either; the guest's misbehaviour cannot stop a hard suspend.
-        if method == SuspendMethod.HARD_SHUTDOWN:
+    if method == SuspendMethod.HARD_SHUTDOWN:
+        return Expected(None, "suspended")  # no cooperation to withhold
+    if method == SuspendMethod.EVENT_CHANNEL:
+        # No xenstore ack to withhold: the channel's interrupt suspends the guest.
+        if misbehaviour in ("never_ack", "unknown_command", "lose_xenstore", "slow_ack"):
             return Expected(None, "suspended")
-        if misbehaviour in ("ack_then_hang",):
+        if misbehaviour == "ack_then_hang":
             return Expected(errors.SuspendTimeout, "running", Phase.SHUTDOWN)
     raise ValueError(f"no expectation for {misbehaviour!r} with method {method}")
 
@@ -153,6 +156,8 @@ class ConformanceBase:
     :cvar capabilities: what the guest type can do.
     :cvar suspend_method: how the guest type is asked to suspend by default.
     :cvar ack_timeout: / :cvar suspend_timeout: short deadlines for the failure tests.
+    :cvar use_qemu: HVM device models on real QEMU (``None``: when installed), read
+        by the ``torpor_sim_host`` fixture.
     """
 
     guest_kind: ClassVar[str] = ""
@@ -161,6 +166,7 @@ class ConformanceBase:
     suspend_method: ClassVar[SuspendMethod] = SuspendMethod.XENSTORE
     ack_timeout: ClassVar[float] = 0.3
     suspend_timeout: ClassVar[float] = 0.6
+    use_qemu: ClassVar[bool | None] = None
 
     # helpers ------------------------------------------------------------------
 
@@ -239,6 +245,74 @@ class SuspendResumeSuite(ConformanceBase):
         else:
             assert out.state == "running"
             assert torpor_sim_host.xen.domain_info(torpor_guest).running
+
+
+class CapabilitySuite(ConformanceBase):
+    """What each declared capability promises, checked on the guest type."""
+
+    @requires(Capability.EVENT_CHANNEL)
+    def test_suspend_through_event_channel(
+        self, torpor_sim_host: Any, torpor_guest_factory: Any, torpor_client: Any
+    ) -> None:
+        domid = torpor_guest_factory(suspend_evtchn=True)
+        res = torpor_client.suspend(domid)
+        assert res.method == SuspendMethod.EVENT_CHANNEL
+        assert Phase.ACK not in [t.phase for t in res.timings], "no ack on this path"
+        assert torpor_sim_host.xen.domain_info(domid).suspended
+        torpor_client.resume(domid)
+        assert torpor_sim_host.xen.domain_info(domid).running
+
+    @requires(Capability.DEVICE_MODEL)
+    def test_device_model_follows_the_guest(
+        self, torpor_sim_host: Any, torpor_guest: Any, torpor_client: Any
+    ) -> None:
+        res = torpor_client.suspend(torpor_guest)
+        expected = "suspended" if res.state == "S3" else "paused"
+        assert _qmp_status(torpor_sim_host, torpor_guest) == expected
+        torpor_client.resume(torpor_guest)
+        assert _qmp_status(torpor_sim_host, torpor_guest) == "running"
+
+    @requires(Capability.ACPI_S3)
+    def test_sleeps_in_s3_and_wakes(
+        self, torpor_sim_host: Any, torpor_guest: Any, torpor_client: Any
+    ) -> None:
+        from torpor.model import HVM_PARAM_ACPI_S_STATE
+
+        res = torpor_client.suspend(torpor_guest)
+        assert (res.method, res.state) == (SuspendMethod.ACPI_S3, "S3")
+        xen = torpor_sim_host.xen
+        assert xen.get_hvm_param(torpor_guest, HVM_PARAM_ACPI_S_STATE) == 3
+        info = xen.domain_info(torpor_guest)
+        assert not info.shutdown and not info.paused, "S3 is neither shut down nor paused"
+        res = torpor_client.resume(torpor_guest)
+        assert dict(res.details).get("woke_from_s3") is True
+        assert xen.get_hvm_param(torpor_guest, HVM_PARAM_ACPI_S_STATE) == 0
+
+    @requires(Capability.HARD_SUSPEND)
+    def test_hard_suspend_without_cooperation(
+        self, torpor_sim_host: Any, torpor_guest_factory: Any, torpor_client: Any
+    ) -> None:
+        domid = torpor_guest_factory(agent=False)
+        res = torpor_client.suspend(domid)
+        assert (res.method, res.state) == (SuspendMethod.HARD_SHUTDOWN, "suspended")
+        torpor_client.resume(domid)
+        assert torpor_sim_host.xen.domain_info(domid).running
+
+
+def _qmp_status(host: Any, domid: int) -> str:
+    import asyncio
+
+    from torpor.qmp import QmpClient
+
+    async def status() -> str:
+        client = QmpClient(domid=domid, name="conformance")
+        await client.connect(host.qmp_socket(domid), timeout=10)
+        try:
+            return await client.query_status(timeout=10)
+        finally:
+            await client.close()
+
+    return asyncio.run(status())
 
 
 class CheckpointSuite(ConformanceBase):
@@ -503,6 +577,12 @@ class LeakSuite(ConformanceBase):
 
 
 class ConformanceSuite(
-    SuspendResumeSuite, CheckpointSuite, MisbehaviourSuite, RefusalSuite, HookSuite, LeakSuite
+    SuspendResumeSuite,
+    CapabilitySuite,
+    CheckpointSuite,
+    MisbehaviourSuite,
+    RefusalSuite,
+    HookSuite,
+    LeakSuite,
 ):
     """Every conformance test.  Subclass it as ``Test<YourGuestType>Conformance``."""
