@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: reliability demo test lint typecheck pytest check-system test-xen bench docs clean
+.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench docs clean
 
 $(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test: check-system lint typecheck docs pytest
 # tests/xen in dom0.  System python3, no venv; TEST_XEN_ARGS go to lab/run.
 test-xen:
 	$(PYTHON) lab/run $(TEST_XEN_ARGS)
+
+# The long soak: 10,000 suspend/resume cycles, resource slopes in bench/soak.json.
+soak: $(STAMP)
+	TORPOR_SOAK_CYCLES=$${TORPOR_SOAK_CYCLES:-10000} TORPOR_SOAK_REPORT=bench/soak.json \
+		$(PY) -m pytest tests/test_soak.py -q -s -p no:randomly -o timeout=3600
 
 # docs/reliability.md: the fault matrix, generated from a test run.
 reliability: $(STAMP)

@@ -45,6 +45,7 @@ import hashlib
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -64,6 +65,8 @@ __all__ = [
 
 log = logging.getLogger("torpor.sim.guest")
 
+#: How many lines of its kernel log a simulated guest keeps.
+LOG_LINES = 200
 #: One tick of guest work per 10 ms of vCPU time.
 TICK_NS = 10_000_000
 #: Guest data page: counters at fixed offsets (pfn 3).
@@ -186,7 +189,8 @@ class LinuxGuest:
         #: "booting", "running", "suspending", "suspended", "crashed", "rebooted", "dead"
         self.state = "booting"
         #: What the kernel did, in order: tests read this to check Linux's steps.
-        self.log: list[str] = []
+        # Bounded: a guest suspended ten thousand times must not grow without end.
+        self.log: deque[str] = deque(maxlen=LOG_LINES)
         self.suspend_port = 0
         self.grant_generation = 0
         self._ticks_seen = 0
@@ -568,7 +572,11 @@ class LinuxGuest:
 
     def saved_state(self) -> dict[str, Any]:
         """The kernel's own state a save carries (its memory travels separately)."""
-        return {"kind": self.kind, "grant_generation": self.grant_generation, "log": self.log[-50:]}
+        return {
+            "kind": self.kind,
+            "grant_generation": self.grant_generation,
+            "log": list(self.log)[-50:],
+        }
 
     async def after_suspend_hypercall(self, ret: int) -> None:
         """Linux's path once SCHEDOP_shutdown(suspend) returns ``ret``.

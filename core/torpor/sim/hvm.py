@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -112,7 +113,7 @@ class HvmGuest:
         self.dm = dm
         self.behaviour = behaviour
         self.destroy = destroy
-        self.log: list[str] = ["boot"]
+        self.log: deque[str] = deque(["boot"], maxlen=200)
         self.agent: _Agent | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
