@@ -111,6 +111,26 @@ def test_release_domain_latch_rearmed_only_by_xs_resume(
     assert counters["suspends"] == 3
 
 
+def test_an_early_xs_resume_lets_the_next_virq_notice_the_same_suspend_again(
+    sim_host: SimHost, xs: Xenstore, release: ReleaseDomain, hv: Any
+) -> None:
+    """XS_RESUME only clears the latch; check_domains() runs on every VIRQ_DOM_EXC and
+    latches any domain it finds shut down: sent while the domain is still suspended,
+    the next exception of *any* domain fires @releaseDomain for it once more."""
+    dom = sim_host.create_guest("pv")
+    other = sim_host.create_guest("pv")
+    suspend_by_hand(xs, release, hv, dom)
+    xs.resume(dom)  # too early: the domain is still shut down
+    assert not latched(sim_host, dom)
+    seen = release.fence()
+    hv.destroy(other)  # some other domain's exception
+    release.wait_beyond(seen)
+    assert latched(sim_host, dom)  # noticed again, though nothing happened to it
+    assert is_suspended(hv.domain_info(dom))
+    hv.resume(dom, fast=True)
+    xs.resume(dom)
+
+
 def test_xs_resume_needs_a_guest_domain(sim_host: SimHost, xs: Xenstore) -> None:
     with pytest.raises(XenstoreError) as e:
         xs.resume(0)  # onearg_domain(): dom0 is EINVAL
@@ -671,6 +691,61 @@ def test_a_paused_guest_does_not_negotiate_its_frontends(
 # HVM: ACPI S3 through the guest agent and QMP; the hard path stops QEMU's vCPUs
 # (real-xen.md "Plain HVM"; libxl_dom_suspend.c; hvm.py)
 # ---------------------------------------------------------------------------
+
+
+def test_hard_suspend_of_a_guest_already_in_s3(hvm_host: SimHost) -> None:
+    """design.md: a guest already asleep is suspended the hard way.  It is a real
+    shutdown (noticed); QEMU, asleep, has no vCPUs to stop; the resumed domain is
+    still in S3 until QMP system_wakeup, and then wakes where it was."""
+    host = hvm_host
+    dom = host.create_guest("hvm")
+    dm = host.device_models[dom]
+    hv_ = host.hypervisor()
+    xs_ = Xenstore(host.xenstore_socket, timeout=STEP).connect()
+    rel = ReleaseDomain(xs_)
+
+    async def body() -> None:
+        qmp = await QmpClient.open(host.qmp_socket(dom), domid=dom, timeout=STEP)
+        agent = GuestAgent(domid=dom)
+        try:
+            await agent.connect(f"{host.dir}/qmp/qga-{dom}", timeout=STEP)
+            await agent.sync(timeout=STEP)
+            mark = qmp.event_mark()
+            await agent.suspend_ram(
+                qmp.wait_event("SUSPEND", since=mark, timeout=STEP), timeout=STEP
+            )
+            await in_host(host, dm.wait_run_state({"suspended"}, timeout=STEP))
+            assert hv_.get_hvm_param(dom, HVM_PARAM_ACPI_S_STATE) == 3
+            seen = rel.fence()
+            hv_.shutdown(dom, ShutdownReason.SUSPEND)
+            await asyncio.to_thread(rel.wait_domain, hv_, dom, is_suspended)
+            assert rel.fence() == seen + 1
+            assert await qmp.query_status() == "suspended"
+            hv_.resume(dom, fast=True)
+            xs_.resume(dom)
+            info = hv_.domain_info(dom)
+            assert not info.shutdown and not info.paused
+            assert hv_.get_hvm_param(dom, HVM_PARAM_ACPI_S_STATE) == 3  # still asleep
+            assert await qmp.query_status() == "suspended"
+            mark, line = qmp.event_mark(), dm.serial_mark()
+            await qmp.system_wakeup()
+            await qmp.wait_event("WAKEUP", since=mark, timeout=STEP)
+            await in_host(host, dm.wait_serial(img.LINE_RESUME, since=line, timeout=STEP))
+            assert hv_.get_hvm_param(dom, HVM_PARAM_ACPI_S_STATE) == 0
+            assert [e.name for e in qmp.events_since(mark)] == ["WAKEUP"]  # no RESET
+            c = dm.read_counters()
+            assert (c.boots, c.resumes) == (1, 1)
+            assert hv_.domain_info(dom).running
+        finally:
+            await agent.close()
+            await qmp.close()
+
+    try:
+        arun(body())
+    finally:
+        rel.close()
+        xs_.close()
+        hv_.close()
 
 
 def test_s3_cycle_and_hard_suspend_of_an_hvm_guest(hvm_host: SimHost) -> None:
