@@ -614,7 +614,7 @@ def test_a_backend_never_resurrects_a_removed_device(sim_host: SimHost, xs: Xens
 
     racing = _RemovedUnderfoot(backends.xs, be)
     backends.xs = racing
-    backends._frontend_changed = frontend_changed  # type: ignore[method-assign]
+    backends._frontend_changed = frontend_changed  # type: ignore[method-assign,assignment]
     try:
         # The frontend starts over: the backend would switch to InitWait ...
         xs.write(f"{fe}/state", str(XenbusState.INITIALISING))
