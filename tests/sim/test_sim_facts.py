@@ -543,33 +543,100 @@ def test_frontends_negotiate_with_their_backends_at_boot(
     assert report(sim_host, dom)["frontends"] == {"vif/0": conn, "vbd/51712": conn}
 
 
-@pytest.mark.parametrize(("devkind", "devid"), [("vif", 0), ("vbd", 51712)])
-def test_a_frontend_that_restarts_at_initialising_reconnects(
-    sim_host: SimHost, xs: Xenstore, devkind: str, devid: int
-) -> None:
-    dom = sim_host.create_guest("pv")
-    fe, be = dev_paths(dom, devkind, devid)
+class BackendHandled:
+    """Set each time dom0's backend driver has handled a change of ``device``'s frontend."""
+
+    def __init__(self, host: SimHost, device: str) -> None:
+        self.backends = host.backends
+        self.device = device
+        self.event = threading.Event()
+        self._real = self.backends._frontend_changed
+
+    async def _changed(self, device: str) -> None:
+        try:
+            await self._real(device)
+        finally:
+            if device == self.device:
+                self.event.set()
+
+    def __enter__(self) -> BackendHandled:
+        self.backends._frontend_changed = self._changed  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.backends._frontend_changed
+
+    def wait(self) -> None:
+        assert self.event.wait(STEP), "the backend driver never handled the change"
+        self.event.clear()
+
+
+def reconnect_as_the_guest(guest: Xenstore, xs: Xenstore, devkind: str, be: str) -> None:
+    """A frontend's connect, by hand: rings and event channel, then its states."""
+    rel = f"device/{devkind}/{be.rsplit('/', 1)[1]}"
+    tx = guest.transaction_start()
+    for node in ["tx-ring-ref", "rx-ring-ref"] if devkind == "vif" else ["ring-ref"]:
+        guest.write(f"{rel}/{node}", "4242", tx=tx)
+    guest.write(f"{rel}/event-channel", "9", tx=tx)
+    assert guest.transaction_end(tx, commit=True)
+    if devkind == "vbd":  # blkfront: Initialised, and Connected once blkback is
+        guest.write(f"{rel}/state", str(XenbusState.INITIALISED))
+        wait_state(xs, be, XenbusState.CONNECTED)
+    guest.write(f"{rel}/state", str(XenbusState.CONNECTED))
     wait_state(xs, be, XenbusState.CONNECTED)
-    wait_state(xs, fe, XenbusState.CONNECTED)
-    rel = f"device/{devkind}/{devid}"
+
+
+def test_netfront_restarting_at_initialising_makes_netback_start_over(
+    sim_host: SimHost, xs: Xenstore
+) -> None:
+    """xen-netback frontend_changed(Initialising) -> set_backend_state(InitWait),
+    which walks Connected -> Closing -> Closed -> InitWait."""
+    dom = sim_host.create_guest("pv")
+    booted(sim_host, dom)
+    _, be = dev_paths(dom, "vif", 0)
+    rec = StateRecorder(sim_host)
+    on_host(sim_host, rec.start())
     # As the guest, over its own xenstore connection (paths relative to its home).
     with Xenstore(sim_host.guest_xenstore_socket(dom), timeout=STEP) as guest:
-        assert guest.read(f"{rel}/backend") == be
-        guest.write(f"{rel}/state", str(XenbusState.INITIALISING))
-        wait_state(xs, be, XenbusState.INIT_WAIT)  # the backend starts over too
-        tx = guest.transaction_start()
-        for node in ["tx-ring-ref", "rx-ring-ref"] if devkind == "vif" else ["ring-ref"]:
-            guest.write(f"{rel}/{node}", "4242", tx=tx)
-        guest.write(f"{rel}/event-channel", "9", tx=tx)
-        assert guest.transaction_end(tx, commit=True)
-        step = XenbusState.CONNECTED if devkind == "vif" else XenbusState.INITIALISED
-        guest.write(f"{rel}/state", str(step))
-        wait_state(xs, be, XenbusState.CONNECTED)
-        guest.write(f"{rel}/state", str(XenbusState.CONNECTED))
+        assert guest.read("device/vif/0/backend") == be
+        guest.write("device/vif/0/state", str(XenbusState.INITIALISING))
+        wait_state(xs, be, XenbusState.INIT_WAIT)
+        reconnect_as_the_guest(guest, xs, "vif", be)
         # A guest cannot touch dom0's side.
         with pytest.raises(XenstoreError) as e:
             guest.write(f"{be}/state", "1")
         assert e.value.errno == errno.EACCES
+    drain(sim_host)
+    s = XenbusState
+    assert rec.sequence(f"{be}/state") == [s.CLOSING, s.CLOSED, s.INIT_WAIT, s.CONNECTED]
+    assert sim_host.backends.connects[be] == 2
+
+
+def test_blkfront_must_close_before_blkback_starts_over(sim_host: SimHost, xs: Xenstore) -> None:
+    """xen-blkback frontend_changed(): Initialising moves it only from Closed ("prepare
+    for reconnect"); a frontend reconnects by closing first."""
+    dom = sim_host.create_guest("pv")
+    booted(sim_host, dom)
+    _, be = dev_paths(dom, "vbd", 51712)
+    rel = "device/vbd/51712"
+    rec = StateRecorder(sim_host)
+    on_host(sim_host, rec.start())
+    with (
+        Xenstore(sim_host.guest_xenstore_socket(dom), timeout=STEP) as guest,
+        BackendHandled(sim_host, be) as handled,
+    ):
+        guest.write(f"{rel}/state", str(XenbusState.INITIALISING))
+        handled.wait()
+        assert xs.read(f"{be}/state") == str(XenbusState.CONNECTED)  # not while Connected
+        for state in (XenbusState.CLOSING, XenbusState.CLOSED):
+            guest.write(f"{rel}/state", str(state))
+            wait_state(xs, be, state)
+        guest.write(f"{rel}/state", str(XenbusState.INITIALISING))
+        wait_state(xs, be, XenbusState.INIT_WAIT)
+        reconnect_as_the_guest(guest, xs, "vbd", be)
+    drain(sim_host)
+    s = XenbusState
+    assert rec.sequence(f"{be}/state") == [s.CLOSING, s.CLOSED, s.INIT_WAIT, s.CONNECTED]
     assert sim_host.backends.connects[be] == 2
 
 
@@ -602,26 +669,15 @@ def test_a_backend_never_resurrects_a_removed_device(sim_host: SimHost, xs: Xens
     booted(sim_host, dom)
     fe, be = dev_paths(dom, "vif", 0)
     backends = sim_host.backends
-    real_changed = backends._frontend_changed
-    handled = threading.Event()
-
-    async def frontend_changed(device: str) -> None:
-        try:
-            await real_changed(device)
-        finally:
-            if device == be:
-                handled.set()
-
     racing = _RemovedUnderfoot(backends.xs, be)
     backends.xs = racing
-    backends._frontend_changed = frontend_changed  # type: ignore[method-assign,assignment]
     try:
-        # The frontend starts over: the backend would switch to InitWait ...
-        xs.write(f"{fe}/state", str(XenbusState.INITIALISING))
-        assert handled.wait(STEP)
+        with BackendHandled(sim_host, be) as handled:
+            # The frontend starts over: netback would walk back towards InitWait ...
+            xs.write(f"{fe}/state", str(XenbusState.INITIALISING))
+            handled.wait()
     finally:
         backends.xs = racing.inner
-        del backends._frontend_changed
     assert racing.fired
     # ... but the toolstack removed the device meanwhile: it stays removed.
     assert not xs.exists(be)

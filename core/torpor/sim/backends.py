@@ -7,11 +7,14 @@ the driver here
 
 * probes a new device and switches it to InitWait;
 * watches the frontend's ``state`` (the "other end") and, when the frontend
-  is Initialised or Connected, reads its ring references and event channel
-  and switches to Connected;
-* goes back to InitWait when the frontend restarts at Initialising (a guest
-  reconnecting after a resume in a new domain), and to Closed when the
-  frontend closes.
+  is Connected (netback) or Initialised/Connected (blkback), reads its ring
+  references and event channel and switches to Connected;
+* follows a frontend that closes (Closing, Closed) and one that restarts at
+  Initialising: netback walks back to InitWait through Closing and Closed
+  (``set_backend_state()``), blkback only once it is Closed ("prepare for
+  reconnect");
+* switches state as ``xenbus_switch_state()`` does: in a transaction, and not
+  at all onto a device the toolstack has removed.
 
 One driver instance serves every device of the host over dom0's in-process
 xenstore connection; one watch on the ``backend`` subtree finds devices, one
@@ -33,6 +36,12 @@ __all__ = ["BackendDriver"]
 
 log = logging.getLogger("torpor.sim.backends")
 BACKEND_ROOT = "/local/domain/0/backend"
+#: xen-netback set_backend_state(): the way from each state to InitWait.
+_NETBACK_TO_INITWAIT = {
+    XenbusState.CONNECTED: (XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.INIT_WAIT),
+    XenbusState.CLOSING: (XenbusState.CLOSED, XenbusState.INIT_WAIT),
+    XenbusState.CLOSED: (XenbusState.INIT_WAIT,),
+}
 
 
 class BackendDriver:
@@ -171,13 +180,23 @@ class BackendDriver:
             await self._forget(be)
             return
         be_state = int(be_state_s or 0)
-        if fe_state == XenbusState.INITIALISING and be_state not in (
-            XenbusState.INIT_WAIT,
-            XenbusState.INITIALISING,
+        netback = be.split("/")[5] == "vif"
+        if fe_state == XenbusState.INITIALISING:
+            # The frontend starts over.  xen-netback's set_backend_state() walks
+            # there through the states in between (Connected -> Closing ->
+            # Closed -> InitWait); xen-blkback's frontend_changed() "prepares
+            # for reconnect" only once it is Closed.
+            if netback:
+                for state in _NETBACK_TO_INITWAIT.get(be_state, ()):
+                    await self._switch_state(be, state)
+            elif be_state == XenbusState.CLOSED:
+                await self._switch_state(be, XenbusState.INIT_WAIT)
+        elif fe_state == XenbusState.CONNECTED or (
+            fe_state == XenbusState.INITIALISED and not netback
         ):
-            # The frontend starts over (a new domain after restore): so do we.
-            await self._switch_state(be, XenbusState.INIT_WAIT)
-        elif fe_state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            # netback connects when the frontend is Connected; blkback already
+            # when it is Initialised ("we connect even when two watches fire in
+            # close succession and we miss the intermediate value").
             if be_state != XenbusState.CONNECTED:
                 # connect_rings(): the frontend's ring and event channel must be there.
                 ring = await self._read(f"{frontend}/ring-ref") or await self._read(
@@ -189,9 +208,14 @@ class BackendDriver:
                     return
                 await self._switch_state(be, XenbusState.CONNECTED)
                 self.connects[be] = self.connects.get(be, 0) + 1
-        elif fe_state in (XenbusState.CLOSING, XenbusState.CLOSED) and be_state not in (
+        elif fe_state == XenbusState.CLOSING and be_state not in (
+            XenbusState.CLOSING,
             XenbusState.CLOSED,
         ):
+            await self._switch_state(be, XenbusState.CLOSING)
+        elif fe_state == XenbusState.CLOSED and be_state != XenbusState.CLOSED:
+            if netback and be_state == XenbusState.CONNECTED:
+                await self._switch_state(be, XenbusState.CLOSING)
             await self._switch_state(be, XenbusState.CLOSED)
 
     def stop(self) -> None:
