@@ -18,8 +18,10 @@ from this record alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from torpor.host import Host
 
 __all__ = ["INTENT_ROOT", "IntentLog", "pid_alive"]
+
+log = logging.getLogger("torpor")
 
 INTENT_ROOT = "/local/domain/0/torpor/intent"
 
@@ -47,11 +51,19 @@ def pid_alive(pid: int) -> bool:
 
 
 class IntentLog:
-    """Reads and writes intent records for one host's xenstore."""
+    """Reads and writes intent records for one host's xenstore.
+
+    Writes are *sent* at once but not waited for: xenstored handles one
+    connection's requests in order, so a record written before the guest is
+    touched is in the store before anything that follows it -- and the
+    operation does not pay a round trip for it.  Their replies are checked
+    when the operation ends (:meth:`end`) or at :meth:`drain`.
+    """
 
     def __init__(self, host: Host) -> None:
         self.host = host
         self._records: dict[int, dict[str, Any]] = {}
+        self._inflight: set[asyncio.Future[bytes]] = set()
         self._root_ready = False
 
     def path(self, domid: int) -> str:
@@ -67,29 +79,55 @@ class IntentLog:
         await xs.set_perms(root, ["n0"])
         self._root_ready = True
 
-    async def begin(self, domid: int, op: str) -> None:
+    def _track(self, fut: asyncio.Future[bytes], what: str) -> None:
+        self._inflight.add(fut)
+
+        def done(f: asyncio.Future[bytes]) -> None:
+            self._inflight.discard(f)
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("intent record %s failed: %s", what, f.exception())
+
+        fut.add_done_callback(done)
+
+    async def begin(self, domid: int, op: str, **fields: Any) -> None:
+        """Record that ``op`` is about to touch the domain (sent, not awaited)."""
         await self._ensure_root()
         record = {
             "op": op,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": round(time.time(), 3),
-            "requested": False,
+            **fields,
         }
         self._records[domid] = record
-        await self.host.xenstore.aio.write(self.path(domid), json.dumps(record))
+        self._track(
+            self.host.xenstore.aio.write_nowait(self.path(domid), json.dumps(record)),
+            f"of domain {domid}",
+        )
 
-    async def update(self, domid: int, **fields: Any) -> None:
+    def update(self, domid: int, **fields: Any) -> None:
         record = self._records.get(domid)
         if record is None:
             return
         record.update(fields)
-        await self.host.xenstore.aio.write(self.path(domid), json.dumps(record))
+        self._track(
+            self.host.xenstore.aio.write_nowait(self.path(domid), json.dumps(record)),
+            f"of domain {domid}",
+        )
 
-    async def end(self, domid: int) -> None:
-        self._records.pop(domid, None)
+    def end(self, domid: int) -> None:
+        """The operation is over: remove its record (sent, not awaited)."""
+        if self._records.pop(domid, None) is None:
+            return
         with contextlib.suppress(TorporError):
-            await self.host.xenstore.aio.rm(self.path(domid))
+            self._track(
+                self.host.xenstore.aio.rm_nowait(self.path(domid)), f"removal for domain {domid}"
+            )
+
+    async def drain(self) -> None:
+        """Wait for every record write still in flight."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
 
     async def read(self, domid: int) -> dict[str, Any] | None:
         raw = await self.host.xenstore.aio.read_or(self.path(domid), None)

@@ -221,6 +221,7 @@ class Orchestrator:
         self._intent = IntentLog(host)
 
     async def close(self) -> None:
+        await self._intent.drain()
         await self.monitor.close()
 
     # -- hooks -----------------------------------------------------------------
@@ -321,17 +322,12 @@ class Orchestrator:
         os.pwrite(fd, f"torpor pid {os.getpid()} ({operation})\n".encode(), 0)
         self._busy[domid] = operation
         try:
-            if self.record_intent:
-                await self._intent.begin(domid, operation)
             yield
         finally:
             self._busy.pop(domid, None)
-            try:
-                if self.record_intent:
-                    await self._intent.end(domid)
-            finally:
-                os.ftruncate(fd, 0)
-                os.close(fd)
+            self._intent.end(domid)
+            os.ftruncate(fd, 0)
+            os.close(fd)
 
     def _as_operation_error(self, e: TorporError, ctx: OperationContext) -> OperationError:
         """Every failure of an operation is an OperationError naming the domain's state.
@@ -540,28 +536,50 @@ class Orchestrator:
                     f"domain {ctx.domid} is shut down ({what}); cannot suspend",
                     state=info.state_word(),
                 )
-            if gt.event_channel and not ctx.facts["s3"]:
-                port = await ctx.xenstore.read_or(f"{ctx.dompath}/device/suspend/event-channel", "")
-                if port.isdigit() and int(port) > 0:
-                    ctx.facts["suspend_event_channel"] = int(port)
-            default = default_suspend_method(ctx)
-            chosen = await self._first("torpor_choose_suspend_method", ctx=ctx, default=default)
-            ctx.method = SuspendMethod(chosen or default)
+            shutdown_path = f"{ctx.dompath}/control/shutdown"
+            ack_wake = asyncio.Event()
+            early_watch: asyncio.Task[Any] | None = None
+            if gt.xenstore_handshake and not ctx.facts["s3"]:
+                # Likely the xenstore handshake: register its watch now, in flight
+                # together with the event-channel read (one round trip, not two).
+                early_watch = asyncio.ensure_future(
+                    ctx.xenstore.watch(shutdown_path, lambda _p, _t: ack_wake.set())
+                )
+            try:
+                if gt.event_channel and not ctx.facts["s3"]:
+                    port = await ctx.xenstore.read_or(
+                        f"{ctx.dompath}/device/suspend/event-channel", ""
+                    )
+                    if port.isdigit() and 0 < int(port) < 1 << 17:
+                        ctx.facts["suspend_event_channel"] = int(port)
+                default = default_suspend_method(ctx)
+                chosen = await self._first("torpor_choose_suspend_method", ctx=ctx, default=default)
+                ctx.method = SuspendMethod(chosen or default)
+            except BaseException:
+                if early_watch is not None:
+                    await _drop_watch(ctx, early_watch)
+                raise
         await self._notify("torpor_before_suspend", ctx=ctx)
         method = ctx.method
-        shutdown_path = f"{ctx.dompath}/control/shutdown"
         acked = False
         ack_watch = None
         try:
-            ack_wake = asyncio.Event()
             async with self._phase(ctx, Phase.REQUEST, timings):
+                if early_watch is not None and method != SuspendMethod.XENSTORE:
+                    await _drop_watch(ctx, early_watch)
+                    early_watch = None
                 if method == SuspendMethod.XENSTORE:
                     # Watch before writing: an ack can't slip between the two.
-                    ack_watch = await ctx.xenstore.watch(
-                        shutdown_path, lambda _p, _t: ack_wake.set()
-                    )
+                    if early_watch is not None:
+                        ack_watch, early_watch = await early_watch, None
+                    else:
+                        ack_watch = await ctx.xenstore.watch(
+                            shutdown_path, lambda _p, _t: ack_wake.set()
+                        )
                 if self.record_intent:
-                    await self._intent.update(ctx.domid, method=str(method), requested=True)
+                    await self._intent.begin(
+                        ctx.domid, ctx.operation, method=str(method), requested=True
+                    )
                 done = await self._first("torpor_request_suspend", ctx=ctx, method=method)
                 if not done:
                     raise OperationError(
@@ -615,7 +633,12 @@ class Orchestrator:
         return result
 
     async def _wait_ack(self, ctx: OperationContext, path: str, wake: asyncio.Event) -> bool:
-        """The guest acks by leaving anything but ``suspend`` (or removing the node)."""
+        """The guest acks by leaving anything but ``suspend`` (or removing the node).
+
+        Read, then wait for a watch event, then read again: a watch event
+        carries no value, and an ack can race any bookkeeping of which event
+        came when, so each wake-up is judged by reading the node.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ctx.timeouts.ack
         while True:
@@ -780,6 +803,8 @@ class Orchestrator:
                     state="suspended",
                 )
         await self._notify("torpor_before_resume", ctx=ctx)
+        if self.record_intent and ctx.domid not in self._intent._records:
+            await self._intent.begin(ctx.domid, ctx.operation, cooperative=cooperative)
         if shut:
             if gt.device_model:
                 async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
@@ -1222,6 +1247,8 @@ class Orchestrator:
         async with self._claim(domid, "recover"):
             ctx = await self._context("recover", domid)
             ctx.cooperative = True
+            if self.record_intent:
+                await self._intent.begin(domid, "recover")
             try:
                 async with self._phase(ctx, Phase.CANCEL, timings):
                     path = f"{ctx.dompath}/control/shutdown"
@@ -1310,6 +1337,16 @@ def _through_image(saved: SavedDomain) -> SavedDomain:
     import io
 
     return decode(io.BytesIO(b"".join(encode(saved))))
+
+
+async def _drop_watch(ctx: OperationContext, pending: asyncio.Future[Any]) -> None:
+    """Undo a speculatively registered watch (errors included: nothing to undo then)."""
+    try:
+        watch = await pending
+    except TorporError:
+        return
+    with contextlib.suppress(TorporError):
+        await ctx.xenstore.unwatch(watch)
 
 
 def _observed_state(hv: Any, domid: int) -> str:

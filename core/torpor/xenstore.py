@@ -771,6 +771,55 @@ class AsyncXenstore:
     def __init__(self, xs: Xenstore) -> None:
         self.xs = xs
 
+    def _start(
+        self,
+        op: Op,
+        payload: bytes,
+        *,
+        tx_id: int = 0,
+        path: str | None = None,
+        timeout: float | None = None,
+    ) -> asyncio.Future[bytes]:
+        """Send a request now; the returned future resolves to its reply (or fails).
+
+        The deadline is armed at once: the future fails with Timeout if no
+        reply comes in time, whether or not anyone awaits it yet.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        limit = self.xs.timeout if timeout is None else timeout
+
+        def settle(reply: bytes | None, err: BaseException | None) -> None:
+            if fut.done():
+                return
+            expiry.cancel()
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                assert reply is not None
+                fut.set_result(reply)
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(
+                    Timeout(
+                        f"xenstore {op.name} {path or ''} got no reply within {limit:g}s",
+                        deadline=limit,
+                    )
+                )
+
+        def on_done(reply: bytes | None, err: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(settle, reply, err)
+
+        expiry = loop.call_later(limit, expire)
+        try:
+            self.xs._submit(op, payload, tx_id, path, on_done)
+        except BaseException:
+            expiry.cancel()
+            raise
+        return fut
+
     async def _call(
         self,
         op: Op,
@@ -780,31 +829,19 @@ class AsyncXenstore:
         path: str | None = None,
         timeout: float | None = None,
     ) -> bytes:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
+        return await self._start(op, payload, tx_id=tx_id, path=path, timeout=timeout)
 
-        def settle(reply: bytes | None, err: BaseException | None) -> None:
-            if fut.done():
-                return
-            if err is not None:
-                fut.set_exception(err)
-            else:
-                assert reply is not None
-                fut.set_result(reply)
+    def write_nowait(self, path: str, value: str | bytes) -> asyncio.Future[bytes]:
+        """Send a write without waiting: it is on the wire when this returns.
 
-        def on_done(reply: bytes | None, err: BaseException | None) -> None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(settle, reply, err)
+        Requests on one connection are processed in order, so a later
+        request is seen after this write; await the future for its outcome.
+        """
+        return self._start(Op.WRITE, _check_path(path) + _NUL + _value_bytes(value), path=path)
 
-        self.xs._submit(op, payload, tx_id, path, on_done)
-        limit = self.xs.timeout if timeout is None else timeout
-        try:
-            return await asyncio.wait_for(fut, limit)
-        except TimeoutError:
-            raise Timeout(
-                f"xenstore {op.name} {path or ''} got no reply within {limit:g}s",
-                deadline=limit,
-            ) from None
+    def rm_nowait(self, path: str) -> asyncio.Future[bytes]:
+        """Send a removal without waiting (see :meth:`write_nowait`)."""
+        return self._start(Op.RM, _check_path(path) + _NUL, path=path)
 
     async def read(self, path: str, *, tx: Transaction | None = None) -> str:
         reply = await self._call(Op.READ, _check_path(path) + _NUL, tx_id=_tx(tx), path=path)
