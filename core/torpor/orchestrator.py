@@ -216,6 +216,9 @@ class Orchestrator:
         self.concurrency = concurrency
         self.monitor = DomainMonitor(host)
         self._busy: dict[int, str] = {}
+        self._lock_fds: dict[int, int] = {}
+        self._lock_named: set[int] = set()
+        self._lock_dir_ready = False
         #: Keep an intent record in xenstore while an operation runs (torpor.intent).
         self.record_intent = record_intent
         self._intent = IntentLog(host)
@@ -223,6 +226,9 @@ class Orchestrator:
     async def close(self) -> None:
         await self._intent.drain()
         await self.monitor.close()
+        for fd in self._lock_fds.values():
+            os.close(fd)
+        self._lock_fds.clear()
 
     # -- hooks -----------------------------------------------------------------
 
@@ -262,34 +268,23 @@ class Orchestrator:
 
     async def _notify(self, name: str, **kwargs: Any) -> None:
         """A lifecycle notification: an embedder's failing listener is logged, not fatal."""
+        if not self._listened(name):
+            return
         try:
             await self._all(name, **kwargs)
         except Exception:
             log.exception("torpor hook %s raised; carrying on with the operation", name)
 
-    @contextlib.asynccontextmanager
-    async def _phase(
+    def _phase(
         self, ctx: OperationContext, phase: Phase, timings: list[PhaseTiming]
-    ) -> AsyncIterator[None]:
-        ctx.phase = phase
-        await self._notify("torpor_phase_started", ctx=ctx, phase=phase)
-        t0 = time.perf_counter()
-        error: TorporError | None = None
-        try:
-            yield
-        except TorporError as e:
-            error = e
-            if e.phase is None:
-                e.phase = phase
-            if e.domid is None:
-                e.domid = ctx.domid
-            raise
-        finally:
-            seconds = time.perf_counter() - t0
-            timings.append(PhaseTiming(phase, seconds))
-            await self._notify(
-                "torpor_phase_finished", ctx=ctx, phase=phase, seconds=seconds, error=error
-            )
+    ) -> _PhaseScope:
+        """``async with self._phase(...)``: time a phase, name it on errors, notify."""
+        return _PhaseScope(self, ctx, phase, timings)
+
+    def _listened(self, name: str) -> bool:
+        """Whether any plugin implements notification hook ``name`` (skip the call if not)."""
+        caller: pluggy.HookCaller = getattr(self.pm.hook, name)
+        return bool(caller.get_hookimpls())
 
     # -- one operation per domain -------------------------------------------------
 
@@ -304,30 +299,42 @@ class Orchestrator:
                 phase=Phase.VALIDATE,
                 state="unchanged",
             )
-        os.makedirs(self.host.lock_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self.host.lock_dir, f"domain-{domid}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._lock_fd(domid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
             raise DomainBusy(
-                f"domain {domid} is busy: {holder} holds {path}",
+                f"domain {domid} is busy: {holder} holds "
+                f"{os.path.join(self.host.lock_dir, f'domain-{domid}.lock')}",
                 domid=domid,
                 phase=Phase.VALIDATE,
                 state="unchanged",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"torpor pid {os.getpid()} ({operation})\n".encode(), 0)
+        if domid not in self._lock_named:
+            # Who holds it, for another process's DomainBusy message.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"torpor pid {os.getpid()}\n".encode(), 0)
+            self._lock_named.add(domid)
         self._busy[domid] = operation
         try:
             yield
         finally:
             self._busy.pop(domid, None)
             self._intent.end(domid)
-            os.ftruncate(fd, 0)
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock_fd(self, domid: int) -> int:
+        """The domain's lock file, opened once per orchestrator (flock() per operation)."""
+        fd = self._lock_fds.get(domid)
+        if fd is None:
+            if not self._lock_dir_ready:
+                os.makedirs(self.host.lock_dir, mode=0o700, exist_ok=True)
+                self._lock_dir_ready = True
+            path = os.path.join(self.host.lock_dir, f"domain-{domid}.lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fds[domid] = fd
+        return fd
 
     def _as_operation_error(self, e: TorporError, ctx: OperationContext) -> OperationError:
         """Every failure of an operation is an OperationError naming the domain's state.
@@ -1332,6 +1339,47 @@ class Orchestrator:
         return out
 
 
+class _PhaseScope:
+    """One phase: notifications around it, its timing, its name on errors."""
+
+    __slots__ = ("ctx", "orch", "phase", "t0", "timings")
+
+    def __init__(
+        self,
+        orch: Orchestrator,
+        ctx: OperationContext,
+        phase: Phase,
+        timings: list[PhaseTiming],
+    ) -> None:
+        self.orch = orch
+        self.ctx = ctx
+        self.phase = phase
+        self.timings = timings
+        self.t0 = 0.0
+
+    async def __aenter__(self) -> None:
+        self.ctx.phase = self.phase
+        await self.orch._notify("torpor_phase_started", ctx=self.ctx, phase=self.phase)
+        self.t0 = time.perf_counter()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        seconds = time.perf_counter() - self.t0
+        error = exc if isinstance(exc, TorporError) else None
+        if error is not None:
+            if error.phase is None:
+                error.phase = self.phase
+            if error.domid is None:
+                error.domid = self.ctx.domid
+        self.timings.append(PhaseTiming(self.phase, seconds))
+        await self.orch._notify(
+            "torpor_phase_finished",
+            ctx=self.ctx,
+            phase=self.phase,
+            seconds=seconds,
+            error=error,
+        )
+
+
 def _through_image(saved: SavedDomain) -> SavedDomain:
     """Encode and decode: what crosses to the destination is exactly the image format."""
     import io
@@ -1405,6 +1453,7 @@ class Torpor:
         timeouts: Timeouts | None = None,
         concurrency: int = 64,
         own_host: bool = False,
+        record_intent: bool = True,
     ) -> None:
         self.host = host
         self._own_host = own_host
@@ -1412,7 +1461,11 @@ class Torpor:
         self._thread = threading.Thread(target=self.loop.run_forever, name="torpor", daemon=True)
         self._thread.start()
         self.orchestrator = Orchestrator(
-            host, plugin_manager=plugin_manager, timeouts=timeouts, concurrency=concurrency
+            host,
+            plugin_manager=plugin_manager,
+            timeouts=timeouts,
+            concurrency=concurrency,
+            record_intent=record_intent,
         )
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
