@@ -437,7 +437,7 @@ class Orchestrator:
         ``fresh``: ``ctx.domain`` was just read; the first judgement uses it.
         """
         loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
+        wake = _Waker()
         undo: list[Callable[[], None]] = []
         watches = []
         await self.monitor.start()
@@ -472,11 +472,7 @@ class Orchestrator:
                 if verdict is not None and (verdict.done or verdict.failed):
                     return verdict
                 remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(wake.wait(), remaining)
-                except TimeoutError:
+                if remaining <= 0 or not await wake.wait(remaining):
                     break
             raise Timeout(
                 f"{what} did not happen within {timeout:g}s",
@@ -544,7 +540,7 @@ class Orchestrator:
                     state=info.state_word(),
                 )
             shutdown_path = f"{ctx.dompath}/control/shutdown"
-            ack_wake = asyncio.Event()
+            ack_wake = _Waker()
             early_watch: asyncio.Task[Any] | None = None
             if gt.xenstore_handshake and not ctx.facts["s3"]:
                 # Likely the xenstore handshake: register its watch now, in flight
@@ -639,7 +635,7 @@ class Orchestrator:
         await self._notify("torpor_after_suspend", ctx=ctx, result=result)
         return result
 
-    async def _wait_ack(self, ctx: OperationContext, path: str, wake: asyncio.Event) -> bool:
+    async def _wait_ack(self, ctx: OperationContext, path: str, wake: _Waker) -> bool:
         """The guest acks by leaving anything but ``suspend`` (or removing the node).
 
         Read, then wait for a watch event, then read again: a watch event
@@ -654,11 +650,7 @@ class Orchestrator:
             if value != "suspend":
                 return True
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(wake.wait(), remaining)
-            except TimeoutError:
+            if remaining <= 0 or not await wake.wait(remaining):
                 return False
 
     async def _cancel_request(self, ctx: OperationContext, path: str) -> bool:
@@ -1337,6 +1329,46 @@ class Orchestrator:
             state = "S3" if self._in_s3(info) and not info.shutdown else info.state_word()
             out.append({"domid": info.domid, "name": name, "guest_type": gt, "state": state})
         return out
+
+
+class _Waker:
+    """An event for one waiting coroutine: set by watch / monitor callbacks in the loop.
+
+    Cheaper than ``asyncio.wait_for(event.wait(), t)``, which makes a task per wait.
+    """
+
+    __slots__ = ("flag", "fut", "loop")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.flag = False
+        self.fut: asyncio.Future[bool] | None = None
+
+    def set(self) -> None:
+        self.flag = True
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    def clear(self) -> None:
+        self.flag = False
+
+    async def wait(self, timeout: float) -> bool:
+        """True once set, False when ``timeout`` passes first."""
+        if self.flag:
+            return True
+        fut = self.fut = self.loop.create_future()
+        handle = self.loop.call_later(timeout, _expire, fut)
+        try:
+            return bool(await fut)
+        finally:
+            handle.cancel()
+            self.fut = None
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
 
 class _PhaseScope:
