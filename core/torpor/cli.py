@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -217,23 +216,25 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
     reporter = Reporter(quiet=True, total=1)
     done = 0
+
+    def show(res: Result) -> None:
+        nonlocal done
+        if args.json:
+            print(json.dumps({**res.to_dict(), "index": done}), flush=True)
+        else:
+            print(f"checkpoint {done + 1}/{args.count}: " + _describe(res), flush=True)
+        done += 1
+
     with _open(args, reporter) as t:
-        for i in range(args.count):
-            if i and args.interval:
-                time.sleep(args.interval / 1000)  # the caller's pacing, not a wait for an event
-            try:
-                res = t.checkpoint(domid)
-            except TorporError as e:
-                if args.json:
-                    print(json.dumps({**_error_dict(domid, "checkpoint", e), "index": i}))
-                else:
-                    print(f"domain {domid}: checkpoint {i + 1}/{args.count} FAILED: {e}")
-                return EXIT_PARTIAL if done else EXIT_ALL_FAILED
-            done += 1
+        try:
+            # One session: claimed, classified and (event channel) bound once.
+            t.checkpoints(domid, args.count, interval=args.interval / 1000, on_result=show)
+        except TorporError as e:
             if args.json:
-                print(json.dumps({**res.to_dict(), "index": i}), flush=True)
+                print(json.dumps({**_error_dict(domid, "checkpoint", e), "index": done}))
             else:
-                print(f"checkpoint {i + 1}/{args.count}: " + _describe(res), flush=True)
+                print(f"domain {domid}: checkpoint {done + 1}/{args.count} FAILED: {e}")
+            return EXIT_PARTIAL if done else EXIT_ALL_FAILED
     return EXIT_OK
 
 

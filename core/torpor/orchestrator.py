@@ -63,6 +63,7 @@ from torpor.errors import (
     UnexpectedShutdown,
     UnsafeResume,
     UnsupportedGuest,
+    UsageError,
 )
 from torpor.host import Host, validate_domid
 from torpor.image import SavedDomain, decode, encode, read_image, write_image
@@ -549,7 +550,11 @@ class Orchestrator:
                     ctx.xenstore.watch(shutdown_path, lambda _p, _t: ack_wake.set())
                 )
             try:
-                if gt.event_channel and not ctx.facts["s3"]:
+                if (
+                    gt.event_channel
+                    and not ctx.facts["s3"]
+                    and "suspend_local_port" not in ctx.facts  # bound for the session
+                ):
                     port = await ctx.xenstore.read_or(
                         f"{ctx.dompath}/device/suspend/event-channel", ""
                     )
@@ -579,7 +584,7 @@ class Orchestrator:
                         ack_watch = await ctx.xenstore.watch(
                             shutdown_path, lambda _p, _t: ack_wake.set()
                         )
-                if self.record_intent:
+                if self.record_intent and ctx.domid not in self._intent._records:
                     await self._intent.begin(
                         ctx.domid, ctx.operation, method=str(method), requested=True
                     )
@@ -612,7 +617,7 @@ class Orchestrator:
             if ack_watch is not None:  # the request or the ack wait failed
                 with contextlib.suppress(TorporError):
                     await ctx.xenstore.unwatch(ack_watch)
-            if method == SuspendMethod.EVENT_CHANNEL:
+            if method == SuspendMethod.EVENT_CHANNEL and not ctx.facts.get("session"):
                 with contextlib.suppress(TorporError):
                     release_suspend_event_channel(ctx)
         asleep = verdict.state == "S3" and not ctx.domain.shutdown
@@ -917,9 +922,72 @@ class Orchestrator:
         The guest is resumed even if the callback fails; then the callback's
         error is raised (as an OperationError in phase ``callback``).
         """
-        suspended = await self.suspend(
-            domid, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout
+        results = await self.checkpoints(
+            domid, 1, callback=callback, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout
         )
+        return results[0]
+
+    async def checkpoints(
+        self,
+        domid: int,
+        count: int,
+        *,
+        interval: float = 0.0,
+        callback: Callable[[Result], Any] | None = None,
+        on_result: Callable[[Result], None] | None = None,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> list[Result]:
+        """``count`` checkpoints in one session, as Remus runs them.
+
+        The domain is claimed once, classified once, its intent recorded once,
+        and a suspend event channel, if the guest has one, stays bound and
+        subscribed for the whole session.  ``interval`` seconds pass between
+        checkpoints (the caller's pacing); ``on_result`` sees each result as
+        it comes.  The first failure ends the session with the guest resumed.
+        """
+        domid = validate_domid(domid)
+        if count < 1:
+            raise UsageError("a checkpoint session needs at least one checkpoint")
+        timeouts = attrs.evolve(
+            self.timeouts,
+            ack=self.timeouts.ack if ack_timeout is None else ack_timeout,
+            suspend=self.timeouts.suspend if suspend_timeout is None else suspend_timeout,
+        )
+        results: list[Result] = []
+        async with self._claim(domid, "checkpoint"):
+            ctx = await self._context("checkpoint", domid)
+            ctx.timeouts = timeouts
+            ctx.facts["session"] = True
+            try:
+                for i in range(count):
+                    if i:
+                        if interval:
+                            await asyncio.sleep(interval)  # the caller's pacing
+                        self._refresh(ctx)
+                    result = await self._checkpoint_once(ctx, callback)
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+            except TorporError as e:
+                err = self._as_operation_error(e, ctx)
+                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+                if err is e:
+                    raise
+                raise err from e
+            finally:
+                if "suspend_local_port" in ctx.facts:
+                    with contextlib.suppress(TorporError):
+                        release_suspend_event_channel(ctx)
+                await ctx.close()
+        return results
+
+    async def _checkpoint_once(
+        self, ctx: OperationContext, callback: Callable[[Result], Any] | None
+    ) -> Result:
+        ctx.facts.pop("cancelled", None)
+        ctx.cooperative = None
+        suspended = await self._suspend(ctx)
         t0 = time.perf_counter()
         callback_error: BaseException | None = None
         if callback is not None:
@@ -930,17 +998,19 @@ class Orchestrator:
             except Exception as e:
                 callback_error = e
         cb_seconds = time.perf_counter() - t0
-        resumed = await self.resume(domid, cooperative=True)
+        ctx.cooperative = True
+        self._refresh(ctx)
+        resumed = await self._resume(ctx)
         if callback_error is not None:
             raise OperationError(
                 f"checkpoint callback failed: {callback_error!r}; guest resumed",
-                domid=domid,
+                domid=ctx.domid,
                 phase=Phase.CALLBACK,
                 cause=callback_error,
                 state=resumed.state,
             )
         return Result(
-            domid=domid,
+            domid=ctx.domid,
             operation="checkpoint",
             guest_type=suspended.guest_type,
             outcome="checkpointed",
@@ -1513,6 +1583,9 @@ class Torpor:
         self, domid: int, callback: Callable[[Result], Any] | None = None, **kw: Any
     ) -> Result:
         return self._run(self.orchestrator.checkpoint(domid, callback, **kw))
+
+    def checkpoints(self, domid: int, count: int, **kw: Any) -> list[Result]:
+        return self._run(self.orchestrator.checkpoints(domid, count, **kw))
 
     def suspend_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:
         return self._run(self.orchestrator.suspend_many(domids, **kw))

@@ -57,7 +57,8 @@ async def torpor_request_suspend(ctx: OperationContext, method: SuspendMethod) -
         ctx.hypervisor.shutdown(ctx.domid, ShutdownReason.SUSPEND)
         return True
     if method == SuspendMethod.EVENT_CHANNEL:
-        bind_suspend_event_channel(ctx)
+        if "suspend_local_port" not in ctx.facts:  # a checkpoint session keeps it bound
+            bind_suspend_event_channel(ctx)
         ctx.hypervisor.evtchn_notify(ctx.facts["suspend_local_port"])
         return True
     return None
