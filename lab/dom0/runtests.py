@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 RUN = "/mnt/run"
 OUT = f"{RUN}/out"
@@ -47,10 +48,16 @@ def main() -> int:
     with open(f"{RUN}/in/job.json") as f:
         job = json.load(f)
     os.makedirs(OUT, exist_ok=True)
+    # The vendored dependencies, from one tar on the share into tmpfs.
+    parent = os.path.dirname(job["site_dir"])
+    os.makedirs(parent, exist_ok=True)
+    with tarfile.open(job["site_tar"]) as tar:
+        tar.extractall(parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = ":".join(job["pythonpath"])
     env["PATH"] = f"{RUN}/in/meta/bin:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the repo share is read-only
+    # The repo share is read-only: compiled sources are kept in tmpfs.
+    env["PYTHONPYCACHEPREFIX"] = "/run/torpor-lab/pycache"
     env["TORPOR_LAB_OUT"] = OUT
     cmd = [
         sys.executable,

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -45,11 +46,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--results", type=Path, help="run directory (default: <cache>/run)")
     p.add_argument("--boot-timeout", type=float, default=240.0, help="seconds to dom0 ready")
     p.add_argument("--test-timeout", type=float, default=1500.0, help="seconds for pytest")
+    p.add_argument("--cpu", default=qemu.CPU, help=f"QEMU -cpu model (default: {qemu.CPU})")
     p.add_argument("pytest_args", nargs="*", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C, so the QEMU we started is stopped on the way out.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
@@ -152,6 +161,8 @@ def _prepare_run(rundir: Path, pytest_args: list[str], timeout: float) -> list[q
         "pytest_args": pytest_args,
         "timeout": timeout,
         "cwd": vendor.DOM0_REPO,
+        "site_tar": f"{vendor.DOM0_VENDOR}/site.tar",
+        "site_dir": vendor.DOM0_SITE,
     }
     (rundir / "in" / "job.json").write_text(json.dumps(job, indent=2) + "\n")
     return [
@@ -175,7 +186,7 @@ def run(args: argparse.Namespace, cache: Path) -> int:
     shares.append(qemu.Share("torpor-vendor", vdir, readonly=True))
     if args.command == "shell":
         log("booting dom0 with its console here (Ctrl-A x quits QEMU)")
-        return qemu.interactive(img, shares)
+        return qemu.interactive(img, shares, cpu=args.cpu)
 
     log(f"pytest in dom0: {' '.join(pytest_args)}")
     log(f"console log: {rundir / 'console.log'}")
@@ -215,6 +226,7 @@ def _boot(
         boot_timeout=args.boot_timeout,
         run_timeout=args.test_timeout + 120,
         on_line=on_line,
+        cpu=args.cpu,
     )
     if boot.ready_after is not None:
         phases.record("boot", boot.ready_after, "QEMU start -> dom0 ready")
@@ -246,6 +258,7 @@ def _report(boot: qemu.Boot, rundir: Path, phases: Phases) -> int:
         print()
         if boot.failure:
             print(f"[lab] FAILED: {boot.failure}")
+        if boot.failure or not junit.is_file():
             print("[lab] last console lines:")
             print("\n".join(f"    {line}" for line in boot.last_lines[-30:]))
         if pytest_rc not in (None, 0):

@@ -4,7 +4,8 @@ dom0 runs Debian 12's python3 (3.11).  torpor's runtime and test requirements
 are read from pyproject.toml and installed on the host with
 `pip install --target` for CPython 3.11 / manylinux x86_64, binary wheels only
 (cffi and hypothesis ship cp311 manylinux wheels; the rest are pure Python).
-The result is cached per requirement set and shared read-only into dom0.
+The result is cached per requirement set as one tar, shared read-only into
+dom0 and unpacked there into tmpfs before pytest starts.
 
 torpor itself is not installed: dom0 imports it straight from the repo share
 (core/ and plugins/*/ on PYTHONPATH), so the tests always see the working
@@ -20,6 +21,7 @@ import hashlib
 import json
 import re
 import shutil
+import tarfile
 import tomllib
 from pathlib import Path
 
@@ -38,10 +40,12 @@ PLATFORMS = (
 #: developer tools from the test extra that never run in dom0
 EXCLUDE = frozenset({"ruff", "mypy"})
 
-#: where the shares appear in dom0 (see dom0/init)
+#: where the shares appear in dom0 (see dom0/init), and where dom0/runtests.py
+#: unpacks the vendored site.tar
 DOM0_REPO = "/mnt/repo"
 DOM0_VENDOR = "/mnt/vendor"
 DOM0_RUN = "/mnt/run"
+DOM0_SITE = "/run/torpor-lab/site"
 
 
 def _name(req: str) -> str:
@@ -92,7 +96,12 @@ def vendor(cache: Path, repo: Path, logfile: Path) -> tuple[Path, bool]:
         cmd += ["--platform", p]
     log(f"pip install --target (cp311 manylinux): {' '.join(reqs)}")
     run([*cmd, *reqs], timeout=900, logfile=logfile, what="pip install (dom0 dependencies)")
-    dists = sorted(p.name.removesuffix(".dist-info") for p in site.glob("*.dist-info"))
+    # One tar that dom0 unpacks into its tmpfs: imports from 9p under TCG
+    # cost a round trip per stat, and pytest + hypothesis make thousands.
+    with tarfile.open(tmp / "site.tar", "w") as tar:
+        tar.add(site, arcname="site")
+    shutil.rmtree(site)
+    dists = sorted(p.name for p in _dist_infos(tmp / "site.tar"))
     (tmp / "manifest.json").write_text(
         json.dumps({"requirements": reqs, "installed": dists}, indent=2) + "\n"
     )
@@ -103,6 +112,12 @@ def vendor(cache: Path, repo: Path, logfile: Path) -> tuple[Path, bool]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final, False
+
+
+def _dist_infos(tar_path: Path) -> list[Path]:
+    with tarfile.open(tar_path) as tar:
+        names = [Path(n) for n in tar.getnames()]
+    return [n for n in names if len(n.parts) == 2 and n.name.endswith(".dist-info")]
 
 
 def source_roots(repo: Path) -> list[Path]:
@@ -171,4 +186,4 @@ def write_metadata(repo: Path, dest: Path) -> list[str]:
 def dom0_pythonpath(repo: Path) -> list[str]:
     """PYTHONPATH inside dom0: torpor's metadata, its sources, the vendored deps."""
     roots = [f"{DOM0_REPO}/{r.relative_to(repo).as_posix()}" for r in source_roots(repo)]
-    return [f"{DOM0_RUN}/in/meta", *roots, f"{DOM0_VENDOR}/site", f"{DOM0_REPO}/lab/dom0"]
+    return [f"{DOM0_RUN}/in/meta", *roots, DOM0_SITE, f"{DOM0_REPO}/lab/dom0"]

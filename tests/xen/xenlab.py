@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import os
 import re
 import select
@@ -452,11 +453,12 @@ class GuestFactory:
     @CONSOLE_LOG@, @CMD_SOCKET@, @EXTRA@ (appended to the kernel command line).
     """
 
+    _seq = itertools.count(1)  # names stay unique across factories in a session
+
     def __init__(self, results: Path | None) -> None:
         self.results = results
         self.guests: list[Guest] = []
         self.consoles = ConsoleDir()
-        self.seq = 0
 
     def create(
         self,
@@ -470,14 +472,12 @@ class GuestFactory:
     ) -> Guest:
         if kind not in GUEST_TYPES:
             raise ValueError(f"guest type {kind!r} not in {GUEST_TYPES}")
-        self.seq += 1
-        name = name or f"lab-{kind}-{os.getpid()}-{self.seq}"
+        name = name or f"lab-{kind}-{next(self._seq)}"
         RUN_DIR.mkdir(parents=True, exist_ok=True)
-        hvm_kind = kind in ("hvm", "pvhvm")
-        # HVM guests' console is their ttyS0, logged by qemu-xen to a file;
-        # PV and PVH guests' is the PV console, logged by xenconsoled.
-        log = CONSOLE_DIR / (f"hvm-{name}.log" if hvm_kind else f"guest-{name}.log")
-        cmd_sock = RUN_DIR / f"{name}.cmd" if hvm_kind else None
+        # Plain HVM guests' console is their ttyS0, written by qemu-xen to a
+        # file; the others use the PV console, logged by xenconsoled.
+        log = CONSOLE_DIR / (f"hvm-{name}.log" if kind == "hvm" else f"guest-{name}.log")
+        cmd_sock = RUN_DIR / f"{name}.cmd" if kind in ("hvm", "pvhvm") else None
         text = (GUEST_DEFS / f"{kind}.cfg").read_text()
         for key, value in {
             "@NAME@": name,
