@@ -112,20 +112,27 @@ def test_overhead_suspend_resume(sim_host: SimHost, record: Any) -> None:
         t._run(xs.aio.unwatch(aio_watch))
         t.close()
         lean.close()
-    record("overhead", {
-        "baseline_sync_ms": _summary(base),
-        "baseline_async_ms": _summary(base_async),
-        "torpor_ms": _summary(torpor),
-        "ratio": round(statistics.median(torpor) / statistics.median(base_async), 3),
-        "ratio_vs_sync": round(statistics.median(torpor) / statistics.median(base), 3),
-        "torpor_no_intent_ms": _summary(no_intent),
-        "ratio_no_intent": round(statistics.median(no_intent) / statistics.median(base_async), 3),
-        "target": 1.10,
-    })
+    record(
+        "overhead",
+        {
+            "baseline_sync_ms": _summary(base),
+            "baseline_async_ms": _summary(base_async),
+            "torpor_ms": _summary(torpor),
+            "ratio": round(statistics.median(torpor) / statistics.median(base_async), 3),
+            "ratio_vs_sync": round(statistics.median(torpor) / statistics.median(base), 3),
+            "torpor_no_intent_ms": _summary(no_intent),
+            "ratio_no_intent": round(
+                statistics.median(no_intent) / statistics.median(base_async), 3
+            ),
+            "target": 1.10,
+        },
+    )
 
 
 def _summary(xs: list[float]) -> dict[str, float]:
     q = statistics.quantiles(xs, n=4)
-    return {"median": round(statistics.median(xs) * 1000, 3),
-            "iqr": round((q[2] - q[0]) * 1000, 3),
-            "min": round(min(xs) * 1000, 3)}
+    return {
+        "median": round(statistics.median(xs) * 1000, 3),
+        "iqr": round((q[2] - q[0]) * 1000, 3),
+        "min": round(min(xs) * 1000, 3),
+    }

@@ -384,3 +384,16 @@ def test_no_leaked_watches_threads_or_fds(sim_host: SimHost) -> None:
 async def _watches(host: SimHost) -> list[Any]:
     assert host.xenstored is not None
     return [w for w in host.xenstored.watches() if w.domid == 0 and w.conn_id != 0]
+
+
+def test_repeated_suspends_of_a_slow_freezer_are_each_noticed(sim_host: SimHost) -> None:
+    """A resume changes a domain without @releaseDomain; the next suspend must still wake us.
+
+    (Regression: the domain monitor compared flags with what it saw at the
+    previous suspend and slept through the second one.)
+    """
+    dom = sim_host.create_guest("pv", behaviour=Behaviour(freeze_time=0.05))
+    with Torpor(sim_host.toolstack_host(), own_host=True, timeouts=Timeouts(suspend=5)) as t:
+        for _ in range(3):
+            assert t.suspend(dom).state == "suspended"
+            t.resume(dom)

@@ -125,6 +125,10 @@ class DomainMonitor:
             self._evtchn_fd = None
 
     def listen_domain(self, domid: int, wake: Callable[[], None]) -> Callable[[], None]:
+        # Forget what we last saw of it: a resume changes a domain without any
+        # @releaseDomain, so the next event must wake a new listener whatever
+        # the flags then say (a spurious wake costs one re-read).
+        self._last.pop(domid, None)
         self._domain_listeners.setdefault(domid, set()).add(wake)
         return lambda: self._domain_listeners.get(domid, set()).discard(wake)
 
@@ -207,7 +211,7 @@ class Orchestrator:
         *,
         plugin_manager: pluggy.PluginManager | None = None,
         timeouts: Timeouts | None = None,
-        concurrency: int = 64,
+        concurrency: int = 256,
         record_intent: bool = True,
     ) -> None:
         self.host = host
@@ -1553,7 +1557,7 @@ class Torpor:
         *,
         plugin_manager: pluggy.PluginManager | None = None,
         timeouts: Timeouts | None = None,
-        concurrency: int = 64,
+        concurrency: int = 256,
         own_host: bool = False,
         record_intent: bool = True,
     ) -> None:
