@@ -47,6 +47,13 @@ test: check-system lint typecheck docs pytest
 test-xen:
 	$(PYTHON) lab/run $(TEST_XEN_ARGS)
 
+# Benchmarks (bench/): results in bench/results.json, table in docs/performance.md.
+bench: $(STAMP)
+	rm -f bench/results.json
+	TORPOR_BENCH_JSON=bench/results.json $(PY) -m pytest bench -q -s -p no:randomly \
+		-o timeout=3600 -c /dev/null --rootdir .
+	$(PY) bench/report.py bench/results.json docs/performance.md
+
 # The long soak: 10,000 suspend/resume cycles, resource slopes in bench/soak.json.
 soak: $(STAMP)
 	TORPOR_SOAK_CYCLES=$${TORPOR_SOAK_CYCLES:-10000} TORPOR_SOAK_REPORT=bench/soak.json \

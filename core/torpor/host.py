@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torpor.builder import DomainBuilder
 from torpor.errors import BackendUnavailable, UsageError
 from torpor.hypervisor import Hypervisor
 from torpor.xenstore import Xenstore
+
+if TYPE_CHECKING:
+    from torpor.builder import DomainBuilder
 
 __all__ = ["DOMID_FIRST_RESERVED", "Host", "validate_domid"]
 

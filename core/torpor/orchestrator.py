@@ -36,12 +36,11 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import pluggy
 
-from torpor.builder import DomainBuilder
 from torpor.context import OperationContext
 from torpor.errors import (
     AckTimeout,
@@ -66,7 +65,6 @@ from torpor.errors import (
     UsageError,
 )
 from torpor.host import Host, validate_domid
-from torpor.image import SavedDomain, decode, encode, read_image, write_image
 from torpor.intent import IntentLog, pid_alive
 from torpor.model import (
     HVM_PARAM_ACPI_S_STATE,
@@ -82,6 +80,10 @@ from torpor.model import (
 )
 from torpor.plugins import get_plugin_manager
 from torpor.protocol import default_suspend_method, release_suspend_event_channel
+
+if TYPE_CHECKING:  # save/restore/migration modules load when used, not at start-up
+    from torpor.builder import DomainBuilder
+    from torpor.image import SavedDomain
 
 __all__ = ["DomainMonitor", "Orchestrator", "Torpor"]
 
@@ -1056,6 +1058,8 @@ class Orchestrator:
         (read back, every checksum checked).  A failure at any point before
         that resumes the guest cooperatively where it was, and says why.
         """
+        from torpor.image import read_image, write_image
+
         domid = validate_domid(domid)
         target = os.fspath(path)
         self._builder(self.host, "save")  # refuse before touching the guest
@@ -1121,11 +1125,13 @@ class Orchestrator:
         frontends reconnect to this host's backends.  If the resume fails the
         new domain is destroyed; the image is untouched.
         """
+        from torpor.image import read_image
+
         timings: list[PhaseTiming] = []
         t0 = time.perf_counter()
         saved = (
             source
-            if isinstance(source, SavedDomain)
+            if not isinstance(source, (str, os.PathLike))
             else await asyncio.to_thread(read_image, source)
         )
         if expect_kind is not None and saved.kind != expect_kind:
@@ -1489,6 +1495,8 @@ class _PhaseScope:
 def _through_image(saved: SavedDomain) -> SavedDomain:
     """Encode and decode: what crosses to the destination is exactly the image format."""
     import io
+
+    from torpor.image import decode, encode
 
     return decode(io.BytesIO(b"".join(encode(saved))))
 
