@@ -1043,9 +1043,11 @@ class Orchestrator:
         saved = await asyncio.to_thread(builder.save, ctx.domid)
         dm_state = ctx.facts.get("device_model_state")
         if dm_state:
-            # libxl puts QEMU's saved device state in the stream (EMULATOR_CONTEXT).
-            with open(dm_state, "rb") as f:
-                saved = attrs.evolve(saved, device_model=f.read())
+            # libxl puts QEMU's saved device state in the stream (EMULATOR_CONTEXT),
+            # unless the builder already carried the device model's state itself.
+            if saved.device_model is None:
+                with open(dm_state, "rb") as f:
+                    saved = attrs.evolve(saved, device_model=f.read())
             os.unlink(dm_state)
         return attrs.evolve(
             saved, source={**saved.source, "host": self.host.name, "saved_at": time.time()}

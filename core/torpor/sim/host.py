@@ -515,10 +515,97 @@ class SimHost:
         return domid
 
     async def _save_hvm(self, domid: int) -> Any:
-        raise UsageError(f"saving HVM guest {domid} needs its device model's VM state")
+        """An HVM guest's state is its device model's: in the simulation QEMU runs
+        the vCPUs too, so RAM, CPU and devices travel as QEMU's own migration
+        stream (real Xen sends RAM through libxc and QEMU's device state apart)."""
+        from torpor.image import SavedDomain
+
+        dom = self.xen.domain(domid)
+        dm = self.device_models[domid]
+        path = self.dir / "state" / f"vm-{domid}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await dm.save_vm_state(path, timeout=60)
+        try:
+            vm_state = path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+        state = self.xen.save_domain(domid)
+        return SavedDomain(
+            domain={
+                "kind": "hvm",
+                "name": dom.name,
+                "uuid": dom.uuid,
+                "hvm": True,
+                "emulation_flags": dom.emulation_flags,
+                "vcpus": len(dom.vcpus),
+                "memory_pages": len(dom.memory) // 4096,
+                "behaviour": _behaviour_dict(self.behaviours[domid]),
+                "device_model": str(dm.kind),
+            },
+            vcpus=state["vcpus"],
+            start_info=None,
+            hvm_params=state["hvm_params"],
+            memory=b"",
+            guest={"kind": "hvm"},
+            device_model=vm_state,
+            source={"host": self.name, "domid": domid},
+        )
 
     async def _restore_hvm(self, saved: Any, behaviour: Behaviour) -> int:
-        raise UsageError("restoring an HVM guest needs its device model's VM state")
+        """A new HVM domain whose device model starts from the saved VM state
+        (qemu-xen is started with ``-incoming`` the same way)."""
+        from torpor.sim.hvm import HvmGuest
+        from torpor.sim.qemu import make_device_model, saved_vm_state_kind
+
+        if saved.device_model is None:
+            raise UsageError("the image of an HVM guest carries no device-model state")
+        d = saved.domain
+        state = {
+            "memory": b"",
+            "vcpus": saved.vcpus,
+            "start_info": None,
+            "hvm_params": saved.hvm_params,
+        }
+        dom = self.xen.restore_domain(
+            name=str(d["name"]),
+            hvm=True,
+            emulation_flags=int(d["emulation_flags"]),
+            state=state,
+            uuid=str(d.get("uuid") or "") or None,
+        )
+        domid = dom.domid
+        try:
+            await self._make_xenstore_tree(domid, dom.name, dom.uuid, hvm=True, behaviour=behaviour)
+            incoming = self.dir / "state" / f"incoming-{domid}"
+            incoming.parent.mkdir(parents=True, exist_ok=True)
+            incoming.write_bytes(saved.device_model)
+            kind = saved_vm_state_kind(incoming)
+            if kind is None:
+                raise UsageError("the image's device-model state is of no known kind")
+            run_dir = self.dir / "qmp" / f"dm-{domid}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dm = make_device_model(
+                domid=domid,
+                prefer=kind,
+                run_dir=run_dir,
+                qmp_path=self.qmp_socket(domid),
+                incoming=incoming,
+            )
+            try:
+                await dm.start()
+            finally:
+                incoming.unlink(missing_ok=True)
+            self.device_models[domid] = dm
+            guest = HvmGuest(self.xen, domid, dm, behaviour, destroy=self._request_destroy)
+            agent = str(self.dir / "qmp" / f"qga-{domid}") if behaviour.agent else None
+            await guest.start(agent)
+            self.guests[domid] = guest
+            self.kinds[domid] = "hvm"
+            self.behaviours[domid] = behaviour
+        except BaseException:
+            await self.destroy_guest_async(domid)
+            raise
+        return domid
 
     # -- teardown (libxl_domain_destroy) --------------------------------------------
 

@@ -73,6 +73,8 @@ async def torpor_choose_suspend_method(
 ) -> SuspendMethod | None:
     if not _ours(ctx) or ctx.facts.get("s3"):
         return None  # asleep already: libxl's hard suspend
+    if ctx.operation in ("save", "migrate"):
+        return None  # a save needs the domain shut down for suspend: the hard way
     if ctx.host.agent_path(ctx.domid) is None:
         return None
     dm = await ctx.device_model()
