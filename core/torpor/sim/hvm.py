@@ -34,8 +34,8 @@ from typing import Any
 
 from torpor.model import HVM_PARAM_ACPI_S_STATE, ShutdownReason
 from torpor.qmp import QmpEvent
-from torpor.sim.guest import Behaviour
 from torpor.sim import hvm_image
+from torpor.sim.guest import Behaviour
 from torpor.sim.hvm_image import GuestCounters
 from torpor.sim.qemu import DeviceModelProcess, GuestAgentShim
 from torpor.sim.xen import SimXen
