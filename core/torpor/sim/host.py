@@ -394,7 +394,8 @@ class SimHost:
             domid=domid,
             prefer=self._dm_prefer(kind),
             run_dir=run_dir,
-            qmp_path=self.qmp_socket(domid),
+            # HVM: QEMU's own socket; the public one is HvmGuest's ordering proxy.
+            qmp_path=self.qmp_socket(domid) if kind != "hvm" else run_dir / "qmp-qemu.sock",
         )
         await dm.start()
         self.device_models[domid] = dm
@@ -415,7 +416,7 @@ class SimHost:
             dm = await self._start_device_model(domid, "hvm")
             guest = HvmGuest(self.xen, domid, dm, behaviour, destroy=self._request_destroy)
             agent = str(self.dir / "qmp" / f"qga-{domid}") if behaviour.agent else None
-            await guest.start(agent)
+            await guest.start(agent, qmp_public=self.qmp_socket(domid))
         except BaseException:
             await self.destroy_guest_async(domid)
             raise
@@ -588,7 +589,7 @@ class SimHost:
                 domid=domid,
                 prefer=kind,
                 run_dir=run_dir,
-                qmp_path=self.qmp_socket(domid),
+                qmp_path=run_dir / "qmp-qemu.sock",
                 incoming=incoming,
             )
             try:
@@ -598,7 +599,7 @@ class SimHost:
             self.device_models[domid] = dm
             guest = HvmGuest(self.xen, domid, dm, behaviour, destroy=self._request_destroy)
             agent = str(self.dir / "qmp" / f"qga-{domid}") if behaviour.agent else None
-            await guest.start(agent)
+            await guest.start(agent, qmp_public=self.qmp_socket(domid))
             self.guests[domid] = guest
             self.kinds[domid] = "hvm"
             self.behaviours[domid] = behaviour

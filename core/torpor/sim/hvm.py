@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torpor.model import HVM_PARAM_ACPI_S_STATE, ShutdownReason
@@ -96,6 +97,76 @@ class _Agent(GuestAgentShim):
         return await super()._handle(text)
 
 
+class QmpOrderingProxy:
+    """The device model's public QMP socket, in front of QEMU's own.
+
+    qemu-xen tells Xen about S3 (``HVM_PARAM_ACPI_S_STATE``, from its suspend
+    and wakeup notifiers) *before* it emits ``SUSPEND`` / ``WAKEUP`` to QMP
+    clients, so a toolstack that sees the event can rely on the param.  In
+    the simulation QEMU cannot call into the hypervisor model, so this proxy
+    restores that order: an event from QEMU is applied to the model first,
+    then forwarded.  Everything else passes through byte for byte.
+    """
+
+    def __init__(self, public: str, private: str, on_event: Callable[[str, Any], None]) -> None:
+        self.public = public
+        self.private = private
+        self.on_event = on_event
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.public)
+        self._server = await asyncio.start_unix_server(self._client, path=self.public)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            up_r, up_w = await asyncio.open_unix_connection(self.private, limit=1 << 20)
+        except OSError:
+            writer.close()
+            self._writers.discard(writer)
+            return
+        self._writers.add(up_w)
+
+        async def down() -> None:  # client -> QEMU, as is
+            while chunk := await reader.read(65536):
+                up_w.write(chunk)
+                await up_w.drain()
+            up_w.close()
+
+        task = asyncio.ensure_future(down())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            while line := await up_r.readline():  # QEMU ends each message with CRLF
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    msg = json.loads(line)
+                    if isinstance(msg, dict) and isinstance(msg.get("event"), str):
+                        self.on_event(msg["event"], msg.get("data") or {})
+                writer.write(line)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            task.cancel()
+            for w in (writer, up_w):
+                w.close()
+                self._writers.discard(w)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers):
+            w.close()
+        for t in list(self._tasks):
+            t.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.public)
+
+
 class HvmGuest:
     """A simulated HVM domain's guest: its device model, agent and counters."""
 
@@ -115,6 +186,7 @@ class HvmGuest:
         self.destroy = destroy
         self.log: deque[str] = deque(["boot"], maxlen=200)
         self.agent: _Agent | None = None
+        self.proxy: QmpOrderingProxy | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.checksum_at_resume: str | None = None
@@ -133,27 +205,40 @@ class HvmGuest:
         if not task.cancelled() and task.exception() is not None:
             log.warning("dom%d: %r", self.domid, task.exception())
 
-    async def start(self, agent_path: str | None) -> None:
-        """Tie the device model to the domain; serve the agent unless the guest has none."""
+    async def start(self, agent_path: str | None, qmp_public: str | None = None) -> None:
+        """Tie the device model to the domain; serve the agent unless the guest has none.
+
+        ``qmp_public``: serve the device model's QMP there through a
+        :class:`QmpOrderingProxy` (the model itself listens on its own path).
+        """
         self._unsubscribe = self.dm.on_event(self._on_dm_event)
+        if qmp_public is not None:
+            self.proxy = QmpOrderingProxy(qmp_public, self.dm.qmp_path, self.apply_event)
+            await self.proxy.start()
         self.xen.domain(self.domid).listeners.append(self._on_domain_state)
         if agent_path is not None and self.behaviour.misbehaviour != "lose_xenstore":
             self.agent = _Agent(self, agent_path)
             await self.agent.start()
 
     def _on_dm_event(self, ev: QmpEvent) -> None:
+        self.apply_event(ev.name, ev.data)
+
+    def apply_event(self, name: str, data: Mapping[str, Any]) -> None:
+        """What the hypervisor learns from its device model (idempotent: the QMP
+        proxy and the model's own monitor may both report the same event)."""
         xen, domid = self.xen, self.domid
         if domid not in xen.domains:
             return
-        if ev.name == "SUSPEND":
+        asleep = xen.domain(domid).s3
+        if name == "SUSPEND" and not asleep:
             xen.set_hvm_param(domid, HVM_PARAM_ACPI_S_STATE, 3)
             self.log.append("S3")
-        elif ev.name == "WAKEUP":
+        elif name == "WAKEUP" and asleep:
             xen.set_hvm_param(domid, HVM_PARAM_ACPI_S_STATE, 0)
             self.log.append("S0")
             self.checksum_at_resume = self.dm.memory_checksum()
-        elif ev.name == "SHUTDOWN" and ev.data.get("guest"):
-            reason = ev.data.get("reason")
+        elif name == "SHUTDOWN" and data.get("guest"):
+            reason = data.get("reason")
             code = ShutdownReason.CRASH if reason == "guest-reset" else ShutdownReason.POWEROFF
             self.log.append(f"guest {reason}")
             xen.sched_shutdown(domid, code)
@@ -192,6 +277,8 @@ class HvmGuest:
     async def stop(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self.proxy is not None:
+            await self.proxy.close()
         for t in list(self._tasks):
             t.cancel()
         if self.agent is not None:
