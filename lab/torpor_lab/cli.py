@@ -246,7 +246,7 @@ def _boot(
 def _report(boot: qemu.Boot, rundir: Path, phases: Phases) -> int:
     out = rundir / "out"
     junit = out / "junit.xml"
-    cases = report.read_junit(junit) if junit.is_file() else []
+    cases = report.read_junit(junit, REPO) if junit.is_file() else []
     rc_file = out / "exit-code"
     pytest_rc = int(rc_file.read_text().strip()) if rc_file.is_file() else boot.job_rc
 

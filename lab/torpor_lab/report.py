@@ -15,11 +15,21 @@ class Case:
     message: str
 
 
-def read_junit(path: Path) -> list[Case]:
+def _nodeid(classname: str, name: str, repo: Path | None) -> str:
+    """pytest's node id back from junit's dotted classname, when the file exists."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = "/".join(parts[:cut]) + ".py"
+        if repo is not None and (repo / path).is_file():
+            return "::".join([path, *parts[cut:], name])
+    return f"{classname}::{name}"
+
+
+def read_junit(path: Path, repo: Path | None = None) -> list[Case]:
     root = ET.parse(path).getroot()
     cases = []
     for tc in root.iter("testcase"):
-        test = f"{tc.get('classname', '')}::{tc.get('name', '')}"
+        test = _nodeid(tc.get("classname", ""), tc.get("name", ""), repo)
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
             el = tc.find(tag)
@@ -52,7 +62,8 @@ def table(cases: list[Case]) -> str:
     rows = []
     for c in cases:
         msg = f"  {c.message[:100]}" if c.outcome != "passed" and c.message else ""
-        rows.append(f"  {c.outcome.upper():<8} {c.seconds:7.1f}s  {c.test:<{width}}{msg}")
+        line = f"  {c.outcome.upper():<8} {c.seconds:7.1f}s  {c.test:<{width}}{msg}"
+        rows.append(line.rstrip())
     return "\n".join(rows)
 
 

@@ -179,6 +179,9 @@ def test_pv_xenstore_suspend_and_fast_resume_keep_it_running(
     xenstore_suspend_and_fast_resume(g, xc, xs)
 
 
+# HVM guests boot slowly under the lab's TCG (SeaBIOS pulls the kernel through
+# fw_cfg's I/O port): more than pyproject's 120 s per-test default.
+@pytest.mark.timeout(600)
 def test_pvhvm_guest_is_pvhvm_and_survives_xenstore_suspend(
     make_guest: MakeGuest, xc: xenlab.XenCtrl, xs: xenlab.XsConn
 ) -> None:
@@ -187,6 +190,7 @@ def test_pvhvm_guest_is_pvhvm_and_survives_xenstore_suspend(
     xenstore_suspend_and_fast_resume(g, xc, xs)
 
 
+@pytest.mark.timeout(600)
 def test_hvm_guest_is_plain_hvm_and_survives_s3(make_guest: MakeGuest, xc: xenlab.XenCtrl) -> None:
     g = make_guest("hvm")
     check_running_guest(g, xc)

@@ -365,7 +365,8 @@ class ConsoleDir:
                     pass
 
 
-_TICK = re.compile(r"TORPOR-TICK n=(\d+) uptime=([\d.]+)")
+# Complete lines only: an HVM guest's UART log grows a character at a time.
+_TICK = re.compile(r"TORPOR-TICK n=(\d+) uptime=([\d.]+)\r?\n")
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,7 @@ class Guest:
     console_log: Path
     command_socket: Path | None
     consoles: ConsoleDir = field(repr=False)
+    _channel: socket.socket | None = field(default=None, repr=False)
 
     @property
     def qmp_socket(self) -> Path:
@@ -437,13 +439,25 @@ class Guest:
         self.wait_console(lambda c: c.count(text) >= count, timeout, repr(text))
 
     def send(self, command: str, timeout: float = 10.0) -> None:
-        """Send one line to the guest's command channel (HVM types: ttyS1)."""
+        """Send one line to the guest's command channel (HVM types: ttyS1).
+
+        The connection stays open until the guest is destroyed: qemu-xen
+        feeds the UART as fast as the guest drains its FIFO, and drops what
+        it has not read yet when the client hangs up.
+        """
         if self.command_socket is None:
             raise ValueError(f"{self.kind} guests have no command channel")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        if self._channel is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(timeout)
             s.connect(str(self.command_socket))
-            s.sendall(command.encode() + b"\n")
+            self._channel = s
+        self._channel.sendall(command.encode() + b"\n")
+
+    def close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
 
 class GuestFactory:
@@ -500,6 +514,7 @@ class GuestFactory:
         return guest
 
     def destroy(self, guest: Guest) -> None:
+        guest.close_channel()
         subprocess.run(
             ["xl", "destroy", str(guest.domid)], capture_output=True, timeout=60, check=False
         )
