@@ -494,6 +494,11 @@ class QmpClient:
         return self._client
 
     async def _lost_error(self, what: str, exc: BaseException) -> DeviceModelError:
+        client = self._client
+        if self._lost is None and client is not None and client.runstate == Runstate.RUNNING:
+            # The connection is up: a reply qemu.qmp could not make sense of (an
+            # error object without class/desc: BadReplyError).  Nothing to wait for.
+            return self._error(f"{what}: bad reply: {exc}", exc)
         # Let the watcher name the bottom half's cause (EOF, garbage...) if it can.
         if self._watcher is not None and not self._watcher.done():
             with contextlib.suppress(Exception):
@@ -631,6 +636,13 @@ class GuestAgent:
                     confirm.result()
                     return
                 if reply in done and not reply.cancelled():
+                    bad = reply.exception()
+                    if bad is not None:  # EOF, garbage, an overlong line...
+                        raise DeviceModelError(
+                            f"guest-suspend-ram: {type(bad).__name__}: {bad}",
+                            domid=self.domid,
+                            cause=bad,
+                        ) from bad
                     msg = reply.result()
                     if "error" in msg:
                         raise self._agent_error("guest-suspend-ram", msg)
@@ -657,8 +669,8 @@ class GuestAgent:
         on the device model's ``SUSPEND`` event).  The channel is flushed
         first (``guest-sync-delimited``), which also proves the agent answers.
         qemu-ga replies only on failure: if it does, ``on_error`` is called
-        with the error (in this loop); the channel is then unusable for other
-        commands until :meth:`close`.
+        with the error (in this loop).  The channel then belongs to that reply:
+        other commands raise :class:`DeviceModelError` until :meth:`close`.
         """
         await self.sync(timeout=timeout)
         async with self._lock:
@@ -695,6 +707,12 @@ class GuestAgent:
     def _io(self) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
         if self._writer is None or self._reader is None:
             raise DeviceModelError("guest agent is not connected", domid=self.domid)
+        if self._pending_reply is not None and not self._pending_reply.done():
+            # Its reader owns the stream (a second reader is a RuntimeError).
+            raise DeviceModelError(
+                "guest agent channel awaits the guest-suspend-ram reply; close it first",
+                domid=self.domid,
+            )
         return self._writer, self._reader
 
     async def _run(self, coro: Awaitable[T], what: str, timeout: float) -> T:
@@ -724,9 +742,12 @@ class GuestAgent:
             if not raw:
                 raise EOFError("the guest agent closed the channel")
             line = raw.lstrip(b"\xff").strip()
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except RecursionError as e:  # not a JSONDecodeError: nested deeper than Python goes
+            raise ValueError("guest agent sent JSON nested too deep") from e
         if not isinstance(msg, dict):
-            raise ValueError(f"guest agent sent a non-object: {msg!r}")
+            raise ValueError(f"guest agent sent a non-object: {msg!r}"[:200])
         return msg
 
     async def _sync(self, token: int) -> None:

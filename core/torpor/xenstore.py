@@ -45,6 +45,7 @@ import contextlib
 import errno
 import itertools
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -236,7 +237,7 @@ class _Router(pyxs.client.Router):  # type: ignore[misc]
             reason = e
         why = (
             "connection closed by torpor"
-            if self._closing and reason is None
+            if self._closing
             else (
                 f"xenstore connection lost: {reason!r}"
                 if reason
@@ -269,6 +270,13 @@ class _Router(pyxs.client.Router):  # type: ignore[misc]
 
     def terminate(self) -> None:
         self._closing = True
+        # pyxs wakes the router's select() and joins the thread; a router blocked
+        # in recv() on half a frame (a server that stalled mid-reply) never sees
+        # the wake-up and the join never returns.  Shut the socket down under it.
+        sock = getattr(getattr(self.connection, "transport", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             super().terminate()
 
@@ -313,6 +321,35 @@ def _split(payload: bytes) -> list[str]:
 def _expect_ok(payload: bytes) -> None:
     if payload.rstrip(_NUL) != b"OK":
         raise XenstoreError(f"xenstore: expected OK, got {payload!r}", errno=errno.EPROTO)
+
+
+# What a broken or hostile xenstored may answer is never trusted: a reply that
+# does not parse is an XenstoreError (EPROTO), not a ValueError or IndexError.
+
+
+def _protocol_error(op: Op, reply: bytes) -> XenstoreError:
+    return XenstoreError(f"xenstore: {op.name} answered {reply[:64]!r}", errno=errno.EPROTO)
+
+
+def _tx_id(reply: bytes) -> int:
+    text = reply.rstrip(_NUL)
+    if not text.isdigit() or len(text) > 10 or not 0 < int(text) <= 0xFFFFFFFF:
+        raise _protocol_error(Op.TRANSACTION_START, reply)
+    return int(text)
+
+
+def _one_string(reply: bytes, op: Op) -> str:
+    parts = _split(reply)
+    if len(parts) != 1 or not parts[0]:
+        raise _protocol_error(op, reply)
+    return parts[0]
+
+
+def _perms(reply: bytes) -> list[Perm]:
+    try:
+        return [Perm.parse(p) for p in _split(reply)]
+    except UsageError:
+        raise _protocol_error(Op.GET_PERMS, reply) from None
 
 
 def _domid_arg(domid: int) -> bytes:
@@ -544,7 +581,7 @@ class Xenstore:
     def get_perms(self, path: str, *, tx: Transaction | None = None) -> list[Perm]:
         """The node's permission list (``XS_GET_PERMS``), owner first."""
         reply = self._call(Op.GET_PERMS, _check_path(path) + _NUL, tx_id=_tx(tx), path=path)
-        return [Perm.parse(p) for p in _split(reply)]
+        return _perms(reply)
 
     def set_perms(
         self, path: str, perms: list[Perm] | list[str], *, tx: Transaction | None = None
@@ -558,7 +595,7 @@ class Xenstore:
 
     def get_domain_path(self, domid: int) -> str:
         """``/local/domain/<domid>`` as xenstored says (``XS_GET_DOMAIN_PATH``)."""
-        return _split(self._call(Op.GET_DOMAIN_PATH, _domid_arg(domid)))[0]
+        return _one_string(self._call(Op.GET_DOMAIN_PATH, _domid_arg(domid)), Op.GET_DOMAIN_PATH)
 
     def introduce(self, domid: int, mfn: int, port: int) -> None:
         """Tell xenstored to serve a domain's ring (``XS_INTRODUCE``, dom0 only)."""
@@ -591,7 +628,7 @@ class Xenstore:
     def transaction_start(self) -> Transaction:
         """``XS_TRANSACTION_START``; prefer :meth:`transaction` / :meth:`run_transaction`."""
         reply = self._call(Op.TRANSACTION_START, _NUL)
-        return Transaction(self, int(reply.rstrip(_NUL)))
+        return Transaction(self, _tx_id(reply))
 
     def transaction_end(self, tx: Transaction, *, commit: bool) -> bool:
         """End ``tx``; True if committed, False if the commit met EAGAIN (a conflict)."""
@@ -880,7 +917,7 @@ class AsyncXenstore:
 
     async def get_perms(self, path: str, *, tx: Transaction | None = None) -> list[Perm]:
         reply = await self._call(Op.GET_PERMS, _check_path(path) + _NUL, tx_id=_tx(tx), path=path)
-        return [Perm.parse(p) for p in _split(reply)]
+        return _perms(reply)
 
     async def set_perms(
         self, path: str, perms: list[Perm] | list[str], *, tx: Transaction | None = None
@@ -896,7 +933,7 @@ class AsyncXenstore:
 
     async def transaction_start(self) -> Transaction:
         reply = await self._call(Op.TRANSACTION_START, _NUL)
-        return Transaction(self.xs, int(reply.rstrip(_NUL)))
+        return Transaction(self.xs, _tx_id(reply))
 
     async def transaction_end(self, tx: Transaction, *, commit: bool) -> bool:
         tx.closed = True
