@@ -343,6 +343,21 @@ class Orchestrator:
             self._lock_fds[domid] = fd
         return fd
 
+    @contextlib.asynccontextmanager
+    async def _reporting(self, ctx: OperationContext) -> AsyncIterator[None]:
+        """An operation's body: any failure becomes an OperationError naming the
+        domain's state and is notified once; the context is closed either way."""
+        try:
+            yield
+        except TorporError as e:
+            err = self._as_operation_error(e, ctx)
+            await self._notify("torpor_operation_failed", ctx=ctx, error=err)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            await ctx.close()
+
     def _as_operation_error(self, e: TorporError, ctx: OperationContext) -> OperationError:
         """Every failure of an operation is an OperationError naming the domain's state.
 
@@ -517,16 +532,8 @@ class Orchestrator:
         async with self._claim(domid, "suspend"):
             ctx = await self._context("suspend", domid)
             ctx.timeouts = timeouts
-            try:
+            async with self._reporting(ctx):
                 return await self._suspend(ctx)
-            except TorporError as e:
-                err = self._as_operation_error(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                await ctx.close()
 
     async def _suspend(self, ctx: OperationContext) -> Result:
         timings: list[PhaseTiming] = []
@@ -768,16 +775,8 @@ class Orchestrator:
             ctx = await self._context("resume", domid)
             ctx.cooperative = cooperative
             ctx.force = force
-            try:
+            async with self._reporting(ctx):
                 return await self._resume(ctx)
-            except TorporError as e:
-                err = self._as_operation_error(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                await ctx.close()
 
     async def _resume(self, ctx: OperationContext) -> Result:
         timings: list[PhaseTiming] = []
@@ -965,7 +964,14 @@ class Orchestrator:
             ctx = await self._context("checkpoint", domid)
             ctx.timeouts = timeouts
             ctx.facts["session"] = True
-            try:
+
+            async def release() -> None:  # the session's channel, however it ends
+                if "suspend_local_port" in ctx.facts:
+                    with contextlib.suppress(TorporError):
+                        release_suspend_event_channel(ctx)
+
+            ctx.on_close(release)
+            async with self._reporting(ctx):
                 for i in range(count):
                     if i:
                         if interval:
@@ -975,17 +981,6 @@ class Orchestrator:
                     results.append(result)
                     if on_result is not None:
                         on_result(result)
-            except TorporError as e:
-                err = self._as_operation_error(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                if "suspend_local_port" in ctx.facts:
-                    with contextlib.suppress(TorporError):
-                        release_suspend_event_channel(ctx)
-                await ctx.close()
         return results
 
     async def _checkpoint_once(
@@ -1068,7 +1063,7 @@ class Orchestrator:
         async with self._claim(domid, "save"):
             ctx = await self._context("save", domid)
             timings: list[PhaseTiming] = []
-            try:
+            async with self._reporting(ctx):
                 suspended = await self._suspend(ctx)
                 timings.extend(suspended.timings)
                 try:
@@ -1084,14 +1079,6 @@ class Orchestrator:
                     await self._rollback_migration(ctx, e)
                 async with self._phase(ctx, Phase.CLEANUP, timings):
                     await asyncio.to_thread(self._builder(self.host, "save").destroy, domid)
-            except TorporError as e:
-                err = self._as_operation_error(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                await ctx.close()
         return Result(
             domid=domid,
             operation="save",
@@ -1179,16 +1166,8 @@ class Orchestrator:
             ctx = await self._context("restore", domid)
             ctx.cooperative = False
             ctx.in_place = False
-            try:
+            async with self._reporting(ctx):
                 return await self._resume(ctx)
-            except TorporError as e:
-                err = self._as_operation_error(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                await ctx.close()
 
     async def migrate(self, domid: int, destination: Orchestrator) -> Result:
         """Move a domain to another host: suspend, stream, restore there, destroy here.
@@ -1203,7 +1182,7 @@ class Orchestrator:
         self._builder(destination.host, "restore")
         async with self._claim(domid, "migrate"):
             ctx = await self._context("migrate", domid)
-            try:
+            async with self._reporting(ctx):
                 suspended = await self._suspend(ctx)
                 timings.extend(suspended.timings)
                 try:
@@ -1217,14 +1196,6 @@ class Orchestrator:
                     await self._rollback_migration(ctx, e)
                 async with self._phase(ctx, Phase.CLEANUP, timings):
                     await asyncio.to_thread(self._builder(self.host, "migrate").destroy, domid)
-            except TorporError as e:
-                err = self._as_operation_error(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                await ctx.close()
         return Result(
             domid=arrived.domid,
             operation="migrate",
@@ -1330,7 +1301,7 @@ class Orchestrator:
             ctx.cooperative = True
             if self.record_intent:
                 await self._intent.begin(domid, "recover")
-            try:
+            async with self._reporting(ctx):
                 async with self._phase(ctx, Phase.CANCEL, timings):
                     path = f"{ctx.dompath}/control/shutdown"
                     pending = await ctx.xenstore.read_or(path, "") == "suspend"
@@ -1376,14 +1347,6 @@ class Orchestrator:
                         async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
                             await self._all("torpor_device_model_resume", ctx=ctx)
                 self._refresh(ctx)
-            except TorporError as e:
-                err = self._as_operation_error(e, ctx)
-                await self._notify("torpor_operation_failed", ctx=ctx, error=err)
-                if err is e:
-                    raise
-                raise err from e
-            finally:
-                await ctx.close()
         return Result(
             domid=domid,
             operation="recover",

@@ -26,15 +26,44 @@ import errno
 from torpor.context import OperationContext
 from torpor.errors import HypervisorError
 from torpor.hookspecs import hookimpl
-from torpor.model import ShutdownReason, SuspendMethod, Verdict
+from torpor.host import Host
+from torpor.model import (
+    HVM_PARAM_ACPI_S_STATE,
+    HVM_PARAM_CALLBACK_IRQ,
+    X86_EMU_LAPIC,
+    DomainInfo,
+    ShutdownReason,
+    SuspendMethod,
+    Verdict,
+)
 
 __all__ = [
     "default_suspend_method",
+    "hvm_with_device_model",
     "release_suspend_event_channel",
     "torpor_check_resumed",
     "torpor_check_suspended",
     "torpor_request_suspend",
 ]
+
+
+def hvm_with_device_model(domain: DomainInfo, host: Host) -> tuple[int, int] | None:
+    """For an HVM domain with a device model: ``(callback IRQ, ACPI S state)``.
+
+    ``None`` for a PV domain, a PVH one (only the LAPIC emulated: no device
+    model), or one whose params cannot be read.  A callback IRQ means the
+    kernel runs PV drivers (PVHVM); an S state means it sleeps (design.md's
+    table: an HVM guest in S3 is handled as plain HVM).
+    """
+    if not domain.hvm or domain.emulation_flags == X86_EMU_LAPIC:
+        return None
+    try:
+        return (
+            host.hypervisor.get_hvm_param(domain.domid, HVM_PARAM_CALLBACK_IRQ),
+            host.hypervisor.get_hvm_param(domain.domid, HVM_PARAM_ACPI_S_STATE),
+        )
+    except HypervisorError:
+        return None
 
 
 def default_suspend_method(ctx: OperationContext) -> SuspendMethod:

@@ -25,6 +25,8 @@ an XS_ERROR without its trailing NUL   :func:`torpor.xs_wire.decode_error`
 decodes as errno 0
 a length field is trusted: a hostile   :class:`_Connection` refuses a payload over
 header makes it allocate 4 GiB         ``XENSTORE_PAYLOAD_MAX`` and drops the link
+two send() calls per packet (header,   one buffer, one ``sendall``
+then payload)
 req_id counter is process-global and   per-connection 32-bit req_ids
 overflows the 32-bit wire field
 =====================================  =============================================
@@ -134,6 +136,19 @@ class _Connection(pyxs.connection.UnixSocketConnection):  # type: ignore[misc]
     pyxs trusts the length field and allocates whatever it says; a payload over
     ``XENSTORE_PAYLOAD_MAX`` can only come from a broken or hostile server.
     """
+
+    def send(self, packet: Any) -> None:
+        # pyxs sends header and payload with two sendall()s: two syscalls, and
+        # two releases of the GIL to contend for again.  One buffer, one send.
+        if not self.is_connected:
+            raise pyxs.exceptions.ConnectionError("not connected")
+        try:
+            self.transport.send(
+                HEADER.pack(packet.op, packet.rq_id, packet.tx_id, packet.size) + packet.payload
+            )
+        except OSError as e:
+            self.close()
+            raise pyxs.exceptions.ConnectionError(f"writing to {self.path!r}: {e}") from e
 
     def recv(self) -> Any:
         if not self.is_connected:

@@ -20,17 +20,14 @@ from __future__ import annotations
 from torpor import hookimpl
 from torpor.context import OperationContext
 from torpor.devicemodel import resume_device_model, suspend_device_model
-from torpor.errors import HypervisorError
 from torpor.frontends import frontends_verdict
 from torpor.host import Host
 from torpor.model import (
-    HVM_PARAM_ACPI_S_STATE,
-    HVM_PARAM_CALLBACK_IRQ,
-    X86_EMU_LAPIC,
     DomainInfo,
     GuestType,
     Verdict,
 )
+from torpor.protocol import hvm_with_device_model
 
 __all__ = ["GUEST_TYPE"]
 
@@ -48,13 +45,10 @@ GUEST_TYPE = GuestType(
 
 @hookimpl
 def torpor_classify_domain(domain: DomainInfo, host: Host) -> GuestType | None:
-    if not domain.hvm or domain.emulation_flags == X86_EMU_LAPIC:
+    params = hvm_with_device_model(domain, host)
+    if params is None:
         return None
-    try:
-        callback = host.hypervisor.get_hvm_param(domain.domid, HVM_PARAM_CALLBACK_IRQ)
-        asleep = host.hypervisor.get_hvm_param(domain.domid, HVM_PARAM_ACPI_S_STATE)
-    except HypervisorError:
-        return None
+    callback, asleep = params
     return GUEST_TYPE if callback != 0 and asleep == 0 else None
 
 
