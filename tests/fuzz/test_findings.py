@@ -241,3 +241,176 @@ def test_qmp_malformed_error_reply_fails_at_once_and_the_session_lives(
                 await c.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# -- hypervisor.sock: RemoteHypervisor (client) and ControlServer (server) ----------------
+
+
+@contextlib.contextmanager
+def line_server(path: str, answer) -> Iterator[threading.Event]:  # type: ignore[no-untyped-def]
+    """A hypervisor.sock server calling ``answer(conn, request, n)`` per request line."""
+
+    def handler(conn: socket.socket, release: threading.Event) -> None:
+        for n, line in enumerate(conn.makefile("rb")):
+            answer(conn, json.loads(line), n)
+
+    with xs_server(path, handler) as release:
+        yield release
+
+
+@pytest.mark.parametrize(
+    ("raw", "call"),
+    [
+        (b"[" * 100_000, lambda hv: hv.domain_info(1)),  # RecursionError
+        (b'{"id": 1, "error": "boom"}', lambda hv: hv.pause(1)),  # AttributeError
+        (b'{"id": 1, "error": {"errno": "EINVAL"}}', lambda hv: hv.pause(1)),  # ValueError
+        (b'{"id": 1, "result": "x"}', lambda hv: hv.domain_info(1)),  # TypeError
+        (b'{"id": 1, "result": {"domid": 1, "flags": "0"}}', lambda hv: hv.domain_info(1)),
+        (b'{"id": 1, "result": {"domid": 1, "flags": 0, "x": 1}}', lambda hv: hv.domain_info(1)),
+        (b'{"id": 1, "result": 5}', lambda hv: hv.domain_info_list()),  # TypeError
+        (b'{"id": 1, "result": "x"}', lambda hv: hv.get_hvm_param(1, 0)),  # ValueError
+        (b'{"id": 1, "result": [1]}', lambda hv: hv.get_hvm_param(1, 0)),  # TypeError
+    ],
+    ids=[
+        "deep",
+        "error-not-object",
+        "errno-not-int",
+        "info-not-object",
+        "info-flags-str",
+        "info-unknown-field",
+        "list-not-list",
+        "param-str",
+        "param-list",
+    ],
+)
+def test_remote_hypervisor_garbled_replies_are_hypervisor_errors(
+    sock_path: str,
+    raw: bytes,
+    call,  # type: ignore[no-untyped-def]
+) -> None:
+    """Finding: each of these escaped RemoteHypervisor as the exception named, or
+    (flags "0") was accepted and failed later in the orchestrator."""
+    from torpor.errors import HypervisorError
+    from torpor.hypervisor.remote import RemoteHypervisor
+
+    with line_server(sock_path, lambda conn, req, n: conn.sendall(raw + b"\n")):
+        hv = RemoteHypervisor(sock_path, timeout=5)
+        try:
+            with pytest.raises(HypervisorError) as e:
+                call(hv)
+            assert e.value.errno == errno.EPROTO
+        finally:
+            hv.close()
+
+
+def test_remote_hypervisor_deadline_is_per_call_not_per_recv(sock_path: str) -> None:
+    """Finding: the socket timeout was per recv(): a server trickling a byte more
+    often than that kept a call waiting forever."""
+    from torpor.errors import HypervisorError
+    from torpor.hypervisor.remote import RemoteHypervisor
+
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket, req: dict[str, object], n: int) -> None:
+        while not stop.wait(0.05):
+            conn.sendall(b" ")
+
+    with line_server(sock_path, trickle):
+        hv = RemoteHypervisor(sock_path, timeout=0.3)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(HypervisorError) as e:
+                hv.pause(1)
+            assert e.value.errno == errno.ETIMEDOUT
+            assert time.monotonic() - t0 < 0.3 + 0.3
+        finally:
+            stop.set()
+            hv.close()
+
+
+def test_remote_hypervisor_recovers_from_a_late_reply(sock_path: str) -> None:
+    """Finding: after a call timed out, its late reply was read as the next call's,
+    which failed as garbled -- and every call after it, one reply behind."""
+    from torpor.errors import HypervisorError
+    from torpor.hypervisor.remote import RemoteHypervisor
+
+    go = threading.Event()
+
+    def late(conn: socket.socket, req: dict[str, object], n: int) -> None:
+        if n == 0:
+            go.wait(10)  # answer the first request only once it timed out
+        conn.sendall(json.dumps({"id": req["id"], "result": n}).encode() + b"\n")
+
+    with line_server(sock_path, late):
+        hv = RemoteHypervisor(sock_path, timeout=0.3)
+        try:
+            with pytest.raises(HypervisorError):
+                hv.get_hvm_param(1, 0)
+            go.set()
+            assert hv.get_hvm_param(1, 0) == 1
+            assert hv.get_hvm_param(1, 0) == 2
+        finally:
+            hv.close()
+
+
+@pytest.fixture
+def control_host() -> Iterator[object]:
+    from torpor.sim.host import SimHost
+
+    d = tempfile.mkdtemp(prefix="fzh", dir="/tmp")
+    h = SimHost(d, qemu=False)
+    h.start()
+    yield h
+    h.stop()
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _exchange(path: str, lines: list[bytes]) -> list[dict[str, object]]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    s.sendall(b"".join(line + b"\n" for line in lines))
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    return [json.loads(x) for x in data.splitlines()]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"[" * 100_000, b'{"op": "evtchn_attach", "args": {"handle": "x"}}'],
+    ids=["deep", "attach-handle-str"],
+)
+def test_control_server_answers_what_killed_its_handler(
+    control_host,
+    caplog: pytest.LogCaptureFixture,
+    line: bytes,  # type: ignore[no-untyped-def]
+) -> None:
+    """Finding: a line nested too deep (RecursionError) and a non-integer
+    evtchn_attach handle (ValueError) escaped the client handler: asyncio logged
+    "Unhandled exception in client_connected_cb" and the client got no answer."""
+    path = control_host.hypervisor_socket
+    with caplog.at_level("ERROR"):
+        replies = _exchange(path, [line])
+    assert len(replies) == 1 and "error" in replies[0]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert _exchange(path, [b'{"id": 1, "op": "domain_info", "args": {"domid": 0}}'])[0]["id"] == 1
+
+
+def test_control_server_drops_a_departed_clients_transfers(control_host) -> None:  # type: ignore[no-untyped-def]
+    """Finding: image transfers (sim_save, transfer_open) outlived the client that
+    opened them: a toolstack killed mid-save left its image in the daemon for good."""
+    path = control_host.hypervisor_socket
+    replies = _exchange(
+        path,
+        [
+            b'{"id": 1, "op": "transfer_open"}',
+            b'{"id": 2, "op": "transfer_write", "args": {"transfer": 0, "data": "AAAA"}}',
+        ],
+    )
+    assert isinstance(replies[0]["result"], int)
+    assert control_host.control.transfers == {}

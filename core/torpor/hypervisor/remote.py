@@ -13,8 +13,11 @@ import errno
 import json
 import socket
 import threading
+import time
 from collections import deque
 from typing import Any
+
+import attrs
 
 from torpor.errors import BackendUnavailable, HypervisorError, TorporError, UsageError
 from torpor.model import DomainInfo, ShutdownReason
@@ -59,9 +62,15 @@ class RemoteHypervisor:
             ) from e
         return s
 
-    def _readline(self, sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    def _readline(self, sock: socket.socket, buf: bytes, deadline: float) -> tuple[bytes, bytes]:
+        # The deadline is the whole reply's: a peer trickling a byte now and then
+        # must not keep a per-recv() timeout from ever expiring.
         while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
             try:
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
                 chunk = sock.recv(65536)
             except TimeoutError as e:
                 raise HypervisorError(
@@ -89,15 +98,18 @@ class RemoteHypervisor:
                 self._sock.sendall(msg)
             except OSError as e:
                 raise BackendUnavailable(f"simulated host connection failed: {e}", cause=e) from e
-            line, self._buf = self._readline(self._sock, self._buf)
-        try:
-            reply = json.loads(line)
-            if not isinstance(reply, dict) or reply.get("id") != rid:
-                raise ValueError(f"reply {reply!r} does not answer request {rid}")
-        except ValueError as e:
-            raise HypervisorError(
-                f"garbled reply from simulated host: {e}", errno=errno.EPROTO, op=op
-            ) from e
+            deadline = time.monotonic() + self.timeout
+            while True:
+                line, self._buf = self._readline(self._sock, self._buf, deadline)
+                reply = _parse(line, op)
+                got = reply.get("id")
+                if type(got) is int and got < rid:
+                    continue  # the late reply of an earlier call that timed out
+                if got is None and "error" in reply:
+                    raise _error_from(reply["error"], op)  # our request was refused as such
+                if type(got) is not int or got != rid:
+                    raise _garbled(f"reply {line[:200]!r} does not answer request {rid}", op)
+                break
         err = reply.get("error")
         if err is not None:
             raise _error_from(err, op)
@@ -107,10 +119,12 @@ class RemoteHypervisor:
 
     def domain_info_list(self, first_domid: int = 0, max_domains: int = 1024) -> list[DomainInfo]:
         rows = self.call("domain_info_list", first_domid=first_domid, max_domains=max_domains)
-        return [DomainInfo(**row) for row in rows]
+        if not isinstance(rows, list):
+            raise _garbled(f"domain_info_list answered {rows!r}"[:200], "domain_info_list")
+        return [_domain_info(row, "domain_info_list") for row in rows]
 
     def domain_info(self, domid: int) -> DomainInfo:
-        return DomainInfo(**self.call("domain_info", domid=domid))
+        return _domain_info(self.call("domain_info", domid=domid), "domain_info")
 
     def pause(self, domid: int) -> None:
         self.call("pause", domid=domid)
@@ -128,7 +142,7 @@ class RemoteHypervisor:
         self.call("destroy", domid=domid)
 
     def get_hvm_param(self, domid: int, param: int) -> int:
-        return int(self.call("get_hvm_param", domid=domid, param=param))
+        return _u64(self.call("get_hvm_param", domid=domid, param=param), "get_hvm_param")
 
     def set_hvm_param(self, domid: int, param: int, value: int) -> None:
         self.call("set_hvm_param", domid=domid, param=param, value=value)
@@ -141,8 +155,12 @@ class RemoteHypervisor:
                 json.dumps({"id": 0, "op": "evtchn_attach", "args": {"handle": handle}}).encode()
                 + b"\n"
             )
-            line, self._event_buf = self._readline(s, b"")
-            reply = json.loads(line)
+            try:
+                line, self._event_buf = self._readline(s, b"", time.monotonic() + self.timeout)
+                reply = _parse(line, "evtchn_attach")
+            except TorporError:
+                s.close()
+                raise
             if reply.get("error"):
                 s.close()
                 raise _error_from(reply["error"], "evtchn_attach")
@@ -152,7 +170,8 @@ class RemoteHypervisor:
 
     def evtchn_bind_interdomain(self, domid: int, remote_port: int) -> int:
         self._event_socket()
-        return int(self.call("evtchn_bind_interdomain", domid=domid, remote_port=remote_port))
+        port = self.call("evtchn_bind_interdomain", domid=domid, remote_port=remote_port)
+        return _port(port, "evtchn_bind_interdomain")
 
     def evtchn_notify(self, local_port: int) -> None:
         self.call("evtchn_notify", local_port=local_port)
@@ -168,7 +187,8 @@ class RemoteHypervisor:
 
     def evtchn_pending(self) -> int | None:
         s = self._event_socket()
-        while True:
+        # Bounded: a peer that never stops sending must not keep this call reading.
+        for _ in range(16):
             try:
                 chunk = s.recv(65536)
             except BlockingIOError:
@@ -178,12 +198,10 @@ class RemoteHypervisor:
             self._event_buf += chunk
         while b"\n" in self._event_buf:
             line, _, self._event_buf = self._event_buf.partition(b"\n")
-            try:
-                self._pending.append(int(json.loads(line)["port"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise HypervisorError(
-                    f"garbled event from simulated host: {line!r}", errno=errno.EPROTO
-                ) from e
+            event = _parse(line, "evtchn_pending")
+            self._pending.append(_port(event.get("port"), "evtchn_pending"))
+        if len(self._event_buf) > 65536:
+            raise _garbled("event-channel line without an end", "evtchn_pending")
         return self._pending.popleft() if self._pending else None
 
     def evtchn_unmask(self, local_port: int) -> None:
@@ -202,14 +220,61 @@ class RemoteHypervisor:
         self._events = None
 
 
-def _error_from(err: dict[str, Any], op: str) -> TorporError:
+def _garbled(what: str, op: str) -> HypervisorError:
+    return HypervisorError(f"garbled reply from simulated host: {what}", errno=errno.EPROTO, op=op)
+
+
+def _parse(line: bytes, op: str) -> dict[str, Any]:
+    """One JSON object, whatever the line holds (RecursionError: nested too deep)."""
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise _garbled(f"{line[:200]!r}", op) from e
+    if not isinstance(msg, dict):
+        raise _garbled(f"{line[:200]!r} is not an object", op)
+    return msg
+
+
+def _u64(value: Any, op: str) -> int:
+    if type(value) is not int or not 0 <= value < 2**64:
+        raise _garbled(f"{value!r} is not a 64-bit unsigned integer"[:200], op)
+    return value
+
+
+def _port(value: Any, op: str) -> int:
+    if type(value) is not int or not 0 <= value < 2**32:
+        raise _garbled(f"event-channel port {value!r}"[:200], op)
+    return value
+
+
+_INFO_FIELDS = {f.name for f in attrs.fields(DomainInfo)}
+
+
+def _domain_info(row: Any, op: str) -> DomainInfo:
+    """A DomainInfo from a reply row: known fields only, integers, a str uuid."""
+    if not isinstance(row, dict) or not {"domid", "flags"} <= row.keys() <= _INFO_FIELDS:
+        raise _garbled(f"domain info {row!r}"[:200], op)
+    for key, value in row.items():
+        if key == "uuid" and not isinstance(value, str):
+            raise _garbled(f"domain info uuid {value!r}"[:200], op)
+        if key != "uuid":
+            _u64(value, op)
+    return DomainInfo(**row)
+
+
+def _error_from(err: Any, op: str) -> TorporError:
+    if not isinstance(err, dict):
+        return _garbled(f"error {err!r}"[:200], op)
     kind = err.get("type")
     message = str(err.get("message", "error"))
-    domid = err.get("domid")
-    if "errno" in err and kind in ("HypervisorError", None):
-        return HypervisorError(message, errno=int(err["errno"]), op=err.get("op", op), domid=domid)
+    domid = err.get("domid") if type(err.get("domid")) is int else None
+    code = err.get("errno")
+    if "errno" in err and type(code) is not int:
+        return _garbled(f"error {err!r}"[:200], op)
+    if code is not None and kind in ("HypervisorError", None):
+        return HypervisorError(message, errno=code, op=str(err.get("op", op)), domid=domid)
     if kind == "UsageError":
         return UsageError(message, domid=domid)
-    if "errno" in err:
-        return HypervisorError(message, errno=int(err["errno"]), op=op, domid=domid)
+    if code is not None:
+        return HypervisorError(message, errno=code, op=op, domid=domid)
     return TorporError(message, domid=domid)

@@ -99,6 +99,9 @@ class ControlServer:
         self._writers.add(writer)
         handle: EvtchnHandle | None = None
         attached = False
+        #: image transfers this client opened: dropped with it (a client killed
+        #: mid-save would otherwise leave its image in memory for good)
+        owned: set[int] = set()
         try:
             while True:
                 try:
@@ -118,7 +121,7 @@ class ControlServer:
                     args = req.get("args") or {}
                     if not isinstance(args, dict):
                         raise ValueError("'args' must be an object")
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
                     await self._send(
                         writer,
                         {"id": None, "error": _error_dict(UsageError(f"malformed request: {e}"))},
@@ -126,7 +129,8 @@ class ControlServer:
                     return
                 op, rid = req["op"], req.get("id")
                 if op == "evtchn_attach":
-                    target = self.handles.get(int(args.get("handle", -1)))
+                    hid = args.get("handle")
+                    target = self.handles.get(hid) if type(hid) is int else None
                     if target is None:
                         await self._send(
                             writer,
@@ -149,6 +153,10 @@ class ControlServer:
                     handle.control_id = hid
                 try:
                     result = await self._dispatch(op, args, handle)
+                    if op == "transfer_open":
+                        owned.add(result)
+                    elif op == "sim_save":
+                        owned.add(result["transfer"])
                     reply: dict[str, Any] = {"id": rid, "result": result}
                 except TorporError as e:
                     reply = {"id": rid, "error": _error_dict(e)}
@@ -161,6 +169,8 @@ class ControlServer:
             pass
         finally:
             self._writers.discard(writer)
+            for tid in owned:
+                self.transfers.pop(tid, None)
             if handle is not None and not attached:
                 self._drop_handle(handle)
             writer.close()
