@@ -8,6 +8,7 @@ cannot tell a real dom0 from the simulated one.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from torpor.xenstore import Xenstore
 if TYPE_CHECKING:
     from torpor.builder import DomainBuilder
 
-__all__ = ["DOMID_FIRST_RESERVED", "Host", "validate_domid"]
+__all__ = ["DOMID_FIRST_RESERVED", "Host", "check_private_socket", "validate_domid"]
 
 #: Domain ids at and above this are reserved (DOMID_SELF, DOMID_IO...).
 DOMID_FIRST_RESERVED = 0x7FF0
@@ -39,6 +40,63 @@ def validate_domid(value: object, *, allow_dom0: bool = False) -> int:
     if value == 0 and not allow_dom0:
         raise UsageError("domain 0 is the control domain; torpor does not suspend it", domid=0)
     return value
+
+
+def _check_directories(directory: str, what: str) -> None:
+    """Every directory from ``directory`` (symlinks resolved) up to ``/`` must be
+    owned by us or root, and writable by no one else unless it has the sticky bit."""
+    euid = os.geteuid()
+    cur = directory
+    while True:
+        st = os.stat(cur)
+        if st.st_uid not in (euid, 0):
+            raise UsageError(
+                f"{what}: directory {cur} belongs to uid {st.st_uid}, not to us ({euid}) or "
+                "root; its owner could swap the socket for their own"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise UsageError(
+                f"{what}: directory {cur} is writable by others (mode "
+                f"{stat.S_IMODE(st.st_mode):o}) without the sticky bit; "
+                "anyone could swap the socket for their own"
+            )
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            return
+        cur = parent
+
+
+def check_private_socket(path: str | os.PathLike[str], what: str) -> str:
+    """The socket torpor may act through with privilege, or UsageError.
+
+    The rule (docs/security.md): ``path``, looked at without following a
+    symlink, must be a Unix socket owned by our effective uid or root, and
+    every directory above it (symlinks resolved) must be owned by us or root
+    and writable by nobody else unless it has the sticky bit -- so no other
+    local user can have planted the socket nor swap it afterwards.  Returns
+    the path with its directory's symlinks resolved: connect through that.
+
+    :raises BackendUnavailable: nothing is there.
+    :raises UsageError: it breaks the rule.
+    """
+    raw = os.fspath(path)
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(raw)))
+    sock = os.path.join(directory, os.path.basename(raw))
+    try:
+        st = os.lstat(sock)
+    except FileNotFoundError:
+        raise BackendUnavailable(f"{what}: no socket at {sock}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+        raise UsageError(f"{what}: {sock} is {kind}; refusing to use it")
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise UsageError(
+            f"{what}: socket {sock} belongs to uid {st.st_uid}, not to us ({euid}) or root; "
+            "refusing to use it"
+        )
+    _check_directories(directory, what)
+    return sock
 
 
 class Host:
@@ -111,14 +169,21 @@ class Host:
 
     @classmethod
     def xen(cls) -> Host:
-        """This dom0: libxenctrl through cffi, the host's xenstored, qemu-xen's QMP."""
+        """This dom0: libxenctrl through cffi, the host's xenstored, qemu-xen's QMP.
+
+        The xenstored socket (``$XENSTORED_PATH`` or the default) must pass
+        :func:`check_private_socket` if it exists (if not, connecting fails later).
+        """
         from torpor.hypervisor.xenctrl import XenctrlHypervisor
 
+        xenstore_path = os.environ.get("XENSTORED_PATH", "/var/run/xenstored/socket")
+        if os.path.lexists(xenstore_path):
+            xenstore_path = check_private_socket(xenstore_path, "xenstored")
         hv = XenctrlHypervisor()
         return cls(
             name="xen",
             hypervisor=hv,
-            xenstore_path=os.environ.get("XENSTORED_PATH", "/var/run/xenstored/socket"),
+            xenstore_path=xenstore_path,
             qmp_path=lambda d: f"/var/run/xen/qmp-libxl-{d}",
             agent_path=lambda d: f"/var/run/xen/qga-{d}",
             state_dir="/var/lib/xen",
@@ -127,21 +192,28 @@ class Host:
 
     @classmethod
     def sim(cls, directory: str | os.PathLike[str]) -> Host:
-        """A simulated host started with ``torpor sim start --dir DIR``."""
+        """A simulated host started with ``torpor sim start --dir DIR``.
+
+        ``DIR/hypervisor.sock`` and ``DIR/xenstored/socket`` must pass
+        :func:`check_private_socket`; DIR's symlinks are resolved once, here.
+        """
         from torpor.hypervisor.remote import RemoteHypervisor
 
-        d = Path(directory)
-        sock = d / "hypervisor.sock"
-        if not sock.exists():
+        given = Path(directory)
+        sock = given / "hypervisor.sock"
+        if not os.path.lexists(sock):
             raise BackendUnavailable(
-                f"no simulated host in {d} (start one with `torpor sim start --dir {d}`)"
+                f"no simulated host in {given} (start one with `torpor sim start --dir {given}`)"
             )
+        sock = Path(check_private_socket(sock, "simulated host's hypervisor.sock"))
+        d = sock.parent
+        check_private_socket(d / "xenstored" / "socket", "simulated host's xenstored")
         from torpor.builder import RemoteSimBuilder
 
         run = d / "run"
         run.mkdir(exist_ok=True)
         hv = RemoteHypervisor(str(sock), lock_dir=str(run))
-        return cls.for_sim_dir(d, hv, name=f"sim:{d}", builder=RemoteSimBuilder(hv))
+        return cls.for_sim_dir(d, hv, name=f"sim:{given}", builder=RemoteSimBuilder(hv))
 
     @classmethod
     def for_sim_dir(

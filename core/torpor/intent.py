@@ -76,7 +76,10 @@ class IntentLog:
         root = INTENT_ROOT.rsplit("/", 1)[0]
         await xs.mkdir(INTENT_ROOT)
         # dom0 only: a guest must neither read nor forge what torpor is doing.
+        # Both nodes: xenstored checks a node's own permissions, not its
+        # parents', and new records inherit the intent directory's.
         await xs.set_perms(root, ["n0"])
+        await xs.set_perms(INTENT_ROOT, ["n0"])
         self._root_ready = True
 
     def _track(self, fut: asyncio.Future[bytes], what: str) -> None:

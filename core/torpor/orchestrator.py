@@ -571,7 +571,13 @@ class Orchestrator:
                     port = await ctx.xenstore.read_or(
                         f"{ctx.dompath}/device/suspend/event-channel", ""
                     )
-                    if port.isdigit() and 0 < int(port) < 1 << 17:
+                    # Guest-written: ASCII digits only ("²".isdigit() is True, int() refuses it).
+                    if (
+                        port.isascii()
+                        and port.isdigit()
+                        and len(port) <= 6
+                        and 0 < int(port) < 1 << 17
+                    ):
                         ctx.facts["suspend_event_channel"] = int(port)
                 default = default_suspend_method(ctx)
                 chosen = await self._first("torpor_choose_suspend_method", ctx=ctx, default=default)

@@ -303,6 +303,8 @@ class _Router(pyxs.client.Router):  # type: ignore[misc]
 def _check_path(path: str, *, watch: bool = False) -> bytes:
     if not isinstance(path, str):
         raise UsageError(f"xenstore path must be str, not {type(path).__name__}")
+    if "\0" in path:  # pyxs lets a trailing NUL through: it would end the path early
+        raise UsageError(f"invalid xenstore path {path!r}")
     try:
         raw = path.encode("ascii")
         if watch and path.startswith("@"):
