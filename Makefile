@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench docs clean
+.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench docs clean fuzz
 
 $(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,14 @@ bench: $(STAMP)
 soak: $(STAMP)
 	TORPOR_SOAK_CYCLES=$${TORPOR_SOAK_CYCLES:-10000} TORPOR_SOAK_REPORT=bench/soak.json \
 		$(PY) -m pytest tests/test_soak.py -q -s -p no:randomly -o timeout=3600
+
+# The fuzzers (tests/fuzz) with a budget far above make test's: fresh inputs each run,
+# a failure prints hypothesis's reproduction blob or TORPOR_FUZZ_SEED to replay it.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS  ?= 120
+fuzz: $(STAMP)
+	TORPOR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TORPOR_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+		$(PY) -m pytest tests/fuzz -o timeout=0 $(PYTEST_ARGS)
 
 # docs/reliability.md: the fault matrix, generated from a test run.
 reliability: $(STAMP)

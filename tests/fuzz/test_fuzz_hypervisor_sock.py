@@ -42,7 +42,7 @@ from torpor.sim.host import SimHost
 
 from . import budget
 
-T = 0.2
+T = 0.15
 SLACK = 0.5
 
 INFO = {"domid": 1, "flags": 0, "uuid": "00000000-0000-0000-0000-000000000001"}
@@ -241,7 +241,7 @@ def sock_path() -> Iterator[str]:
     os.rmdir(d)
 
 
-@budget.fuzz(ci_examples=80)
+@budget.fuzz(ci_examples=50)
 @given(
     actions=st.lists(st.sampled_from(ACTIONS), max_size=6),
     junk=st.lists(st.one_of(ERROR_JUNK, RESULT_JUNK), max_size=3),

@@ -262,7 +262,7 @@ def _outcome(key: str, fn: Callable[[], Awaitable[None]]) -> Awaitable[None]:
     return run()
 
 
-@budget.fuzz(ci_examples=60)
+@budget.fuzz(ci_examples=80)
 @given(
     greeting=st.one_of(st.just("ok"), st.sampled_from(GREETINGS)),
     negotiation=st.one_of(st.just("ok"), st.sampled_from(NEGOTIATION)),
