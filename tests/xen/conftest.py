@@ -8,11 +8,14 @@ Fixtures:
                         (.info(domid) -> DomInfo with raw flags and shutdown
                         reason, .hvm_param(domid, n), .resume(domid, fast))
   make_guest   function  make_guest(kind, *, name=None, extra_cmdline="",
-                        overrides=None, wait_ticking=True, timeout=180) -> Guest
+                        overrides=None, wait_ticking=True, timeout=None) -> Guest
                         kind: pv | pvh | pvhvm | hvm (lab/guests/<kind>.cfg);
                         Guest: .domid .name .kind .console_log .ticks()
                         .last_tick() .wait_tick(after=None, timeout) .wait_line(text)
                         .send(cmd) (HVM types: "s3", "say <text>") .qmp_socket;
+                        waits raise xenlab.GuestDied at once if the domain shuts
+                        down; a boot that dies before the first tick is retried
+                        once (a TCG artefact, reported on stderr);
                         every guest is destroyed at teardown and its console
                         log and xl config are copied to the results
   xs           function  xenlab.XsConn: a xenstore connection whose waits are
@@ -63,8 +66,8 @@ def xc() -> Iterator[xenlab.XenCtrl]:
 
 
 @pytest.fixture
-def make_guest(lab_results: Path) -> Iterator[Callable[..., xenlab.Guest]]:
-    factory = xenlab.GuestFactory(lab_results)
+def make_guest(lab_results: Path, xc: xenlab.XenCtrl) -> Iterator[Callable[..., xenlab.Guest]]:
+    factory = xenlab.GuestFactory(lab_results, xc)
     yield factory.create
     factory.destroy_all()
 
