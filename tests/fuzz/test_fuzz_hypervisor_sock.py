@@ -456,3 +456,28 @@ async def _leftovers(host: SimHost) -> tuple[int, dict[int, Any], dict[int, Any]
     """(open connections, event-channel handles, image transfers) of the control server."""
     c = host.control
     return len(c._writers), dict(c.handles), {k: len(v) for k, v in c.transfers.items()}
+
+
+def test_control_server_serves_others_while_clients_stall_or_never_read(host: SimHost) -> None:
+    """A client stopped mid-line, and one that floods requests and never reads a
+    reply (its handler then waits on a full socket): neither blocks the others."""
+    path = host.control.path
+    stall = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (stall, flood):
+        s.connect(path)
+    try:
+        stall.sendall(b'{"id": 1, "op": "domain_in')
+        line = json.dumps({"id": 1, "op": "sim_status"}).encode() + b"\n"
+        flood.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < 64 << 20:
+                sent += flood.send(line * 64)
+        with contextlib.closing(_bystander(path)) as by:
+            for _ in range(20):
+                assert by.domain_info(1).domid == 1
+                assert len(by.domain_info_list()) == 3
+    finally:
+        stall.close()
+        flood.close()

@@ -18,6 +18,7 @@ which nothing a guest may not touch has changed; and *dom0* clients
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import pytest
 from hypothesis import given
 
 from torpor.sim.xenstored import Xenstored
-from torpor.xs_wire import Op
+from torpor.xs_wire import HEADER, Op
 
 from . import budget
 from .xs_rig import CONN_DEADLINE, Rig, no_internal_errors, read_all
@@ -255,3 +256,36 @@ def test_random_streams_time_boxed(who: str, caplog: Any) -> None:
         assert frames > 0
     finally:
         rig.close()
+
+
+def test_clients_that_stall_or_never_read_do_not_block_others(guest_rig: Rig) -> None:
+    """One client stops mid-frame, one floods requests and never reads a reply, one
+    opens transactions and watches and goes: the bystanders are served throughout,
+    and what the departed ones held is released."""
+    rig = guest_rig
+    path = rig.guest_socks[1]
+    stall = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (stall, flood, holder):
+        s.connect(path)
+    try:
+        stall.sendall(HEADER.pack(Op.READ, 1, 0, 100) + b"data/")  # 5 of 100 bytes
+        read = HEADER.pack(Op.READ, 2, 0, 5) + b"name\0"
+        flood.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < 8 << 20:  # until our send buffer is full, replies unread
+                sent += flood.send(read * 256)
+        holder.sendall(HEADER.pack(Op.TRANSACTION_START, 3, 0, 1) + b"\0")
+        holder.sendall(HEADER.pack(Op.WATCH, 4, 0, 11) + b"data\0tok-h\0")
+        for _ in range(20):
+            rig.bystanders_round_trip()
+        assert rig.call(lambda x: x.transaction_count()) == 1
+    finally:
+        for s in (stall, flood, holder):
+            s.close()
+    rig.settle()
+    rig.check_invariants()
+    assert len(rig.call(lambda x: x.watches())) == 1  # the bystander's
+    rig.bystanders_round_trip()
