@@ -274,4 +274,6 @@ def _report(boot: qemu.Boot, rundir: Path, phases: Phases) -> int:
     if cases:
         print(report.closing_line(cases))
     log(f"{'PASSED' if ok else 'FAILED'} in {fmt_s(phases.total())}")
-    return 0 if ok else 1
+    if ok:
+        return 0
+    return 1 if cases else 2  # tests failed / the lab could not run them

@@ -8,7 +8,8 @@ Fixtures:
                         (.info(domid) -> DomInfo with raw flags and shutdown
                         reason, .hvm_param(domid, n), .resume(domid, fast))
   make_guest   function  make_guest(kind, *, name=None, extra_cmdline="",
-                        overrides=None, wait_ticking=True, timeout=None) -> Guest
+                        overrides=None, wait_ticking=True, timeout=None,
+                        retry_boot=True) -> Guest
                         kind: pv | pvh | pvhvm | hvm (lab/guests/<kind>.cfg);
                         Guest: .domid .name .kind .console_log .ticks()
                         .last_tick() .wait_tick(after=None, timeout) .wait_line(text)

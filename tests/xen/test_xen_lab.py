@@ -19,6 +19,7 @@ import xenlab
 from xenlab import (
     HVM_PARAM_ACPI_S_STATE,
     HVM_PARAM_CALLBACK_IRQ,
+    SHUTDOWN_CRASH,
     SHUTDOWN_SUSPEND,
     XENSTORED_SOCKET,
     sh,
@@ -177,6 +178,17 @@ def test_pv_xenstore_suspend_and_fast_resume_keep_it_running(
         xc.resume(g.domid, fast=True)
     assert refused.value.errno == errno.EINVAL
     xenstore_suspend_and_fast_resume(g, xc, xs)
+
+
+def test_a_guest_that_crashes_while_booting_is_reported_at_once(make_guest: MakeGuest) -> None:
+    # No init: the kernel panics, and a PV kernel's panic is a crash shutdown.
+    t0 = time.monotonic()
+    with pytest.raises(xenlab.GuestDied) as died:
+        make_guest("pv", extra_cmdline="rdinit=/no-such-init", retry_boot=False)
+    assert died.value.info is not None
+    assert died.value.info.shutdown_reason == SHUTDOWN_CRASH  # on_crash="preserve"
+    assert "shut down (crash)" in str(died.value)
+    assert time.monotonic() - t0 < 80  # not the 90 s boot timeout
 
 
 # HVM guests boot slowly under the lab's TCG (SeaBIOS pulls the kernel through

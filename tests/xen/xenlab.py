@@ -526,6 +526,7 @@ class GuestFactory:
         overrides: dict[str, str] | None = None,
         wait_ticking: bool = True,
         timeout: float | None = None,
+        retry_boot: bool = True,
     ) -> Guest:
         """Create a guest; with wait_ticking, return once it has ticked.
 
@@ -545,7 +546,7 @@ class GuestFactory:
             try:
                 guest.wait_tick(after=0, timeout=boot_timeout)
             except GuestDied as died:
-                if attempt == 2 or name is not None:
+                if attempt == 2 or not retry_boot:
                     raise
                 print(
                     f"[lab] {guest.name} died while booting, creating another: {died}",
