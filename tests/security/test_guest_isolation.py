@@ -410,3 +410,19 @@ def test_c_tools_as_the_guest_owner_and_positive_controls(host: SimHost) -> None
     r = ctool(host, "xenstore-rm", INTENT_ROOT)
     assert r.returncode != 0
     assert dom0_read(host, f"{INTENT_ROOT}/{OTHER}") is not None
+
+
+@pytest.mark.ctools
+@ctools
+def test_c_tools_as_the_guest_hit_the_quotas(fresh_host: SimHost) -> None:
+    assert fresh_host.xenstored is not None
+    q = fresh_host.xenstored.quotas
+    r = ctool(fresh_host, "xenstore-write", "data/big", "v" * (q.entry_size + 1))
+    assert r.returncode != 0  # ENOSPC (xenstore-write does not print the errno)
+    assert dom0_read(fresh_host, "/local/domain/1/data/big") is None
+    assert ctool(fresh_host, "xenstore-write", "data/small", "v").returncode == 0
+    perms = ["n1", *(f"r{d}" for d in range(q.perms_per_node + 1))]
+    r = ctool(fresh_host, "xenstore-chmod", "data/small", *perms)
+    assert r.returncode != 0 and "No space left on device" in r.stderr
+    r = ctool(fresh_host, "xenstore-read", "data/" + "p" * q.path_max)
+    assert r.returncode != 0
