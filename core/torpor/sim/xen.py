@@ -55,6 +55,7 @@ from torpor.errors import HypervisorError
 from torpor.model import (
     HVM_PARAM_ACPI_S_STATE,
     HVM_PARAM_CALLBACK_IRQ,
+    X86_EMU_PIT,
     DomainInfo,
     ShutdownReason,
 )
@@ -281,7 +282,9 @@ class SimXen:
             name="Domain-0",
             uuid="00000000-0000-0000-0000-000000000000",
             hvm=False,
-            emulation_flags=0,
+            # Xen gives a PV hardware domain an emulated PIT (arch_domain_create:
+            # XEN_X86_EMU_PIT); the lab's 4.17 dom0 reports 256.
+            emulation_flags=X86_EMU_PIT,
             vcpus=[SimVcpu(0, vcpu_info_registered=True)],
             memory=bytearray(0),
             p2m=[],
