@@ -8,18 +8,21 @@ around it (suspend first, resume after, destroy the source last), a
 
 * :class:`SimBuilder` -- a simulated host in this process;
 * :class:`RemoteSimBuilder` -- a ``torpor sim`` daemon, through its
-  ``hypervisor.sock`` (the image is streamed in chunks).
+  ``hypervisor.sock`` (the image is streamed in chunks);
+* :class:`torpor.xl.XlBuilder` -- real Xen: a :class:`FileSaver` that writes
+  xl's save format with ``xc_domain_save`` and builds domains with libxl.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from torpor.image import SavedDomain, decode, encode
 
-__all__ = ["CHUNK", "DomainBuilder", "RemoteSimBuilder", "SimBuilder"]
+__all__ = ["CHUNK", "DomainBuilder", "FileSaver", "RemoteSimBuilder", "SimBuilder"]
 
 #: Bytes per chunk when an image crosses a control socket.
 CHUNK = 512 * 1024
@@ -43,6 +46,54 @@ class DomainBuilder(Protocol):
 
     def destroy(self, domid: int) -> None:
         """libxl_domain_destroy: the domain, its xenstore tree, backends and device model."""
+        ...
+
+
+@runtime_checkable
+class FileSaver(Protocol):
+    """A builder that writes the save file itself, suspending the guest from inside.
+
+    On real Xen the guest's memory is saved by ``xc_domain_save``, which calls
+    the toolstack's suspend as a callback once it is ready for the memory:
+    the orchestrator hands :meth:`write_save` a ``suspend`` callable that runs
+    torpor's own suspend on its event loop and returns True only once the
+    domain is shut down for suspend.
+    """
+
+    #: the file format written and read (``"xl"``)
+    file_format: str
+
+    def prepare_save(self, domid: int) -> Any:
+        """Everything needed before the guest is touched (its configuration);
+        fails without side effects."""
+        ...
+
+    def write_save(
+        self,
+        job: Any,
+        fd: int,
+        suspend: Callable[[], bool],
+        device_model_state: Callable[[], bytes | None],
+    ) -> None:
+        """Write the whole file to ``fd``, calling ``suspend`` from this thread
+        at the point the guest must stop; ``device_model_state`` then gives
+        QEMU's saved state (HVM)."""
+        ...
+
+    def verify_save(self, path: str) -> dict[str, Any]:
+        """Read ``path`` back and walk it to its end; ImageError if anything is off."""
+        ...
+
+    def restore_file(self, path: str) -> int:
+        """A new domain from the file at ``path``, left paused; returns its domid."""
+        ...
+
+    def start(self, domid: int) -> None:
+        """Unpause a domain :meth:`restore_file` built (device model first)."""
+        ...
+
+    def destroy(self, domid: int) -> None:
+        """The domain, its xenstore tree, backends and device model."""
         ...
 
 

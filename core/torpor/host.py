@@ -151,6 +151,9 @@ class Host:
         return path if path and os.path.exists(path) else None
 
     def close(self) -> None:
+        close_builder = getattr(self.builder, "close", None)
+        if callable(close_builder):
+            close_builder()  # the real-Xen builder's libxl context
         if self._xenstore is not None:
             self._xenstore.close()
             self._xenstore = None
@@ -179,8 +182,10 @@ class Host:
         xenstore_path = os.environ.get("XENSTORED_PATH", "/var/run/xenstored/socket")
         if os.path.lexists(xenstore_path):
             xenstore_path = check_private_socket(xenstore_path, "xenstored")
+        from torpor.xl import XlBuilder
+
         hv = XenctrlHypervisor()
-        return cls(
+        host = cls(
             name="xen",
             hypervisor=hv,
             xenstore_path=xenstore_path,
@@ -189,6 +194,9 @@ class Host:
             state_dir="/var/lib/xen",
             lock_dir="/var/run/torpor",
         )
+        # xl's save format and libxl's domains (libxenlight loads on first use).
+        host.builder = XlBuilder(xenstore=lambda: host.xenstore)
+        return host
 
     @classmethod
     def sim(cls, directory: str | os.PathLike[str]) -> Host:

@@ -82,7 +82,7 @@ from torpor.plugins import get_plugin_manager
 from torpor.protocol import default_suspend_method, release_suspend_event_channel
 
 if TYPE_CHECKING:  # save/restore/migration modules load when used, not at start-up
-    from torpor.builder import DomainBuilder
+    from torpor.builder import DomainBuilder, FileSaver
     from torpor.image import SavedDomain
 
 __all__ = ["DomainMonitor", "Orchestrator", "Torpor"]
@@ -755,7 +755,7 @@ class Orchestrator:
             rollback_error = e
         state = "suspended" if rollback_error else "running"
         raise OperationError(
-            f"suspend failed in phase {ctx.phase}: {error.message}; "
+            f"{ctx.operation} failed in phase {ctx.phase}: {error.message}; "
             + (
                 f"cooperative resume also failed: {rollback_error}"
                 if rollback_error
@@ -1061,15 +1061,18 @@ class Orchestrator:
         (read back, every checksum checked).  A failure at any point before
         that resumes the guest cooperatively where it was, and says why.
         """
+        from torpor.builder import FileSaver
         from torpor.image import read_image, write_image
 
         domid = validate_domid(domid)
         target = os.fspath(path)
-        self._builder(self.host, "save")  # refuse before touching the guest
+        builder = self._builder(self.host, "save")  # refuse before touching the guest
         async with self._claim(domid, "save"):
             ctx = await self._context("save", domid)
             timings: list[PhaseTiming] = []
             async with self._reporting(ctx):
+                if isinstance(builder, FileSaver):
+                    return await self._save_file(ctx, builder, target)
                 suspended = await self._suspend(ctx)
                 timings.extend(suspended.timings)
                 try:
@@ -1101,6 +1104,131 @@ class Orchestrator:
             ),
         )
 
+    async def _save_file(self, ctx: OperationContext, builder: FileSaver, target: str) -> Result:
+        """Save through a builder that writes the file itself (real Xen: xl's format).
+
+        ``xc_domain_save`` calls the suspend from inside: the builder runs in a
+        worker thread and its ``suspend`` callable runs :meth:`_suspend` on this
+        loop, blocking that thread until the domain is shut down for suspend
+        (True) or the suspend failed (False; the guest then runs, as the
+        suspend left it).  The file is written under a temporary name next to
+        ``target``, read back and walked to its end, renamed, and only then is
+        the domain destroyed.  Any failure before that removes the partial
+        file and, if the guest had suspended, resumes it cooperatively.
+        """
+        loop = asyncio.get_running_loop()
+        domid = ctx.domid
+        suspended: list[Result] = []
+        suspend_errors: list[BaseException] = []
+        waited = [0.0]
+
+        async def suspend_in_save() -> Result:
+            try:
+                result = await self._suspend(ctx)
+                self._refresh(ctx)
+                if not ctx.domain.suspended:
+                    raise OperationError(
+                        f"domain {domid} is {ctx.domain.state_word()}, not shut down for "
+                        "suspend; xc_domain_save needs it shut down",
+                        state=ctx.domain.state_word(),
+                    )
+                return result
+            finally:
+                ctx.phase = Phase.SAVE
+
+        def suspend() -> bool:  # called by xc_domain_save, in its thread
+            t = time.perf_counter()
+            try:
+                suspended.append(asyncio.run_coroutine_threadsafe(suspend_in_save(), loop).result())
+                return True
+            except BaseException as e:  # reported below, never into C
+                suspend_errors.append(e)
+                return False
+            finally:
+                waited[0] = time.perf_counter() - t
+
+        def device_model_state() -> bytes | None:
+            dm_state = ctx.facts.get("device_model_state")
+            if not dm_state:
+                return None
+            with open(dm_state, "rb") as f:
+                return f.read()
+
+        timings: list[PhaseTiming] = []
+        save_timings: list[PhaseTiming] = []
+        directory, base = os.path.split(os.path.abspath(target))
+        partial = os.path.join(directory, f".{base}.torpor-partial-{os.getpid()}")
+        try:
+            async with self._phase(ctx, Phase.VALIDATE, timings):
+                job = await asyncio.to_thread(builder.prepare_save, domid)
+            async with self._phase(ctx, Phase.SAVE, save_timings):
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    await asyncio.to_thread(
+                        builder.write_save, job, fd, suspend, device_model_state
+                    )
+                    await asyncio.to_thread(os.fsync, fd)
+                finally:
+                    os.close(fd)
+                check = await asyncio.to_thread(builder.verify_save, partial)
+                os.replace(partial, target)
+        except (TorporError, OSError) as raw:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            dm_state = ctx.facts.pop("device_model_state", None)
+            if dm_state:
+                with contextlib.suppress(OSError):
+                    os.unlink(dm_state)
+            e = (
+                raw
+                if isinstance(raw, TorporError)
+                else ImageError(f"writing {target}: {raw.strerror or raw}", cause=raw)
+            )
+            if suspend_errors:
+                first = suspend_errors[0]
+                if isinstance(first, TorporError):
+                    raise first from e
+                raise OperationError(
+                    f"suspend inside the save failed: {first!r}",
+                    state=_observed_state(self.host.hypervisor, domid),
+                    cause=first,
+                ) from e
+            if not suspended:
+                _locate(e, ctx)
+                raise MigrationFailed(
+                    f"save failed before the guest was asked to suspend: {e.message}; "
+                    f"nothing written, guest left {_observed_state(self.host.hypervisor, domid)}",
+                    state=_observed_state(self.host.hypervisor, domid),
+                    cause=e,
+                    phase=e.phase,
+                    domid=domid,
+                ) from e
+            ctx.phase = Phase.SAVE
+            await self._rollback_migration(ctx, e)
+        dm_state = ctx.facts.pop("device_model_state", None)
+        if dm_state:
+            with contextlib.suppress(OSError):
+                os.unlink(dm_state)
+        # The suspend ran inside the save phase (xc_domain_save called it).
+        save_seconds = sum(t.seconds for t in save_timings) - waited[0]
+        async with self._phase(ctx, Phase.CLEANUP, save_timings):
+            await asyncio.to_thread(builder.destroy, domid)
+        return Result(
+            domid=domid,
+            operation="save",
+            guest_type=ctx.guest_type_name,
+            outcome="saved",
+            state="destroyed",
+            method=ctx.method,
+            timings=(
+                *timings,
+                *suspended[0].timings,
+                PhaseTiming(Phase.SAVE, max(save_seconds, 0.0)),
+                *save_timings[1:],
+            ),
+            details=(("file", target), *sorted(check.items())),
+        )
+
     async def _rollback_migration(self, ctx: OperationContext, error: TorporError) -> None:
         """Saving failed after the guest suspended: resume it where it was, then raise."""
         try:
@@ -1120,7 +1248,35 @@ class Orchestrator:
         frontends reconnect to this host's backends.  If the resume fails the
         new domain is destroyed; the image is untouched.
         """
+        from torpor.builder import FileSaver
         from torpor.image import read_image
+
+        if isinstance(source, (str, os.PathLike)):
+            from torpor.xl_savefile import sniff
+
+            path = os.fspath(source)
+            builder = self._builder(self.host, "restore")
+            try:
+                fmt = await asyncio.to_thread(sniff, path)
+            except OSError as e:
+                raise ImageError(f"cannot read save file {path}: {e.strerror or e}", cause=e) from e
+            if isinstance(builder, FileSaver):
+                if fmt != builder.file_format:
+                    what = (
+                        "torpor's own image, written on a simulated host"
+                        if fmt == "torpor"
+                        else f"not an {builder.file_format} save file"
+                    )
+                    raise ImageError(
+                        f"{path} is {what}; host {self.host.name} restores "
+                        f"{builder.file_format} save files"
+                    )
+                return await self._restore_file(builder, path, expect_kind)
+            if fmt == "xl":
+                raise ImageError(
+                    f"{path} is an xl save file (real Xen); host {self.host.name} restores "
+                    "torpor's own images"
+                )
 
         timings: list[PhaseTiming] = []
         t0 = time.perf_counter()
@@ -1167,6 +1323,89 @@ class Orchestrator:
             ),
         )
 
+    async def _restore_file(self, builder: FileSaver, path: str, expect_kind: str | None) -> Result:
+        """Restore from a file the builder reads itself (real Xen: an xl save file).
+
+        The file is walked to its end first (nothing is built from a corrupt
+        or truncated file); the builder then builds the domain, paused, and
+        starts it; torpor waits for the guest to run again in its new domain.
+        """
+        timings: list[PhaseTiming] = []
+        t0 = time.perf_counter()
+        info = await asyncio.to_thread(builder.verify_save, path)
+        if expect_kind is not None and info.get("guest_type") != expect_kind:
+            raise ImageError(f"{path} holds a {info.get('guest_type')} guest, not {expect_kind}")
+        try:
+            domid = await asyncio.to_thread(builder.restore_file, path)
+        except TorporError as e:
+            raise MigrationFailed(
+                f"building the domain failed: {e.message}",
+                state="not created",
+                phase=Phase.RESTORE,
+                cause=e,
+            ) from e
+        timings.append(PhaseTiming(Phase.RESTORE, time.perf_counter() - t0))
+        try:
+            result = await self._start_restored(domid, builder)
+        except TorporError as e:
+            with contextlib.suppress(TorporError):
+                await asyncio.to_thread(builder.destroy, domid)
+            raise MigrationFailed(
+                f"the restored guest did not resume: {e}; new domain {domid} "
+                f"destroyed, {path} is intact",
+                state="not restored",
+                domid=domid,
+                phase=e.phase,
+                cause=e,
+            ) from e
+        return attrs.evolve(
+            result,
+            operation="restore",
+            outcome="restored",
+            timings=(*timings, *result.timings),
+            details=(*result.details, ("file", path), *sorted(info.items())),
+        )
+
+    async def _start_restored(self, domid: int, builder: FileSaver) -> Result:
+        """A domain the builder restored and left paused: start it, see it run.
+
+        The guest wakes in a new domain (its suspend hypercall returns 0): it
+        rebuilds and its frontends reconnect, which the plugins' verify
+        hooks wait for, as after a non-cooperative resume.
+        """
+        async with self._claim(domid, "restore"):
+            ctx = await self._context("restore", domid)
+            ctx.cooperative = False
+            ctx.in_place = False
+            async with self._reporting(ctx):
+                gt = ctx.guest_type
+                assert gt is not None
+                timings: list[PhaseTiming] = []
+                await self._notify("torpor_before_resume", ctx=ctx)
+                async with self._phase(ctx, Phase.RESUME, timings):
+                    await asyncio.to_thread(builder.start, domid)
+                    self._refresh(ctx)
+                    if ctx.domain.paused:
+                        raise ResumeFailed(
+                            f"domain {domid} is still paused after the builder started it",
+                            state="paused",
+                        )
+                async with self._phase(ctx, Phase.GUEST_RESUME, timings):
+                    await self._all("torpor_resume_guest", ctx=ctx)
+                async with self._phase(ctx, Phase.VERIFY, timings):
+                    await self._verify_resumed(ctx, shut=True, s3=False)
+                result = Result(
+                    domid=domid,
+                    operation="restore",
+                    guest_type=gt.name,
+                    outcome="resumed",
+                    state=ctx.domain.state_word(),
+                    cooperative=False,
+                    timings=tuple(timings),
+                )
+                await self._notify("torpor_after_resume", ctx=ctx, result=result)
+                return result
+
     async def _resume_new_domain(self, domid: int) -> Result:
         async with self._claim(domid, "restore"):
             ctx = await self._context("restore", domid)
@@ -1184,8 +1423,16 @@ class Orchestrator:
         """
         domid = validate_domid(domid)
         timings: list[PhaseTiming] = []
-        self._builder(self.host, "migrate")  # refuse before touching the guest
-        self._builder(destination.host, "restore")
+        from torpor.builder import FileSaver
+
+        source_builder = self._builder(self.host, "migrate")  # refuse before touching the guest
+        dest_builder = self._builder(destination.host, "restore")
+        if isinstance(source_builder, FileSaver) or isinstance(dest_builder, FileSaver):
+            raise BackendUnavailable(
+                "migration to or from real Xen is not implemented: save with `torpor save` "
+                "and restore the xl save file with `torpor restore` or `xl restore`",
+                domid=domid,
+            )
         async with self._claim(domid, "migrate"):
             ctx = await self._context("migrate", domid)
             async with self._reporting(ctx):
