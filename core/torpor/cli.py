@@ -96,7 +96,7 @@ def _report(
                 print(json.dumps(_error_dict(domid, op, res)), flush=True)
             else:
                 left = getattr(res, "state", None)
-                state = f" (domain left {left})" if left else ""
+                state = f" (domain state: {left})" if left else ""
                 print(f"domain {domid}: {op} FAILED: {res}{state}", flush=True)
         else:
             ok += 1

@@ -21,10 +21,11 @@ class Reporter:
     line rewritten in place.  Many domains elsewhere: one line per domain.
     """
 
-    def __init__(self, *, quiet: bool, total: int, stream: Any = sys.stderr) -> None:
+    def __init__(self, *, quiet: bool, total: int, stream: Any = None) -> None:
         self.quiet = quiet
         self.total = total
-        self.stream = stream
+        # sys.stderr as it is now, not as it was at import (it may have been replaced)
+        self.stream = sys.stderr if stream is None else stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self.done = 0
         self.failed = 0
