@@ -605,7 +605,7 @@ def test_restore_refuses_corrupt_or_foreign_files_before_building(
         t.restore(tmp_path / "missing")
     assert not [c for c in libxl.calls if c[0] == "create_restore"]
     # ... and the simulated host refuses an xl file
-    with pytest.raises(ImageError, match="an xl save file"):
+    with pytest.raises(ImageError, match="not a torpor save image but an xl save file"):
         torpor.restore(write(tmp_path, GOOD, "x.save"))
 
 

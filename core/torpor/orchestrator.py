@@ -1274,8 +1274,8 @@ class Orchestrator:
                 return await self._restore_file(builder, path, expect_kind)
             if fmt == "xl":
                 raise ImageError(
-                    f"{path} is an xl save file (real Xen); host {self.host.name} restores "
-                    "torpor's own images"
+                    f"{path} is not a torpor save image but an xl save file (real Xen); "
+                    f"host {self.host.name} restores torpor's own images"
                 )
 
         timings: list[PhaseTiming] = []

@@ -1,0 +1,182 @@
+"""`torpor save` on real Xen writes xl's save format; `xl restore` restores it.
+
+In the lab's dom0 (Xen 4.17): torpor's own suspend runs inside
+xc_domain_save as its suspend callback, the file is xl's header + libxl's
+config + libxl's stream v2 with libxenguest's stream inside, the domain is
+destroyed only after the file verified, and then Xen's own `xl restore`
+(or `torpor restore`, which delegates the building to libxl) brings the
+guest back: its counter goes on, it did not reboot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import xenlab
+from xenlab import sh
+
+from torpor.errors import AckTimeout
+from torpor.host import Host
+from torpor.model import Timeouts
+from torpor.orchestrator import Torpor
+from torpor.xl_savefile import read_save_file, sniff
+
+MakeGuest = Callable[..., xenlab.Guest]
+
+#: dom0's root is in RAM: keep saves small and remove them
+SAVE_DIR = Path("/var/lib/torpor-lab-saves")
+
+
+@pytest.fixture
+def save_dir() -> Iterator[Path]:
+    SAVE_DIR.mkdir(parents=True, exist_ok=True)
+    yield SAVE_DIR
+    for p in SAVE_DIR.iterdir():
+        p.unlink()
+
+
+def torpor_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """`torpor --host xen ARGS` in dom0, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "torpor.cli", "--host", "xen", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def gone(xc: xenlab.XenCtrl, domid: int) -> bool:
+    return xc.info(domid) is None
+
+
+def now_domid(g: xenlab.Guest) -> int:
+    return int(sh("xl", "domid", g.name).strip())
+
+
+def check_counter_went_on(g: xenlab.Guest, before: xenlab.Tick, timeout: float = 120) -> None:
+    after = g.wait_tick(after=before.n, timeout=timeout)
+    assert after.n > before.n
+    assert g.console().count("TORPOR-GUEST boot") == 1, "the guest rebooted"
+    print(f"{g.name}: tick n={before.n} before the save, n={after.n} after the restore")
+
+
+def check_xl_file(path: Path, kind: str) -> dict[str, object]:
+    assert sniff(path) == "xl"
+    info = read_save_file(path)
+    assert info.config["c_info"]["domid"] == 0
+    assert info.guest_type == kind
+    summary = info.summary()
+    print(f"{path.name}: {summary}")
+    return summary
+
+
+@pytest.mark.timeout(400)
+def test_torpor_save_of_a_pv_guest_is_restored_by_xl_restore(
+    make_guest: MakeGuest, xc: xenlab.XenCtrl, save_dir: Path
+) -> None:
+    g = make_guest("pv", overrides={"memory": "128"})
+    old = g.domid
+    before = g.wait_tick()
+    path = save_dir / "pv.save"
+    t0 = time.monotonic()
+    with Torpor(Host.xen(), own_host=True) as t:
+        res = t.save(old, path)
+    took = time.monotonic() - t0
+    assert res.outcome == "saved" and res.state == "destroyed"
+    assert gone(xc, old)
+    details = dict(res.details)
+    assert details["format"] == "xl" and details["bytes"] == path.stat().st_size
+    assert details["libxl_records"] == ["LIBXC_CONTEXT", "END"]
+    phases = [(str(p.phase), round(p.seconds, 3)) for p in res.timings]
+    print(f"torpor save: {took:.2f}s, phases {phases}")
+    check_xl_file(path, "pv")
+    t1 = time.monotonic()
+    sh("xl", "restore", str(path), timeout=120)
+    print(f"xl restore: {time.monotonic() - t1:.2f}s")
+    g.domid = now_domid(g)
+    assert g.domid != old
+    check_counter_went_on(g, before)
+
+
+@pytest.mark.timeout(400)
+def test_torpor_cli_save_then_torpor_restore_of_a_pv_guest(
+    make_guest: MakeGuest, xc: xenlab.XenCtrl, save_dir: Path
+) -> None:
+    g = make_guest("pv", overrides={"memory": "128"})
+    old = g.domid
+    before = g.wait_tick()
+    path = save_dir / "pv-cli.save"
+    r = torpor_cli("save", str(old), str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    saved = json.loads(r.stdout.splitlines()[-1])
+    assert saved["outcome"] == "saved", saved
+    assert gone(xc, old)
+    check_xl_file(path, "pv")
+    r = torpor_cli("restore", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    restored = json.loads(r.stdout.splitlines()[-1])
+    assert restored["outcome"] == "restored" and restored["state"] == "running", restored
+    g.domid = int(restored["domid"])
+    assert g.domid == now_domid(g) and g.domid != old
+    print(f"torpor restore: {restored['seconds']}s, phases {restored['phases']}")
+    check_counter_went_on(g, before)
+    # The file is untouched by a restore: still a valid xl save file.
+    check_xl_file(path, "pv")
+
+
+@pytest.mark.timeout(300)
+def test_a_paused_guest_never_acks_save_fails_guest_left_running_no_file(
+    make_guest: MakeGuest, xc: xenlab.XenCtrl, xs: xenlab.XsConn, save_dir: Path
+) -> None:
+    g = make_guest("pv", overrides={"memory": "128"})
+    before = g.wait_tick()
+    sh("xl", "pause", str(g.domid))
+    path = save_dir / "never.save"
+    t0 = time.monotonic()
+    try:
+        with Torpor(Host.xen(), own_host=True, timeouts=Timeouts(ack=3.0)) as t:
+            with pytest.raises(AckTimeout) as ei:
+                t.save(g.domid, path)
+    finally:
+        sh("xl", "unpause", str(g.domid))
+    print(f"ack timeout after {time.monotonic() - t0:.2f}s: {ei.value}")
+    assert ei.value.domid == g.domid
+    info = xc.info(g.domid)
+    assert info is not None and not info.shutdown
+    # the request was withdrawn in a transaction
+    assert xs.read(f"/local/domain/{g.domid}/control/shutdown") in ("", None)
+    assert not path.exists()
+    assert os.listdir(save_dir) == []
+    check_counter_went_on(g, before)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["pvhvm", "hvm"])
+def test_torpor_save_of_an_hvm_guest_is_restored_by_xl_restore(
+    make_guest: MakeGuest, xc: xenlab.XenCtrl, save_dir: Path, kind: str
+) -> None:
+    g = make_guest(kind)
+    old = g.domid
+    before = g.wait_tick()
+    path = save_dir / f"{kind}.save"
+    t0 = time.monotonic()
+    with Torpor(Host.xen(), own_host=True) as t:
+        res = t.save(old, path)
+    print(f"torpor save {kind}: {time.monotonic() - t0:.2f}s")
+    assert res.outcome == "saved" and gone(xc, old)
+    summary = check_xl_file(path, "hvm")
+    assert summary["libxl_records"][-2:] == ["EMULATOR_CONTEXT", "END"]
+    g.close_channel()
+    t1 = time.monotonic()
+    sh("xl", "restore", str(path), timeout=300)
+    print(f"xl restore {kind}: {time.monotonic() - t1:.2f}s")
+    g.domid = now_domid(g)
+    check_counter_went_on(g, before, timeout=300)
