@@ -35,7 +35,9 @@ SECURITY_MIRROR = os.environ.get(
 )
 
 #: installed in dom0 (security suite enabled, so the tools match the 4.17.7
-#: hypervisor); qemu-system-xen + seabios are the HVM device model and BIOS.
+#: hypervisor); qemu-system-xen + seabios are the HVM device model and BIOS;
+#: qemu-guest-agent is not run in dom0: its qemu-ga (and the shared libraries
+#: it needs) goes into the HVM guests' second initramfs (guest-initrd-qga.img).
 DOM0_PACKAGES = (
     "xen-utils-4.17",
     "xenstore-utils",
@@ -44,7 +46,10 @@ DOM0_PACKAGES = (
     "seabios",
     "busybox-static",
     "kmod",
+    "qemu-guest-agent",
 )
+#: the QEMU guest agent copied into guest-initrd-qga.img
+QGA_BINARY = "usr/sbin/qemu-ga"
 XEN_PACKAGE = "xen-hypervisor-4.17-amd64"
 KERNEL_META = "linux-image-amd64"
 
@@ -160,7 +165,7 @@ def build(cache: Path, lab_dir: Path, logfile: Path) -> Image:
         versions[name] = _chroot(root, ["dpkg-deb", "-f", inside, "Version"], logfile).strip()
         _chroot(root, ["dpkg-deb", "-x", inside, "/tmp/pkg"], logfile)
     pkg = root / "tmp/pkg"
-    for name in ("xen-utils-4.17", "qemu-system-xen", "python3", "seabios"):
+    for name in ("xen-utils-4.17", "qemu-system-xen", "python3", "seabios", "qemu-guest-agent"):
         q = ["dpkg-query", "-W", "-f", "${Version}", name]
         versions[name] = _chroot(root, q, logfile).strip()
 
@@ -178,6 +183,7 @@ def build(cache: Path, lab_dir: Path, logfile: Path) -> Image:
 
     nmods = _install_modules(root, kver, logfile)
     _guest_initrd(root, lab_dir, guest_dir / "guest-initrd.img", logfile)
+    _guest_initrd(root, lab_dir, guest_dir / "guest-initrd-qga.img", logfile, agent=True)
     shutil.copy2(lab_dir / "dom0/init", root / "init")
     (root / "init").chmod(0o755)
 
@@ -298,9 +304,36 @@ def _install_modules(root: Path, kver: str, logfile: Path) -> int:
     return len(closure)
 
 
-def _guest_initrd(root: Path, lab_dir: Path, dest: Path, logfile: Path) -> None:
-    stage = root / "tmp/guest"
-    for d in ("bin", "proc", "sys", "dev"):
+def _resolve_in(root: Path, path: str) -> Path:
+    """`path` inside the chroot `root`, every symlink (absolute ones too) followed there."""
+    parts = [p for p in path.split("/") if p]
+    cur = root
+    for _ in range(256):
+        if not parts:
+            return cur
+        nxt = cur / parts.pop(0)
+        if nxt.is_symlink():
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = root
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        cur = nxt
+    raise LabError(f"too many symlinks resolving {path} in {root}")
+
+
+def _guest_initrd(
+    root: Path, lab_dir: Path, dest: Path, logfile: Path, *, agent: bool = False
+) -> None:
+    """The guests' busybox initramfs; with `agent`, plus Debian's qemu-ga.
+
+    qemu-ga is dynamically linked: it goes in with every shared object
+    `ldd` names (the loader included) at the same paths.  Only guests that
+    use it boot this bigger image (HVM firmware loads the initramfs through
+    fw_cfg's I/O port, slowly under TCG).
+    """
+    stage = root / ("tmp/guest-qga" if agent else "tmp/guest")
+    for d in ("bin", "proc", "sys", "dev", "run", "tmp"):
         (stage / d).mkdir(parents=True)
     # The kernel opens /dev/console for init before anything is mounted.
     os.mknod(stage / "dev/console", stat.S_IFCHR | 0o600, os.makedev(5, 1))
@@ -310,6 +343,23 @@ def _guest_initrd(root: Path, lab_dir: Path, dest: Path, logfile: Path) -> None:
     shutil.copy2(busybox, stage / "bin/busybox")
     shutil.copy2(lab_dir / "guest/init", stage / "init")
     (stage / "init").chmod(0o755)
+    if agent:
+        qga = root / QGA_BINARY
+        if not qga.exists():
+            raise LabError(f"qemu-guest-agent did not install /{QGA_BINARY} in the dom0 root")
+        wanted = [f"/{QGA_BINARY}"]
+        for line in _chroot(root, ["ldd", f"/{QGA_BINARY}"], logfile).splitlines():
+            # "libglib-2.0.so.0 => /lib/x86_64-linux-gnu/libglib-2.0.so.0 (0x...)"
+            # "/lib64/ld-linux-x86-64.so.2 (0x...)"; linux-vdso has no file
+            parts = line.split()
+            path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0] if parts else ""
+            if path.startswith("/"):
+                wanted.append(path)
+        for path in wanted:
+            dst = stage / path.lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(_resolve_in(root, path), dst)  # the file, not the symlink
+        log(f"guest initramfs with qemu-ga: {len(wanted)} files")
     run(
         [
             "bash",

@@ -12,7 +12,11 @@ torpor itself is not installed: dom0 imports it straight from the repo share
 tree.  Its entry points (the `torpor` plugin group, pytest11, ...) are made
 visible to importlib.metadata by a generated `torpor-<version>.dist-info`
 holding METADATA and entry_points.txt, written into the run directory on every
-run, so an edit of pyproject.toml is picked up without a rebuild.
+run, so an edit of pyproject.toml is picked up without a rebuild.  The
+example third-party plugin (examples/torpor-pvh, its own pyproject.toml and
+`src/` layout) gets the same treatment: its sources on PYTHONPATH and a
+generated `torpor_pvh-<version>.dist-info`, so torpor finds its `torpor`
+entry point in dom0 exactly as it would an installed third party's.
 """
 
 from __future__ import annotations
@@ -120,6 +124,10 @@ def _dist_infos(tar_path: Path) -> list[Path]:
     return [n for n in names if len(n.parts) == 2 and n.name.endswith(".dist-info")]
 
 
+#: third-party plugin projects shipped as examples: (project dir, import root)
+EXAMPLES = (("examples/torpor-pvh", "examples/torpor-pvh/src"),)
+
+
 def source_roots(repo: Path) -> list[Path]:
     """core/ and every plugins/<name>/ directory: torpor's import roots."""
     roots = [repo / "core"]
@@ -127,6 +135,15 @@ def source_roots(repo: Path) -> list[Path]:
     if plugins.is_dir():
         roots += sorted(p for p in plugins.iterdir() if p.is_dir())
     return roots
+
+
+def example_roots(repo: Path) -> list[tuple[Path, Path]]:
+    """(project dir, import root) of each example plugin present in the tree."""
+    return [
+        (repo / proj, repo / src)
+        for proj, src in EXAMPLES
+        if (repo / proj / "pyproject.toml").is_file() and (repo / src).is_dir()
+    ]
 
 
 def _module_exists(module: str, roots: list[Path]) -> bool:
@@ -137,15 +154,22 @@ def _module_exists(module: str, roots: list[Path]) -> bool:
 
 
 def write_metadata(repo: Path, dest: Path) -> list[str]:
-    """Write torpor's dist-info (and `bin/` wrappers for its scripts) into dest.
+    """Write torpor's dist-info (and `bin/` wrappers for its scripts) into dest,
+    and one dist-info per example plugin project.
 
     Entry points whose module is not in the tree yet are left out, so that
     pytest can start while others' modules are still being written; they are
     returned so the caller can say so.
     """
-    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    dropped = _write_dist_info(repo, source_roots(repo), dest)
+    for project_dir, src in example_roots(repo):
+        dropped += _write_dist_info(project_dir, [src], dest)
+    return dropped
+
+
+def _write_dist_info(project_dir: Path, roots: list[Path], dest: Path) -> list[str]:
+    project = tomllib.loads((project_dir / "pyproject.toml").read_text())["project"]
     name, version = project["name"], project["version"]
-    roots = source_roots(repo)
     groups: dict[str, dict[str, str]] = dict(project.get("entry-points", {}))
     if project.get("scripts"):
         groups["console_scripts"] = project["scripts"]
@@ -164,7 +188,8 @@ def write_metadata(repo: Path, dest: Path) -> list[str]:
                 scripts[ep_name] = value
         if kept:
             lines += [f"[{group}]", *kept, ""]
-    info = dest / f"{name}-{version}.dist-info"
+    # The dist-info directory name normalises the project name (PEP 427/503).
+    info = dest / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (info / "entry_points.txt").write_text("\n".join(lines))
@@ -184,6 +209,8 @@ def write_metadata(repo: Path, dest: Path) -> list[str]:
 
 
 def dom0_pythonpath(repo: Path) -> list[str]:
-    """PYTHONPATH inside dom0: torpor's metadata, its sources, the vendored deps."""
-    roots = [f"{DOM0_REPO}/{r.relative_to(repo).as_posix()}" for r in source_roots(repo)]
+    """PYTHONPATH inside dom0: torpor's metadata, its sources (and the example
+    plugins'), the vendored deps."""
+    here = [*source_roots(repo), *(src for _, src in example_roots(repo))]
+    roots = [f"{DOM0_REPO}/{r.relative_to(repo).as_posix()}" for r in here]
     return [f"{DOM0_RUN}/in/meta", *roots, DOM0_SITE, f"{DOM0_REPO}/lab/dom0"]

@@ -215,7 +215,7 @@ class XenCtrl:
 
 # --- xenstore: a minimal wire client for watches with deadlines ------------------
 
-XS_READ, XS_WATCH, XS_UNWATCH, XS_ERROR, XS_WATCH_EVENT = 2, 4, 5, 16, 15
+XS_DIRECTORY, XS_READ, XS_WATCH, XS_UNWATCH, XS_ERROR, XS_WATCH_EVENT = 1, 2, 4, 5, 16, 15
 _HDR = struct.Struct("<IIII")  # type, req_id, tx_id, len (xs_wire.h)
 
 
@@ -289,6 +289,16 @@ class XsConn:
             if str(e) == "ENOENT":
                 return None
             raise
+
+    def directory(self, path: str) -> list[str] | None:
+        """XS_DIRECTORY: the node's children, or None if it does not exist."""
+        try:
+            body = self.request(XS_DIRECTORY, path.encode() + b"\0")
+        except OSError as e:
+            if str(e) == "ENOENT":
+                return None
+            raise
+        return [n.decode() for n in body.split(b"\0") if n]
 
     def watch(self, path: str, token: str) -> None:
         """XS_WATCH; returns once the watch's initial event has arrived."""
@@ -406,6 +416,8 @@ class Guest:
     xc: XenCtrl = field(repr=False)
     releases: XsConn = field(repr=False)  # watches @releaseDomain
     _channel: socket.socket | None = field(default=None, repr=False)
+    #: the QEMU guest agent's socket (/var/run/xen/qga-<domid>), if it has one
+    agent_socket: Path | None = None
 
     @property
     def qmp_socket(self) -> Path:
@@ -501,7 +513,10 @@ class GuestFactory:
     """Creates lab guests from lab/guests/<kind>.cfg and destroys them all.
 
     A definition is an xl config with placeholders: @NAME@, @LABDIR@,
-    @CONSOLE_LOG@, @CMD_SOCKET@, @EXTRA@ (appended to the kernel command line).
+    @CONSOLE_LOG@, @CMD_SOCKET@, @QGA_SOCKET@, @EXTRA@ (appended to the kernel
+    command line).  `agent=True` (plain HVM only) uses hvm-qga.cfg: the guest
+    runs qemu-ga on its ttyS1, whose dom0 end is renamed to
+    /var/run/xen/qga-<domid> once the domid is known (xl cannot name it so).
     """
 
     _seq = itertools.count(1)  # names stay unique across factories in a session
@@ -527,6 +542,7 @@ class GuestFactory:
         wait_ticking: bool = True,
         timeout: float | None = None,
         retry_boot: bool = True,
+        agent: bool = False,
     ) -> Guest:
         """Create a guest; with wait_ticking, return once it has ticked.
 
@@ -538,9 +554,11 @@ class GuestFactory:
         """
         if kind not in GUEST_TYPES:
             raise ValueError(f"guest type {kind!r} not in {GUEST_TYPES}")
+        if agent and kind != "hvm":
+            raise ValueError("only plain HVM lab guests run the guest agent")
         boot_timeout = timeout if timeout is not None else self.BOOT_TIMEOUT[kind]
         for attempt in (1, 2):
-            guest = self._create(kind, name, extra_cmdline, overrides, boot_timeout)
+            guest = self._create(kind, name, extra_cmdline, overrides, boot_timeout, agent)
             if not wait_ticking:
                 return guest
             try:
@@ -564,19 +582,22 @@ class GuestFactory:
         extra_cmdline: str,
         overrides: dict[str, str] | None,
         timeout: float,
+        agent: bool = False,
     ) -> Guest:
         name = name or f"lab-{kind}-{next(self._seq)}"
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         # Plain HVM guests' console is their ttyS0, written by qemu-xen to a
         # file; the others use the PV console, logged by xenconsoled.
         log = CONSOLE_DIR / (f"hvm-{name}.log" if kind == "hvm" else f"guest-{name}.log")
-        cmd_sock = RUN_DIR / f"{name}.cmd" if kind in ("hvm", "pvhvm") else None
-        text = (GUEST_DEFS / f"{kind}.cfg").read_text()
+        cmd_sock = RUN_DIR / f"{name}.cmd" if kind in ("hvm", "pvhvm") and not agent else None
+        qga_sock = RUN_DIR / f"{name}.qga" if agent else None
+        text = (GUEST_DEFS / ("hvm-qga.cfg" if agent else f"{kind}.cfg")).read_text()
         for key, value in {
             "@NAME@": name,
             "@LABDIR@": str(LAB_DIR),
             "@CONSOLE_LOG@": str(log),
             "@CMD_SOCKET@": str(cmd_sock),
+            "@QGA_SOCKET@": str(qga_sock),
             "@EXTRA@": extra_cmdline,
         }.items():
             text = text.replace(key, value)
@@ -588,6 +609,11 @@ class GuestFactory:
         domid = int(sh("xl", "domid", name).strip())
         guest = Guest(kind, name, domid, cfg, log, cmd_sock, self.consoles, self.xc, self.releases)
         self.guests.append(guest)
+        if qga_sock is not None:
+            # qemu-xen listens on the inode, whatever its name: rename it to
+            # where a toolstack looks for domain <domid>'s agent.
+            guest.agent_socket = Path(f"/var/run/xen/qga-{domid}")
+            os.rename(qga_sock, guest.agent_socket)
         return guest
 
     def destroy(self, guest: Guest) -> None:
@@ -595,6 +621,9 @@ class GuestFactory:
         subprocess.run(
             ["xl", "destroy", str(guest.domid)], capture_output=True, timeout=60, check=False
         )
+        if guest.agent_socket is not None:
+            with contextlib.suppress(OSError):
+                guest.agent_socket.unlink()
         if self.results is not None:
             dest = self.results / "guests"
             dest.mkdir(parents=True, exist_ok=True)

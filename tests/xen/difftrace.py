@@ -1,0 +1,157 @@
+"""The differential trace: what one torpor scenario did to a domain, seen from outside.
+
+The same scenario runs on the simulated host and on real Xen (issue 5 item 3);
+the two traces must be equal, and where they are not, the simulator is wrong
+(real Xen is right by definition).  A trace is recorded by a :class:`Recorder`:
+
+* a xenstore connection of its own (the lab's wire client, not torpor's
+  adapter) watching the domain's whole tree and ``@releaseDomain``;
+* the domain's state from the hypervisor's raw flags (libxenctrl on real
+  Xen, the simulated hypervisor's flags on the sim) -- never from torpor;
+* a torpor plugin implementing ``torpor_phase_finished``: at the end of the
+  phases where the domain's state is settled it takes a *snapshot*.
+
+It records only what is deterministic on both hosts:
+
+* snapshots (after the phases below, and after each operation): the domain's
+  state word and the values of every node under ``control/`` and of
+  ``device/suspend/event-channel``.  After ``ack`` the state is left out: a
+  guest shuts down within a millisecond of acking, before or after the
+  recorder looks;
+* per operation: how many watch events fired for each node of the domain's
+  tree (each write, transaction commit or removal fires one), how many
+  ``@releaseDomain`` events fired, and how the operation ended (outcome, or
+  error class and the state it says it left).
+
+Nothing here depends on timing: every snapshot first makes a round trip to
+xenstored on the recorder's connection, so every watch event of a write that
+completed before it has arrived.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from xenlab import (
+    DOMINF_DYING,
+    DOMINF_PAUSED,
+    DOMINF_SHUTDOWN,
+    SHUTDOWN_MASK,
+    SHUTDOWN_NAMES,
+    SHUTDOWN_SHIFT,
+    XsConn,
+)
+
+from torpor import hookimpl
+from torpor.model import Phase
+
+#: phases after which the recorder takes a snapshot
+SNAPSHOT_PHASES = (Phase.ACK, Phase.CANCEL, Phase.SHUTDOWN, Phase.VERIFY)
+#: phases after which the domain's state is not settled
+STATE_RACES = (Phase.ACK,)
+
+
+def state_word(flags: int | None) -> str:
+    """A domain's state from its raw XEN_DOMINF_* flags (None: it does not exist)."""
+    if flags is None:
+        return "gone"
+    if flags & DOMINF_DYING:
+        return "dying"
+    if flags & DOMINF_SHUTDOWN:
+        reason = (flags >> SHUTDOWN_SHIFT) & SHUTDOWN_MASK
+        return f"shutdown:{SHUTDOWN_NAMES.get(reason, reason)}"
+    if flags & DOMINF_PAUSED:
+        return "paused"
+    return "running"
+
+
+class Recorder:
+    """Records one domain's trace; register it as a torpor plugin (``plugins=[rec]``).
+
+    :param xenstore: the xenstored socket (dom0's, privileged).
+    :param flags_of: domid -> raw domain flags, or None if the domain is gone.
+    """
+
+    def __init__(self, xenstore: str, flags_of: Callable[[int], int | None], domid: int) -> None:
+        self.xs = XsConn(xenstore)
+        self.flags_of = flags_of
+        self.domid = domid
+        self.dompath = f"/local/domain/{domid}"
+        self.xs.watch(self.dompath, "dom")
+        self.xs.watch("@releaseDomain", "rel")
+        self.mark = self.xs.mark()
+        self.entries: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        self.xs.close()
+
+    # -- torpor hook -------------------------------------------------------------
+
+    @hookimpl
+    def torpor_phase_finished(
+        self, ctx: Any, phase: Phase, seconds: float, error: Exception | None
+    ) -> None:
+        if ctx.domid == self.domid and phase in SNAPSHOT_PHASES:
+            label = f"{ctx.operation} {phase}" + (f" !{type(error).__name__}" if error else "")
+            self.snapshot(label, state=phase not in STATE_RACES)
+
+    # -- recording ---------------------------------------------------------------
+
+    def _control(self) -> dict[str, str | None]:
+        nodes: dict[str, str | None] = {}
+        for name in self.xs.directory(f"{self.dompath}/control") or []:
+            nodes[f"control/{name}"] = self.xs.read(f"{self.dompath}/control/{name}")
+        nodes["device/suspend/event-channel"] = self.xs.read(
+            f"{self.dompath}/device/suspend/event-channel"
+        )
+        return nodes
+
+    def snapshot(self, label: str, *, state: bool = True) -> None:
+        self.xs.read(self.dompath)  # a round trip: earlier writes' events are in
+        self.entries.append(
+            {
+                "at": label,
+                "state": state_word(self.flags_of(self.domid)) if state else "(racy)",
+                "nodes": self._control(),
+            }
+        )
+
+    def operation(self, label: str, run: Callable[[], Any]) -> None:
+        """Run one torpor operation and record how it ended and what it fired."""
+        self.xs.read(self.dompath)
+        start = self.xs.mark()
+        try:
+            result = run()
+        except Exception as e:  # a TorporError is the expected kind; anything else too
+            ended: dict[str, Any] = {"error": type(e).__name__, "state": getattr(e, "state", None)}
+        else:
+            ended = {"outcome": getattr(result, "outcome", None), "state": result.state}
+        self.snapshot(f"after {label}")
+        events = self.xs.events[start:]
+        prefix = self.dompath + "/"
+        writes = Counter(
+            p.removeprefix(prefix) for p, tok in events if tok == "dom" and p.startswith(prefix)
+        )
+        self.entries.append(
+            {
+                "operation": label,
+                **ended,
+                "xenstore_events": dict(sorted(writes.items())),
+                "release_domain_events": sum(1 for _, tok in events if tok == "rel"),
+            }
+        )
+
+
+def diff(sim: list[dict[str, Any]], real: list[dict[str, Any]]) -> str:
+    """The two traces side by side, entry by entry, differences marked."""
+    out = []
+    for i in range(max(len(sim), len(real))):
+        a = sim[i] if i < len(sim) else None
+        b = real[i] if i < len(real) else None
+        mark = "  " if a == b else "!!"
+        out.append(f"{mark} sim : {json.dumps(a, sort_keys=True)}")
+        out.append(f"{mark} real: {json.dumps(b, sort_keys=True)}")
+    return "\n".join(out)
