@@ -61,11 +61,36 @@ def now_domid(g: xenlab.Guest) -> int:
     return int(sh("xl", "domid", g.name).strip())
 
 
+def last_tick_of_saved(g: xenlab.Guest) -> xenlab.Tick:
+    """The guest's last tick once its domain is gone: what it had done when saved."""
+    tick = g.last_tick()
+    assert tick is not None
+    return tick
+
+
 def check_counter_went_on(g: xenlab.Guest, before: xenlab.Tick, timeout: float = 120) -> None:
-    after = g.wait_tick(after=before.n, timeout=timeout)
-    assert after.n > before.n
+    """Two new ticks after the restore: it runs on from where it was, not rebooted."""
+    first = g.wait_tick(after=before.n, timeout=timeout)
+    after = g.wait_tick(after=first.n, timeout=timeout)
+    assert before.n < first.n < after.n, (before, first, after)
+    assert after.uptime > before.uptime
     assert g.console().count("TORPOR-GUEST boot") == 1, "the guest rebooted"
-    print(f"{g.name}: tick n={before.n} before the save, n={after.n} after the restore")
+    record(
+        g,
+        "ticks",
+        {"saved_at": [before.n, before.uptime], "after_restore": [after.n, after.uptime]},
+    )
+
+
+_RESULTS: dict[str, dict[str, object]] = {}
+
+
+def record(g: xenlab.Guest, key: str, value: object) -> None:
+    """Timings and facts per guest, written to the lab's results (xl-save.json)."""
+    _RESULTS.setdefault(g.name, {"kind": g.kind})[key] = value
+    out = os.environ.get("TORPOR_LAB_OUT")
+    if out:
+        Path(out, "xl-save.json").write_text(json.dumps(_RESULTS, indent=2) + "\n")
 
 
 def check_xl_file(path: Path, kind: str) -> dict[str, object]:
@@ -73,9 +98,7 @@ def check_xl_file(path: Path, kind: str) -> dict[str, object]:
     info = read_save_file(path)
     assert info.config["c_info"]["domid"] == 0
     assert info.guest_type == kind
-    summary = info.summary()
-    print(f"{path.name}: {summary}")
-    return summary
+    return info.summary()
 
 
 @pytest.mark.timeout(400)
@@ -84,7 +107,7 @@ def test_torpor_save_of_a_pv_guest_is_restored_by_xl_restore(
 ) -> None:
     g = make_guest("pv", overrides={"memory": "128"})
     old = g.domid
-    before = g.wait_tick()
+    g.wait_tick()
     path = save_dir / "pv.save"
     t0 = time.monotonic()
     with Torpor(Host.xen(), own_host=True) as t:
@@ -92,15 +115,15 @@ def test_torpor_save_of_a_pv_guest_is_restored_by_xl_restore(
     took = time.monotonic() - t0
     assert res.outcome == "saved" and res.state == "destroyed"
     assert gone(xc, old)
+    before = last_tick_of_saved(g)
     details = dict(res.details)
     assert details["format"] == "xl" and details["bytes"] == path.stat().st_size
     assert details["libxl_records"] == ["LIBXC_CONTEXT", "END"]
-    phases = [(str(p.phase), round(p.seconds, 3)) for p in res.timings]
-    print(f"torpor save: {took:.2f}s, phases {phases}")
+    record(g, "torpor_save", {"seconds": round(took, 3), "result": res.to_dict()})
     check_xl_file(path, "pv")
     t1 = time.monotonic()
     sh("xl", "restore", str(path), timeout=120)
-    print(f"xl restore: {time.monotonic() - t1:.2f}s")
+    record(g, "xl_restore_seconds", round(time.monotonic() - t1, 3))
     g.domid = now_domid(g)
     assert g.domid != old
     check_counter_went_on(g, before)
@@ -112,21 +135,25 @@ def test_torpor_cli_save_then_torpor_restore_of_a_pv_guest(
 ) -> None:
     g = make_guest("pv", overrides={"memory": "128"})
     old = g.domid
-    before = g.wait_tick()
+    g.wait_tick()
     path = save_dir / "pv-cli.save"
+    t0 = time.monotonic()
     r = torpor_cli("save", str(old), str(path))
     assert r.returncode == 0, r.stdout + r.stderr
     saved = json.loads(r.stdout.splitlines()[-1])
     assert saved["outcome"] == "saved", saved
+    record(g, "cli_save", {"seconds": round(time.monotonic() - t0, 3), "result": saved})
     assert gone(xc, old)
+    before = last_tick_of_saved(g)
     check_xl_file(path, "pv")
+    t0 = time.monotonic()
     r = torpor_cli("restore", str(path))
     assert r.returncode == 0, r.stdout + r.stderr
     restored = json.loads(r.stdout.splitlines()[-1])
     assert restored["outcome"] == "restored" and restored["state"] == "running", restored
     g.domid = int(restored["domid"])
     assert g.domid == now_domid(g) and g.domid != old
-    print(f"torpor restore: {restored['seconds']}s, phases {restored['phases']}")
+    record(g, "cli_restore", {"seconds": round(time.monotonic() - t0, 3), "result": restored})
     check_counter_went_on(g, before)
     # The file is untouched by a restore: still a valid xl save file.
     check_xl_file(path, "pv")
@@ -147,7 +174,7 @@ def test_a_paused_guest_never_acks_save_fails_guest_left_running_no_file(
                 t.save(g.domid, path)
     finally:
         sh("xl", "unpause", str(g.domid))
-    print(f"ack timeout after {time.monotonic() - t0:.2f}s: {ei.value}")
+    record(g, "ack_timeout", {"seconds": round(time.monotonic() - t0, 3), "error": str(ei.value)})
     assert ei.value.domid == g.domid
     info = xc.info(g.domid)
     assert info is not None and not info.shutdown
@@ -165,18 +192,19 @@ def test_torpor_save_of_an_hvm_guest_is_restored_by_xl_restore(
 ) -> None:
     g = make_guest(kind)
     old = g.domid
-    before = g.wait_tick()
+    g.wait_tick()
     path = save_dir / f"{kind}.save"
     t0 = time.monotonic()
     with Torpor(Host.xen(), own_host=True) as t:
         res = t.save(old, path)
-    print(f"torpor save {kind}: {time.monotonic() - t0:.2f}s")
+    record(g, "torpor_save", {"seconds": round(time.monotonic() - t0, 3), "result": res.to_dict()})
     assert res.outcome == "saved" and gone(xc, old)
+    before = last_tick_of_saved(g)
     summary = check_xl_file(path, "hvm")
     assert summary["libxl_records"][-2:] == ["EMULATOR_CONTEXT", "END"]
     g.close_channel()
     t1 = time.monotonic()
     sh("xl", "restore", str(path), timeout=300)
-    print(f"xl restore {kind}: {time.monotonic() - t1:.2f}s")
+    record(g, "xl_restore_seconds", round(time.monotonic() - t1, 3))
     g.domid = now_domid(g)
     check_counter_went_on(g, before, timeout=300)
