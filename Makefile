@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench docs clean fuzz
+.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench bench-xen docs clean fuzz
 
 $(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,9 +49,18 @@ test-xen:
 
 # Benchmarks (bench/): results in bench/results.json, table in docs/performance.md.
 bench: $(STAMP)
-	rm -f bench/results.json
+	$(PY) bench/xen/collect.py --reset bench/results.json
 	TORPOR_BENCH_JSON=bench/results.json $(PY) -m pytest bench -q -s -p no:randomly \
-		-o timeout=3600 -c /dev/null --rootdir .
+		-o timeout=3600 -c /dev/null --rootdir . --ignore=bench/xen
+	$(PY) bench/report.py bench/results.json docs/performance.md
+
+# The real-Xen benchmark (bench/xen) in the lab: torpor vs. the raw calls vs. xl save -c
+# on a real PV guest; its ratios go into bench/results.json (key real_xen), then
+# docs/performance.md.  The lab run's artefacts stay in $(BENCH_XEN_RUN).
+BENCH_XEN_RUN ?= $(or $(TORPOR_LAB_CACHE),$(HOME)/.cache/torpor-lab)/bench-run
+bench-xen: $(STAMP)
+	$(PYTHON) lab/run --results $(BENCH_XEN_RUN) -- bench/xen
+	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/bench-xen.json bench/results.json
 	$(PY) bench/report.py bench/results.json docs/performance.md
 
 # The long soak: 10,000 suspend/resume cycles, resource slopes in bench/soak.json.

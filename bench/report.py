@@ -225,14 +225,49 @@ def render(results: dict[str, Any]) -> str:
 
     real = results.get("real_xen")
     if real:
+        ms = real["ms"]
         out += [
             "## Real Xen (the lab, under TCG)",
             "",
-            "```",
-            json.dumps(real, indent=1),
-            "```",
+            "`make bench-xen` (`bench/xen/test_real_xen.py`, in the lab's dom0: Xen "
+            f"{real.get('dom0', {}).get('xen', '4.17')}, nested under QEMU TCG, so only the "
+            "ratios mean anything). One lab PV guest "
+            f"({real['guest']}); a cycle is a suspend through the xenstore handshake and a "
+            "cooperative resume, done three ways in alternating rounds "
+            f"({real['rounds']} rounds of {real['cycles_per_round']} cycles, one `xl save -c` "
+            "per round): torpor's API on its real backend; the same calls made raw from C "
+            "through ctypes (libxenstore write + watch, `xc_domain_getinfolist`, "
+            "`xc_domain_resume(fast=1)`, `xs_resume_domain`); and `xl save -c` to "
+            "`/dev/null`, the same suspend and resume around a save of the guest's memory.",
+            "",
+            "| | median ms | IQR ms | n | ratio to raw |",
+            "|---|---|---|---|---|",
+        ]
+        base = ms["raw"]["median"]
+        for label, key in (
+            ("raw calls (libxenstore, libxenctrl, libxenguest)", "raw"),
+            ("torpor (`Torpor(Host.xen())`: suspend + resume)", "torpor"),
+            ("`xl save -c DOMID /dev/null`", "xl_save_c"),
+        ):
+            m = ms[key]
+            out.append(
+                f"| {label} | {m['median']} | {m['iqr']} | {m['n']} | {m['median'] / base:.2f} |"
+            )
+        phase_ms = real.get("torpor_phase_median_ms") or {}
+        out += [
+            "",
+            f"torpor / raw = {real['ratio_torpor_vs_raw']}; `xl save -c` / raw = "
+            f"{real['ratio_xl_save_c_vs_raw']}; `xl save -c` / torpor = "
+            f"{real['ratio_xl_save_c_vs_torpor']}.",
             "",
         ]
+        if phase_ms:
+            out += [
+                "torpor's phases on real Xen, medians in ms: "
+                + ", ".join(f"{k} {v}" for k, v in phase_ms.items())
+                + ".",
+                "",
+            ]
     notes = results.get("notes")
     if notes:
         out += ["## Findings", ""] + [f"- {n}" for n in notes] + [""]
