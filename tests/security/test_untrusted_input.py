@@ -31,6 +31,7 @@ from torpor.errors import UsageError
 from torpor.frontends import MAX_FRONTENDS, frontends_verdict
 from torpor.host import DOMID_FIRST_RESERVED, validate_domid
 from torpor.orchestrator import Torpor
+from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost
 from torpor.xenstore import Xenstore
 
@@ -220,29 +221,36 @@ async def _verdict(host: SimHost, domid: int) -> tuple[Any, int]:
         xs.close()
 
 
+def _bare_guest(sim: SimHost) -> int:
+    """A PV guest without frontends of its own: its device/ is the test's alone."""
+    return sim.create_guest("pv", behaviour=Behaviour(frontends=()))
+
+
 def test_frontends_verdict_reads_a_bounded_part_of_a_flooded_device_tree(sim: SimHost) -> None:
     """A guest fills device/ with frontends (within its node quota): the verdict
     gives up past MAX_FRONTENDS instead of reading them all on every re-check."""
-    with Xenstore(sim.guest_xenstore_socket(1)).connect() as g:
+    d = _bare_guest(sim)
+    with Xenstore(sim.guest_xenstore_socket(d)).connect() as g:
         for i in range(MAX_FRONTENDS + 44):
             g.write(f"device/vif/{1000 + i}/state", "1")
-    verdict, calls = asyncio.run(_verdict(sim, 1))
+    verdict, calls = asyncio.run(_verdict(sim, d))
     assert verdict.failed and f"more than {MAX_FRONTENDS}" in verdict.detail
     assert calls <= MAX_FRONTENDS + 10
 
 
 def test_frontends_verdict_on_garbage_states_and_unknown_types(sim: SimHost) -> None:
-    with Xenstore(sim.guest_xenstore_socket(1)).connect() as g:
+    d = _bare_guest(sim)
+    with Xenstore(sim.guest_xenstore_socket(d)).connect() as g:
         g.write("device/vif/0/state", "../4" + "x" * 1500)
         g.write("device/vbd/51712/state", "4")
         g.write("device/evil-type/0/state", "1")  # not a device type torpor knows
-    verdict, _ = asyncio.run(_verdict(sim, 1))
+    verdict, _ = asyncio.run(_verdict(sim, d))
     assert not verdict.done and not verdict.failed
     assert "vif/0" in verdict.detail and "evil-type" not in verdict.detail
     assert len(verdict.detail) < 200  # a guest's 1500-byte state is not copied whole
-    with Xenstore(sim.guest_xenstore_socket(1)).connect() as g:
+    with Xenstore(sim.guest_xenstore_socket(d)).connect() as g:
         g.write("device/vif/0/state", "4")
-    verdict, _ = asyncio.run(_verdict(sim, 1))
+    verdict, _ = asyncio.run(_verdict(sim, d))
     assert verdict.done
 
 
