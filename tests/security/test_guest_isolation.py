@@ -42,7 +42,23 @@ def _host() -> tuple[SimHost, str]:
     h.start()
     assert h.create_guest("pv") == HOSTILE
     assert h.create_guest("pv") == OTHER
+    h.run(_settled(h))  # frontends and backends Connected: nothing changes under the tests
     return h, d
+
+
+async def _settled(h: SimHost) -> None:
+    xsd = h.xenstored
+    assert xsd is not None
+
+    def connected() -> bool:
+        states = [
+            n.value
+            for p, n in xsd.tree_snapshot().items()
+            if p.endswith("/state") and ("/device/" in p or "/backend/" in p)
+        ]
+        return len(states) == 8 and set(states) == {b"4"}  # 2 guests x 2 devices x 2 ends
+
+    await xsd.wait_until(connected, timeout=10)
 
 
 @pytest.fixture(scope="module")
