@@ -51,6 +51,7 @@ from torpor.xl_savefile import (
     LibxcRecord,
     LibxlRecord,
     config_for_save,
+    config_type,
     emulator_record,
     libxl_record,
     libxl_stream_header,
@@ -114,10 +115,12 @@ def libxc_stream(
 
 
 def config_json(kind: str = "pv", domid: int = 7, name: str = "guest") -> str:
+    """As libxl_domain_config_to_json lays it out: the type in c_info, and
+    b_info's type union keyed as ``"type.<kind>"``."""
     return json.dumps(
         {
             "c_info": {"type": kind, "name": name, "domid": domid, "uuid": "u"},
-            "b_info": {"type": kind, "max_memkb": 262144},
+            "b_info": {"max_memkb": 262144, f"type.{kind}": {}},
         },
         indent=4,
     )
@@ -366,6 +369,13 @@ def test_config_for_save_does_what_xl_does() -> None:
     assert config_for_save(zero) == zero.encode() + b"\0"
     with pytest.raises(ImageError):
         xenstore_data([("/absolute", "x")])
+
+
+def test_config_type_reads_libxls_json_layout() -> None:
+    assert config_type(json.loads(config_json("pvh"))) == "pvh"
+    # no c_info.type: the key of b_info's type union says it
+    assert config_type({"c_info": {}, "b_info": {"type.hvm": {"firmware": "bios"}}}) == "hvm"
+    assert config_type({"c_info": {}, "b_info": {}}) is None
 
 
 # --------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from torpor.errors import BackendUnavailable, ImageError
 from torpor.xl_savefile import (
     LibxlRecord,
     config_for_save,
+    config_type,
     emulator_record,
     libxl_record,
     libxl_stream_header,
@@ -64,7 +65,7 @@ class XlSaveJob:
     domid: int
     #: the config as it goes into the file (libxl JSON + NUL)
     config: bytes
-    #: libxl's b_info.type: pv, pvh, hvm
+    #: libxl's domain type (c_info.type): pv, pvh, hvm
     guest_type: str
 
     @property
@@ -123,11 +124,10 @@ class XlBuilder:
     # -- save ------------------------------------------------------------------
 
     def prepare_save(self, domid: int) -> XlSaveJob:
-        config = config_for_save(self.libxl.domain_config_json(domid))
         import json
 
-        b_info = json.loads(config[:-1])["b_info"]
-        guest_type = b_info.get("type", "pv")
+        config = config_for_save(self.libxl.domain_config_json(domid))
+        guest_type = config_type(json.loads(config[:-1]))
         if guest_type not in ("pv", "pvh", "hvm"):
             raise ImageError(f"domain {domid}: unknown libxl domain type {guest_type!r}")
         return XlSaveJob(domid=domid, config=config, guest_type=guest_type)

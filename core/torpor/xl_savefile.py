@@ -60,6 +60,7 @@ __all__ = [
     "LibxlRecord",
     "SaveFile",
     "config_for_save",
+    "config_type",
     "emulator_record",
     "libxl_record",
     "libxl_stream_header",
@@ -268,9 +269,9 @@ class SaveFile:
 
     @property
     def guest_type(self) -> str:
-        """libxl's b_info.type if the config says, else PV / HVM from libxc."""
-        t = self.config.get("b_info", {}).get("type")
-        if isinstance(t, str):
+        """libxl's domain type (pv, pvh, hvm) from the config, else PV / HVM from libxc."""
+        t = config_type(self.config)
+        if t is not None:
             return t
         return "pv" if self.libxc_type == DHDR_TYPE_X86_PV else "hvm"
 
@@ -292,6 +293,20 @@ class SaveFile:
             "libxl_records": [LibxlRecord(t).name for t, _o, _n in self.libxl_records],
             "emulator_context_bytes": self.emulator_context,
         }
+
+
+def config_type(config: dict[str, Any]) -> str | None:
+    """libxl's domain type in a domain config as JSON: ``c_info.type``, else the
+    key of b_info's type union (libxl writes it as ``"type.hvm": {...}``)."""
+    c_info = config.get("c_info")
+    if isinstance(c_info, dict) and isinstance(c_info.get("type"), str):
+        return str(c_info["type"])
+    b_info = config.get("b_info")
+    if isinstance(b_info, dict):
+        for key in b_info:
+            if isinstance(key, str) and key.startswith("type."):
+                return str(key[len("type.") :])
+    return None
 
 
 def sniff(path: str | os.PathLike[str]) -> str:
@@ -463,7 +478,7 @@ def _walk(r: _Reader) -> SaveFile:
         raise r.fail("libxl stream: END without a LIBXC_CONTEXT record")
     if r.pos != r.size:
         raise r.fail(f"{r.size - r.pos} octets after the libxl END record")
-    want = config.get("b_info", {}).get("type")
+    want = config_type(config)
     if want == "hvm" and emu_context is None:
         # libxl writes QEMU's state for HVM guests (not PVH: no QEMU)
         raise r.fail("an HVM guest's stream without an EMULATOR_CONTEXT record (QEMU's state)")

@@ -391,9 +391,10 @@ def domain_save(
     return True only once the domain is shut down with reason suspend; then
     it writes the memory and the vCPU/HVM state and its END record.  An
     exception in ``suspend`` counts as False.  HVM streams also need
-    ``switch_qemu_logdirty``: for a non-live save QEMU's log-dirty mode
-    serves nothing (no precopy rounds), so it is acknowledged without a
-    QMP round trip.
+    ``switch_qemu_logdirty`` (libxenguest asserts it, judging by the
+    domain's flags, whatever ``hvm`` says -- so it is always set): for a
+    non-live save QEMU's log-dirty mode serves nothing (no precopy rounds),
+    so it is acknowledged without a QMP round trip.
 
     :raises HypervisorError: xc_domain_save failed (errno from libxenguest;
         the message carries its last error).
@@ -425,8 +426,9 @@ def domain_save(
     logdirty_cb = ffi.callback(_LOGDIRTY_T, on_logdirty, error=-1, onerror=on_error)
     callbacks = ffi.new("struct save_callbacks *")
     callbacks.suspend = suspend_cb
-    if hvm:
-        callbacks.switch_qemu_logdirty = logdirty_cb
+    # Set for every guest: libxenguest asserts it for an HVM domain (it judges by
+    # the domain's own flags) and never calls it for a PV one.
+    callbacks.switch_qemu_logdirty = logdirty_cb
     try:
         rc = libs.xenguest.xc_domain_save(xch, fd, domid, 0, callbacks, XC_STREAM_PLAIN, -1)
         code = ffi.errno
