@@ -227,15 +227,44 @@ def _bare_guest(sim: SimHost) -> int:
 
 
 def test_frontends_verdict_reads_a_bounded_part_of_a_flooded_device_tree(sim: SimHost) -> None:
-    """A guest fills device/ with frontends (within its node quota): the verdict
-    gives up past MAX_FRONTENDS instead of reading them all on every re-check."""
+    """A guest fills device/ with frontends up to its node quota: each verdict
+    reads what is there once, and gives up past MAX_FRONTENDS (which only a
+    toolstack, not a quota-bound guest, can reach)."""
+    from torpor.errors import XenstoreError
+
     d = _bare_guest(sim)
+    written = 0
     with Xenstore(sim.guest_xenstore_socket(d)).connect() as g:
+        with pytest.raises(XenstoreError, match="ENOSPC"):
+            for i in range(MAX_FRONTENDS + 44):
+                g.write(f"device/vif/{1000 + i}/state", "1")
+                written += 1
+    assert written < MAX_FRONTENDS  # the quota stops a guest first
+    verdict, calls = asyncio.run(_verdict(sim, d))
+    assert not verdict.done and not verdict.failed  # Initialising: pending
+    assert "and " in verdict.detail and len(verdict.detail) < 400  # not all of them quoted
+    assert calls <= written + 10
+    with Xenstore(sim.xenstore_socket).connect() as dom0:
+        dom0.rm(f"/local/domain/{d}/device/vif")
+        # Spread over the device types so that each listing fits one reply.
+        kinds = ("vif", "vbd", "qdisk", "vkbd")
         for i in range(MAX_FRONTENDS + 44):
-            g.write(f"device/vif/{1000 + i}/state", "1")
+            dom0.write(f"/local/domain/{d}/device/{kinds[i % 4]}/{i}/state", "1")
     verdict, calls = asyncio.run(_verdict(sim, d))
     assert verdict.failed and f"more than {MAX_FRONTENDS}" in verdict.detail
     assert calls <= MAX_FRONTENDS + 10
+
+
+def test_frontends_verdict_on_a_listing_too_long_for_one_reply(sim: SimHost) -> None:
+    """device/vif names too many ids for one XS_DIRECTORY payload: xenstored says
+    E2BIG, the verdict fails saying so (not an exception out of the resume)."""
+    d = _bare_guest(sim)
+    with Xenstore(sim.xenstore_socket).connect() as dom0:
+        for i in range(800):
+            dom0.write(f"/local/domain/{d}/device/vif/{100000 + i}/state", "4")
+    verdict, calls = asyncio.run(_verdict(sim, d))
+    assert verdict.failed and "E2BIG" in verdict.detail and "device/vif" in verdict.detail
+    assert calls <= 3
 
 
 def test_frontends_verdict_on_garbage_states_and_unknown_types(sim: SimHost) -> None:
