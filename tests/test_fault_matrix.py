@@ -10,6 +10,8 @@ the matrix from the run (``make reliability``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import os
 import threading
@@ -109,12 +111,24 @@ def _write_report(path: str, rows: list[Cell]) -> None:
         f.write("\n".join(lines))
 
 
-def _leak_state(host: SimHost) -> tuple[int, int, int, int]:
+def _leak_state(host: SimHost, conns: int | None = None) -> tuple[int, int, int, int]:
+    """(watches, threads, fds, QEMU processes).  With ``conns``: first wait until
+    the simulated xenstored is back to that many connections and every QMP proxy
+    has closed its ends of the connections torpor closed (they live in this
+    process, and a hang-up reaches them asynchronously)."""
     from torpor.sim.qemu import running_qemu_pids
 
     async def watches() -> int:
         assert host.xenstored is not None
-        return len(host.xenstored.watches())
+        xenstored = host.xenstored
+        if conns is not None:
+            with contextlib.suppress(TimeoutError):  # still connected: counted below
+                await xenstored.wait_until(lambda: xenstored.connection_count() <= conns, 5)
+            for guest in list(host.guests.values()):
+                proxy = getattr(guest, "proxy", None)
+                if proxy is not None:
+                    await asyncio.wait_for(proxy.idle(), 5)
+        return len(xenstored.watches())
 
     return (
         host.run(watches()),
@@ -146,7 +160,9 @@ def _run_cell(host: SimHost, kind: str, fault: str) -> Cell:
         # No agent: the hard suspend, so that the resume calls the hypervisor.
         behaviour = Behaviour(agent=False, frontends=())
     domid = host.create_guest(kind, behaviour=behaviour)
-    base = _leak_state(host)
+    assert host.xenstored is not None
+    conns = host.xenstored.connection_count()
+    base = _leak_state(host, conns)
     plugins: list[object] = []
     op = "suspend"
     deadline = TIMEOUTS.ack + TIMEOUTS.suspend
@@ -187,7 +203,7 @@ def _run_cell(host: SimHost, kind: str, fault: str) -> Cell:
         t2 = Torpor(host.toolstack_host(), own_host=True)
         t2.resume(domid)  # leave it running, as an operator would
         t2.close()
-    after = _leak_state(host)
+    after = _leak_state(host, conns)
     names = ("watches", "threads", "fds", "qemu")
     leaks = (
         ", ".join(f"{n} {a}->{b}" for n, a, b in zip(names, base, after, strict=True) if b > a)

@@ -115,6 +115,17 @@ class QmpOrderingProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: One handler per connected client; it ends once both ends are closed.
+        self._clients: set[asyncio.Task[Any]] = set()
+
+    async def idle(self) -> None:
+        """Return once every client that has hung up is fully closed here too.
+
+        A client's hang-up reaches this proxy asynchronously; a leak check that
+        counts file descriptors right after closing its own must wait for that.
+        """
+        while self._clients:
+            await asyncio.wait(set(self._clients))
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -122,6 +133,10 @@ class QmpOrderingProxy:
         self._server = await asyncio.start_unix_server(self._client, path=self.public)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            self._clients.add(me)
+            me.add_done_callback(self._clients.discard)
         self._writers.add(writer)
         try:
             up_r, up_w = await asyncio.open_unix_connection(self.private, limit=1 << 20)
@@ -155,6 +170,9 @@ class QmpOrderingProxy:
             for w in (writer, up_w):
                 w.close()
                 self._writers.discard(w)
+            for w in (writer, up_w):
+                with contextlib.suppress(OSError):
+                    await w.wait_closed()
 
     async def close(self) -> None:
         if self._server is not None:
