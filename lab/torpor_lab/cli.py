@@ -45,7 +45,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--results", type=Path, help="run directory (default: <cache>/run)")
     p.add_argument("--boot-timeout", type=float, default=240.0, help="seconds to dom0 ready")
-    p.add_argument("--test-timeout", type=float, default=1500.0, help="seconds for pytest")
+    p.add_argument("--test-timeout", type=float, default=3600.0, help="seconds for pytest")
     p.add_argument("--cpu", default=qemu.CPU, help=f"QEMU -cpu model (default: {qemu.CPU})")
     p.add_argument("pytest_args", nargs="*", help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -262,6 +262,36 @@ def test_fast0_in_the_same_domain_returns_0_and_register_vcpu_info_fails(
 
 
 @pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("pv", ShutdownReason.CRASH), ("pvhvm", ShutdownReason.REBOOT)],
+)
+def test_fast0_panic_comes_before_xs_resume_and_fires_no_release_domain(
+    sim_host: SimHost,
+    xs: Xenstore,
+    release: ReleaseDomain,
+    hv: Any,
+    kind: str,
+    reason: ShutdownReason,
+) -> None:
+    """Seen in the lab (tests/xen/test_sim_vs_real.py): in libxl's order, resume then
+    XS_RESUME, a Linux guest resumed with fast=0 in the same domain panics at once --
+    before XS_RESUME reaches xenstored, whose latch is still set from the suspend --
+    so its shutdown fires no @releaseDomain, then or after.  A toolstack must read
+    the domain's state after XS_RESUME; waiting for the event would wait forever."""
+    dom = sim_host.create_guest(kind)
+    suspend_by_hand(xs, release, hv, dom)
+    seen = release.fence()
+    hv.resume(dom, fast=False)
+    # Already shut down when xc_domain_resume returns: the vCPU ran first.
+    assert hv.domain_info(dom).shutdown_reason == reason
+    xs.resume(dom)
+    assert not latched(sim_host, dom)
+    drain(sim_host)
+    assert release.fence() == seen, "@releaseDomain fired for a shutdown xenstored had latched"
+    assert "panic: register_vcpu_info failed: err=-22" in report(sim_host, dom)["log"]
+
+
+@pytest.mark.parametrize(
     ("kind", "eax_after"),
     [("hvm", 0x5A5A), ("pvhvm", 1)],
     ids=["hvm-callback-0", "pvhvm-callback-set"],

@@ -9,11 +9,13 @@ Fixtures:
                         reason, .hvm_param(domid, n), .resume(domid, fast))
   make_guest   function  make_guest(kind, *, name=None, extra_cmdline="",
                         overrides=None, wait_ticking=True, timeout=None,
-                        retry_boot=True) -> Guest
+                        retry_boot=True, agent=False) -> Guest
                         kind: pv | pvh | pvhvm | hvm (lab/guests/<kind>.cfg);
                         Guest: .domid .name .kind .console_log .ticks()
                         .last_tick() .wait_tick(after=None, timeout) .wait_line(text)
-                        .send(cmd) (HVM types: "s3", "say <text>") .qmp_socket;
+                        .send(cmd) (HVM types: "s3", "say <text>") .qmp_socket
+                        .agent_socket (agent=True, plain HVM: qemu-ga at
+                        /var/run/xen/qga-<domid>);
                         waits raise xenlab.GuestDied at once if the domain shuts
                         down; a boot that dies before the first tick is retried
                         once (a TCG artefact, reported on stderr);

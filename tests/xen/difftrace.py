@@ -31,6 +31,7 @@ completed before it has arrived.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -45,8 +46,9 @@ from xenlab import (
     XsConn,
 )
 
-from torpor import hookimpl
-from torpor.model import Phase
+from torpor import Host, Torpor, hookimpl
+from torpor.model import Phase, Timeouts
+from torpor.plugins import get_plugin_manager
 
 #: phases after which the recorder takes a snapshot
 SNAPSHOT_PHASES = (Phase.ACK, Phase.CANCEL, Phase.SHUTDOWN, Phase.VERIFY)
@@ -155,3 +157,62 @@ def diff(sim: list[dict[str, Any]], real: list[dict[str, Any]]) -> str:
         out.append(f"{mark} sim : {json.dumps(a, sort_keys=True)}")
         out.append(f"{mark} real: {json.dumps(b, sort_keys=True)}")
     return "\n".join(out)
+
+
+# --- the scenario ------------------------------------------------------------------
+
+#: generous enough for a real guest's panic under TCG to be seen (real-xen.md: ~2 s)
+TIMEOUTS = Timeouts(settle=30.0)
+
+
+def run_scenario(
+    host: Host,
+    rec: Recorder,
+    pause: Callable[[bool], None],
+    wait_running: Callable[[], None],
+) -> list[dict[str, Any]]:
+    """The scenario, on any host; returns the recorder's trace."""
+    d = rec.domid
+    pm = get_plugin_manager(plugins=[rec])
+    with Torpor(host, plugin_manager=pm, timeouts=TIMEOUTS) as t:
+        rec.snapshot("start")
+        pause(True)
+        rec.operation("suspend (paused guest)", lambda: t.suspend(d, ack_timeout=2))
+        pause(False)
+        wait_running()
+        rec.snapshot("unpaused")
+        rec.operation("suspend", lambda: t.suspend(d))
+        rec.operation("resume", lambda: t.resume(d))
+        wait_running()
+        rec.operation("suspend again", lambda: t.suspend(d))
+        rec.operation("forced resume", lambda: t.resume(d, cooperative=False, force=True))
+    return rec.entries
+
+
+def sim_trace() -> list[dict[str, Any]]:
+    """The scenario on a fresh simulated host (one PV guest)."""
+    from torpor.sim.host import SimHost
+
+    with tempfile.TemporaryDirectory(prefix="torpor-diff-") as tmp:
+        sim = SimHost(tmp, qemu=False).start()
+        try:
+            domid = sim.create_guest("pv")
+            rec = Recorder(sim.xenstore_socket, sim.xen.domain_flags, domid)
+            host = sim.toolstack_host()
+            try:
+
+                def pause(on: bool) -> None:
+                    (host.hypervisor.pause if on else host.hypervisor.unpause)(domid)
+
+                def wait_running() -> None:
+                    # A simulated kernel runs as soon as its domain does (its
+                    # pending watch events are handled in the host's loop); the
+                    # snapshot that follows and the next operation see it.
+                    return None
+
+                return run_scenario(host, rec, pause, wait_running)
+            finally:
+                rec.close()
+                host.close()
+        finally:
+            sim.stop()

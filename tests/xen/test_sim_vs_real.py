@@ -18,76 +18,16 @@ simulator honest without a lab.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import difftrace
 import xenlab
 from xenlab import XENSTORED_SOCKET, sh
 
-from torpor import Host, Torpor
-from torpor.model import Timeouts
-from torpor.plugins import get_plugin_manager
+from torpor import Host
 
 MakeGuest = Callable[..., xenlab.Guest]
-
-#: generous enough for a real guest's panic under TCG to be seen (real-xen.md: ~2 s)
-TIMEOUTS = Timeouts(settle=30.0)
-
-
-def run_scenario(
-    host: Host,
-    rec: difftrace.Recorder,
-    pause: Callable[[bool], None],
-    wait_running: Callable[[], None],
-) -> list[dict[str, Any]]:
-    """The scenario, on any host; returns the recorder's trace."""
-    d = rec.domid
-    pm = get_plugin_manager(plugins=[rec])
-    with Torpor(host, plugin_manager=pm, timeouts=TIMEOUTS) as t:
-        rec.snapshot("start")
-        pause(True)
-        rec.operation("suspend (paused guest)", lambda: t.suspend(d, ack_timeout=2))
-        pause(False)
-        wait_running()
-        rec.snapshot("unpaused")
-        rec.operation("suspend", lambda: t.suspend(d))
-        rec.operation("resume", lambda: t.resume(d))
-        wait_running()
-        rec.operation("suspend again", lambda: t.suspend(d))
-        rec.operation("forced resume", lambda: t.resume(d, cooperative=False, force=True))
-    return rec.entries
-
-
-def sim_trace() -> list[dict[str, Any]]:
-    """The scenario on a fresh simulated host (one PV guest)."""
-    from torpor.sim.host import SimHost
-
-    with tempfile.TemporaryDirectory(prefix="torpor-diff-") as tmp:
-        sim = SimHost(tmp, qemu=False).start()
-        try:
-            domid = sim.create_guest("pv")
-            rec = difftrace.Recorder(sim.xenstore_socket, sim.xen.domain_flags, domid)
-            host = sim.toolstack_host()
-            try:
-
-                def pause(on: bool) -> None:
-                    (host.hypervisor.pause if on else host.hypervisor.unpause)(domid)
-
-                def wait_running() -> None:
-                    # A simulated kernel runs as soon as its domain does (its
-                    # pending watch events are handled in the host's loop); the
-                    # snapshot that follows and the next operation see it.
-                    return None
-
-                return run_scenario(host, rec, pause, wait_running)
-            finally:
-                rec.close()
-                host.close()
-        finally:
-            sim.stop()
 
 
 def test_the_simulator_traces_the_scenario_as_real_xen_does(
@@ -109,9 +49,9 @@ def test_the_simulator_traces_the_scenario_as_real_xen_does(
             g.wait_tick()
             g.wait_tick()
 
-        real = run_scenario(Host.xen(), rec, pause, wait_running)
+        real = difftrace.run_scenario(Host.xen(), rec, pause, wait_running)
     finally:
         rec.close()
     (lab_results / "sim-vs-real-trace.json").write_text(json.dumps(real, indent=1) + "\n")
-    sim = sim_trace()
+    sim = difftrace.sim_trace()
     assert sim == real, "the simulator differs from real Xen:\n" + difftrace.diff(sim, real)

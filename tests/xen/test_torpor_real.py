@@ -45,14 +45,14 @@ MakeGuest = Callable[..., xenlab.Guest]
 
 #: What a *forced* in-place non-cooperative resume (xc_domain_resume fast=0 in
 #: the same domain) does to each kind of Linux guest on this Xen: the kernel
-#: re-registers vcpu_info, Xen refuses (EINVAL), Linux panics.  A PV kernel's
-#: panic is SCHEDOP_shutdown(crash); an HVM container's (PVHVM, PVH) ends in
-#: a triple fault, which Xen turns into a reboot (shared/real-xen.md).  The
-#: lab's guests are kept (on_crash/on_reboot "preserve"), so torpor sees the
-#: shutdown reason rather than a vanished domain.
+#: re-registers vcpu_info, Xen refuses (EINVAL), Linux panics ("register_vcpu_info
+#: failed: cpu=0 err=-22") at once.  PV and PVH kernels end their panic with
+#: SCHEDOP_shutdown(crash); a PVHVM one reboots (shared/real-xen.md; PVH seen
+#: here first).  The lab's guests are kept (on_crash/on_reboot "preserve"), so
+#: torpor sees the shutdown reason rather than a vanished domain.
 FORCED_OUTCOME = {
     "pv": ("crashed", SHUTDOWN_CRASH),
-    "pvh": ("rebooted", SHUTDOWN_REBOOT),
+    "pvh": ("crashed", SHUTDOWN_CRASH),
     "pvhvm": ("rebooted", SHUTDOWN_REBOOT),
 }
 
@@ -114,7 +114,9 @@ def releases_since(xs: xenlab.XsConn, mark: int) -> int:
 # --- guests that take the xenstore handshake: PV, PVH (the example plugin), PVHVM ---
 
 
-@pytest.mark.timeout(600)
+# PVHVM: ~1 min to boot, and every suspend and resume stops, saves and
+# continues its device model over QMP (slow under TCG, slower with other load).
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["pv", "pvh", "pvhvm"])
 def test_xenstore_guest_suspend_resume_checkpoint_and_refusals(
     kind: str, make_guest: MakeGuest, xc: xenlab.XenCtrl, xs: xenlab.XsConn, torpor: Torpor
@@ -205,7 +207,7 @@ def test_xenstore_guest_suspend_resume_checkpoint_and_refusals(
     assert "forced in-place non-cooperative resume" in out[0]["message"]
     i = info(xc, d)
     assert i.shutdown and i.shutdown_reason == reason, i
-    assert "register_vcpu_info" in g.console() or kind != "pv", g.console()[-2000:]
+    assert "register_vcpu_info failed" in g.console(), g.console()[-2000:]
 
 
 def test_the_pvh_guest_is_claimed_by_the_example_third_party_plugin(

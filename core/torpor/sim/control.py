@@ -201,11 +201,15 @@ class ControlServer:
         if op == "pause":
             return xen.pause(int(a["domid"]))
         if op == "unpause":
-            return xen.unpause(int(a["domid"]))
+            xen.unpause(int(a["domid"]))
+            await xen.vcpus_ran()
+            return None
         if op == "shutdown":
             return xen.shutdown(int(a["domid"]), ShutdownReason(int(a["reason"])))
         if op == "resume":
-            return xen.resume(int(a["domid"]), fast=bool(a["fast"]))
+            xen.resume(int(a["domid"]), fast=bool(a["fast"]))
+            await xen.vcpus_ran()  # the guest's kernel reacts before the reply
+            return None
         if op == "destroy":
             return await self.host.destroy_guest_async(int(a["domid"]))
         if op == "get_hvm_param":

@@ -37,6 +37,7 @@ scheduled there with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -552,6 +553,42 @@ class SimXen:
         else:
             self._send_virq_dom_exc()
 
+    #: loop iterations a just-resumed guest's kernel runs before the toolstack
+    #: goes on (:meth:`vcpus_ran`); its immediate work takes three
+    VCPU_RUN_YIELDS = 8
+
+    async def vcpus_ran(self) -> None:
+        """Let the vCPUs :meth:`resume` or :meth:`unpause` just released run first.
+
+        On real Xen a resumed guest's kernel runs its resume path at once --
+        microseconds -- while the toolstack's next step (XS_RESUME) is a
+        system call and a round trip away.  Seen in the lab: a PV kernel
+        resumed with fast=0 in the same domain panicked before torpor's
+        XS_RESUME reached xenstored, whose ``@releaseDomain`` latch was still
+        set from the suspend, so the crash fired no ``@releaseDomain`` at all.
+        The simulated kernels run in this host's loop; toolstack-facing entry
+        points (:class:`SimHypervisor`, the control server) await this after
+        a resume or unpause, so a guest's immediate reaction comes first here
+        too.
+        """
+        for _ in range(self.VCPU_RUN_YIELDS):
+            await asyncio.sleep(0)
+
+    def wait_vcpus_ran(self) -> None:
+        """:meth:`vcpus_ran`, from a toolstack thread (no-op in the loop or without one)."""
+        loop = self.loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return  # in the loop: the caller awaits vcpus_ran() itself
+        fut = asyncio.run_coroutine_threadsafe(self.vcpus_ran(), loop)
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            fut.result(5.0)
+
     def resume(self, domid: int, *, fast: bool) -> None:
         """``xc_domain_resume`` (tools/libs/guest/xg_resume.c)."""
         with self.lock:
@@ -863,12 +900,14 @@ class SimHypervisor:
 
     def unpause(self, domid: int) -> None:
         self.xen.unpause(domid)
+        self.xen.wait_vcpus_ran()
 
     def shutdown(self, domid: int, reason: ShutdownReason) -> None:
         self.xen.shutdown(domid, reason)
 
     def resume(self, domid: int, *, fast: bool) -> None:
         self.xen.resume(domid, fast=fast)
+        self.xen.wait_vcpus_ran()  # the guest's kernel reacts before we go on
 
     def destroy(self, domid: int) -> None:
         self.xen.destroy(domid)
