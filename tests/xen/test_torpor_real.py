@@ -116,7 +116,7 @@ def releases_since(xs: xenlab.XsConn, mark: int) -> int:
 
 # PVHVM: ~1 min to boot, and every suspend and resume stops, saves and
 # continues its device model over QMP (slow under TCG, slower with other load).
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("kind", ["pv", "pvh", "pvhvm"])
 def test_xenstore_guest_suspend_resume_checkpoint_and_refusals(
     kind: str, make_guest: MakeGuest, xc: xenlab.XenCtrl, xs: xenlab.XsConn, torpor: Torpor
