@@ -261,6 +261,14 @@ def render(results: dict[str, Any]) -> str:
             f"{real['ratio_xl_save_c_vs_torpor']}.",
             "",
         ]
+        trips = real.get("xenstore_round_trip_ms")
+        if trips:
+            c, py = trips["libxenstore"]["median"], trips["torpor_adapter"]["median"]
+            out += [
+                f"One xenstore round trip (a read), medians: libxenstore {c} ms, torpor's "
+                f"adapter (pyxs) {py} ms ({py / c:.1f}x).",
+                "",
+            ]
         if phase_ms:
             out += [
                 "torpor's phases on real Xen, medians in ms: "

@@ -41,7 +41,7 @@ import xenlab
 
 from torpor import Host, Torpor
 
-ROUNDS = int(os.environ.get("TORPOR_BENCH_XEN_ROUNDS", "6"))
+ROUNDS = int(os.environ.get("TORPOR_BENCH_XEN_ROUNDS", "8"))
 CYCLES_PER_ROUND = int(os.environ.get("TORPOR_BENCH_XEN_CYCLES", "4"))
 TIMEOUT = 60.0
 
@@ -178,6 +178,10 @@ def test_suspend_resume_torpor_vs_raw_vs_xl_save(
     xs.watch("@releaseDomain", "rel")
     samples: dict[str, list[float]] = {"torpor": [], "raw": [], "xl_save_c": []}
     phases: dict[str, list[float]] = {}
+    # Where a difference comes from: one xenstore round trip (a read of the
+    # domain's name) by libxenstore and by torpor's adapter (pyxs underneath).
+    trips: dict[str, list[float]] = {"libxenstore": [], "torpor_adapter": []}
+    name_path = f"/local/domain/{d}/name"
     try:
         with Torpor(Host.xen(), own_host=True) as t:
 
@@ -201,6 +205,15 @@ def test_suspend_resume_torpor_vs_raw_vs_xl_save(
                         t0 = time.perf_counter()
                         run()
                         samples[name].append(time.perf_counter() - t0)
+            adapter = t.host.xenstore
+            for _ in range(ROUNDS * 5):
+                for key, read in (
+                    ("libxenstore", lambda: xs.read(name_path)),
+                    ("torpor_adapter", lambda: adapter.read(name_path)),
+                ):
+                    t0 = time.perf_counter()
+                    assert read() == g.name
+                    trips[key].append(time.perf_counter() - t0)
     finally:
         xs.close()
     # Not a timing check: the guest must have survived every cycle as itself.
@@ -220,6 +233,8 @@ def test_suspend_resume_torpor_vs_raw_vs_xl_save(
         "ratio_xl_save_c_vs_torpor": round(
             stats["xl_save_c"]["median"] / stats["torpor"]["median"], 2
         ),
+        "samples_ms": {k: [round(x * 1000, 1) for x in v] for k, v in samples.items()},
+        "xenstore_round_trip_ms": {k: _stats(v) for k, v in trips.items()},
         "torpor_phase_median_ms": {
             k: round(statistics.median(v) * 1000, 2) for k, v in sorted(phases.items())
         },
