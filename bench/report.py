@@ -270,10 +270,31 @@ def render(results: dict[str, Any]) -> str:
                 "",
             ]
         if phase_ms:
+            raw_steps = real.get("raw_step_median_ms") or {}
             out += [
-                "torpor's phases on real Xen, medians in ms: "
-                + ", ".join(f"{k} {v}" for k, v in phase_ms.items())
-                + ".",
+                "Step by step, medians in ms (torpor's phases; the raw cycle timed at the "
+                "same points; `-` where it has no such step):",
+                "",
+                "| phase | torpor | raw |",
+                "|---|---|---|",
+            ]
+            for k, v in phase_ms.items():
+                op, _, phase = k.partition(" ")
+                twin = (
+                    raw_steps.get(phase)
+                    if op == "suspend"
+                    or phase
+                    in (
+                        "resume",
+                        "xs-resume",
+                    )
+                    else None
+                )
+                out.append(f"| {k} | {v} | {'-' if twin is None else twin} |")
+            torpor_sum = sum(phase_ms.values())
+            out += [
+                f"| (outside any phase: claim, classify, intent records, result) | "
+                f"{ms['torpor']['median'] - torpor_sum:.1f} | - |",
                 "",
             ]
     notes = results.get("notes")

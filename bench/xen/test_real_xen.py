@@ -128,12 +128,24 @@ class RawXenstore:
             raise OSError(ctypes.get_errno(), "xs_resume_domain")
 
 
-def raw_cycle(xs: RawXenstore, xc: xenlab.XenCtrl, domid: int) -> None:
+def raw_cycle(
+    xs: RawXenstore, xc: xenlab.XenCtrl, domid: int, steps: dict[str, list[float]]
+) -> None:
+    """The bare protocol; each step's time is added to ``steps`` (torpor's phase names)."""
     ctl = f"/local/domain/{domid}/control/shutdown"
     deadline = time.monotonic() + TIMEOUT
+    t = [time.perf_counter()]
+
+    def step(name: str) -> None:
+        now = time.perf_counter()
+        steps.setdefault(name, []).append(now - t[0])
+        t[0] = now
+
     xs.write(ctl, "suspend")
+    step("request")
     while xs.read(ctl) == "suspend":
         xs.wait_event(deadline)
+    step("ack")
     while True:
         info = xc.info(domid)
         assert info is not None
@@ -141,8 +153,11 @@ def raw_cycle(xs: RawXenstore, xc: xenlab.XenCtrl, domid: int) -> None:
             assert info.shutdown_reason == xenlab.SHUTDOWN_SUSPEND, info
             break
         xs.wait_event(deadline)
+    step("shutdown")
     xc.resume(domid, fast=True)
+    step("resume")
     xs.resume_domain(domid)
+    step("xs-resume")
 
 
 def xl_save_checkpoint(domid: int) -> None:
@@ -178,6 +193,7 @@ def test_suspend_resume_torpor_vs_raw_vs_xl_save(
     xs.watch("@releaseDomain", "rel")
     samples: dict[str, list[float]] = {"torpor": [], "raw": [], "xl_save_c": []}
     phases: dict[str, list[float]] = {}
+    raw_steps: dict[str, list[float]] = {}
     # Where a difference comes from: one xenstore round trip (a read of the
     # domain's name) by libxenstore and by torpor's adapter (pyxs underneath).
     trips: dict[str, list[float]] = {"libxenstore": [], "torpor_adapter": []}
@@ -192,7 +208,7 @@ def test_suspend_resume_torpor_vs_raw_vs_xl_save(
 
             ways: list[tuple[str, Callable[[], None], int]] = [
                 ("torpor", torpor_cycle, CYCLES_PER_ROUND),
-                ("raw", lambda: raw_cycle(xs, xc, d), CYCLES_PER_ROUND),
+                ("raw", lambda: raw_cycle(xs, xc, d, raw_steps), CYCLES_PER_ROUND),
                 ("xl_save_c", lambda: xl_save_checkpoint(d), 1),
             ]
             # A warm-up cycle each (imports, first QMP/xenstore connections).
@@ -237,6 +253,9 @@ def test_suspend_resume_torpor_vs_raw_vs_xl_save(
         "xenstore_round_trip_ms": {k: _stats(v) for k, v in trips.items()},
         "torpor_phase_median_ms": {
             k: round(statistics.median(v) * 1000, 2) for k, v in sorted(phases.items())
+        },
+        "raw_step_median_ms": {
+            k: round(statistics.median(v) * 1000, 2) for k, v in raw_steps.items()
         },
         "dom0": {
             "kernel": platform.release(),
