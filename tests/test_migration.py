@@ -214,12 +214,12 @@ def test_destination_guest_fails_to_resume(
     sim_host: SimHost, dest_host: SimHost, torpor: Torpor, dest: Torpor
 ) -> None:
     domid = sim_host.create_guest("pv")
-    dest_host.xen.fail_ops["resume"] = errno.EIO
+    dest_host.xen.fail_ops["unpause"] = errno.EIO  # libxl_domain_unpause of the new domain
     try:
         with pytest.raises(MigrationFailed) as e:
             torpor.migrate(domid, dest)
     finally:
-        del dest_host.xen.fail_ops["resume"]
+        del dest_host.xen.fail_ops["unpause"]
     assert e.value.state == "running"
     assert running_copies(sim_host, dest_host, domid) == 1
     assert sorted(dest_host.guests) == [1]  # the half-built copy was destroyed

@@ -418,9 +418,9 @@ class FakeLibxl:
 
     def unpause(self, domid: int) -> None:
         # libxl_domain_unpause of a freshly restored domain: the guest wakes in a
-        # new domain. The simulated restore leaves it in its suspend hypercall.
+        # new domain (the simulated restore leaves it paused, as libxl does).
         self.calls.append(("unpause", domid))
-        self.host.xen.resume(domid, fast=False)
+        self.host.start_restored(domid)
 
     def destroy(self, domid: int) -> None:
         self.calls.append(("destroy", domid))

@@ -40,8 +40,13 @@ class DomainBuilder(Protocol):
 
     def restore(self, saved: SavedDomain) -> int:
         """A new domain from ``saved``: memory, xenstore tree, devices, device model,
-        introduced to xenstored, left inside the guest's suspend hypercall so that a
-        non-cooperative resume lets it rebuild.  Returns its domid."""
+        introduced to xenstored, left **paused** with the guest inside its suspend
+        hypercall (saved eax 0), as libxl leaves a restored domain.  Returns its domid."""
+        ...
+
+    def start(self, domid: int) -> None:
+        """libxl_domain_unpause of a restored domain: device model first, then the
+        vCPUs; the guest's suspend hypercall returns 0 and it rebuilds."""
         ...
 
     def destroy(self, domid: int) -> None:
@@ -112,6 +117,9 @@ class SimBuilder:
         domid: int = self.host.restore_guest(saved)
         return domid
 
+    def start(self, domid: int) -> None:
+        self.host.start_restored(domid)
+
     def destroy(self, domid: int) -> None:
         self.host.destroy_guest(domid)
 
@@ -158,6 +166,9 @@ class RemoteSimBuilder:
 
     def _send(self, tid: int, data: bytes) -> None:
         self.hv.call("transfer_write", transfer=tid, data=base64.b64encode(data).decode())
+
+    def start(self, domid: int) -> None:
+        self.hv.call("sim_start", domid=domid)
 
     def destroy(self, domid: int) -> None:
         self.hv.call("destroy", domid=domid)

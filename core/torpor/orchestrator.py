@@ -1299,7 +1299,7 @@ class Orchestrator:
             ) from e
         timings.append(PhaseTiming(Phase.RESTORE, time.perf_counter() - t0))
         try:
-            result = await self._resume_new_domain(domid)
+            result = await self._start_restored(domid, builder)
         except TorporError as e:
             with contextlib.suppress(TorporError):
                 await asyncio.to_thread(builder.destroy, domid)
@@ -1366,7 +1366,7 @@ class Orchestrator:
             details=(*result.details, ("file", path), *sorted(info.items())),
         )
 
-    async def _start_restored(self, domid: int, builder: FileSaver) -> Result:
+    async def _start_restored(self, domid: int, builder: DomainBuilder | FileSaver) -> Result:
         """A domain the builder restored and left paused: start it, see it run.
 
         The guest wakes in a new domain (its suspend hypercall returns 0): it
@@ -1405,14 +1405,6 @@ class Orchestrator:
                 )
                 await self._notify("torpor_after_resume", ctx=ctx, result=result)
                 return result
-
-    async def _resume_new_domain(self, domid: int) -> Result:
-        async with self._claim(domid, "restore"):
-            ctx = await self._context("restore", domid)
-            ctx.cooperative = False
-            ctx.in_place = False
-            async with self._reporting(ctx):
-                return await self._resume(ctx)
 
     async def migrate(self, domid: int, destination: Orchestrator) -> Result:
         """Move a domain to another host: suspend, stream, restore there, destroy here.

@@ -262,6 +262,9 @@ class ControlServer:
         if op == "sim_restore":
             saved = decode(io.BytesIO(bytes(self._transfer(a))))
             return await self.host.restore_guest_async(saved)
+        if op == "sim_start":
+            await self.host.start_restored_async(int(a["domid"]))
+            return None
         raise UsageError(f"unknown operation {op!r}")
 
     def _transfer(self, a: dict[str, Any]) -> bytearray:

@@ -469,11 +469,33 @@ class SimHost:
         )
 
     def restore_guest(self, saved: Any) -> int:
-        """Build a new domain from a saved one; it waits, suspended, for resume(fast=0)."""
+        """Build a new domain from a saved one, left paused (:meth:`start_restored`)."""
         return self.run(self.restore_guest_async(saved))
 
+    def start_restored(self, domid: int) -> None:
+        """``libxl_domain_unpause`` of a restored domain (:meth:`start_restored_async`)."""
+        self.run(self.start_restored_async(domid))
+
+    async def start_restored_async(self, domid: int) -> None:
+        """libxl_domain_unpause: the device model first (QMP ``cont``), then the domain.
+
+        The guest returns 0 from its suspend hypercall -- a new domain -- and
+        rebuilds; this returns once its vCPUs have run that far.
+        """
+        dm = self.device_models.get(domid)
+        if dm is not None and self.kinds.get(domid) == "pvhvm":
+            await dm.unpause_vcpus()
+        # A plain HVM guest's QEMU also plays its vCPUs: HvmGuest continues it
+        # when the domain is unpaused.
+        self.xen.unpause(domid)
+        await self.xen.vcpus_ran()
+
     async def restore_guest_async(self, saved: Any) -> int:
-        """libxl's restore: domain, memory, xenstore tree, devices, introduce."""
+        """libxl's restore: domain, memory, xenstore tree, devices, introduce.
+
+        The domain is left paused, its device model (if any) stopped, as
+        ``xl restore -p`` leaves it; :meth:`start_restored_async` starts it.
+        """
         kind = saved.kind
         if kind not in GUEST_KINDS:
             raise UsageError(f"this simulated host cannot build a {kind!r} guest")

@@ -453,10 +453,14 @@ class SimXen:
     ) -> SimDomain:
         """``xc_domain_restore``: a new domain holding the saved state.
 
-        It is left as the guest left it -- inside SCHEDOP_shutdown(suspend),
-        the domain shut down for suspend -- with frame numbers translated to
-        this host's machine frames and no vcpu_info registered (a new
-        domain): ``resume(fast=False)`` then lets the guest rebuild.
+        As libxl leaves a restored domain (seen on real Xen 4.17): **paused**
+        by the controller, *not* shut down -- a new domain has no shutdown
+        state -- with vCPU0's saved eax 0 (what SCHEDOP_shutdown(suspend)
+        returned when the domain was saved), frame numbers translated to this
+        host's machine frames (the restorer rewrites start_info's store and
+        console frames and the start_info MFN in edx) and no vcpu_info
+        registered.  ``unpause`` lets the guest return 0 from its suspend
+        hypercall and rebuild; no ``xc_domain_resume`` is involved.
         """
         memory = state["memory"]
         pages = max(len(memory) // PAGE_SIZE, 1)
@@ -477,14 +481,15 @@ class SimXen:
                 v.eax = 0
             si = state.get("start_info")
             if si is not None and dom.start_info is not None:
-                dom.start_info.store_mfn = int(si["store"])
-                dom.start_info.console_mfn = int(si["console"])
-                dom.start_info.frames_are_pfns = True
+                # Saved as PFNs (xen_pv_pre_suspend); the restorer writes MFNs.
+                dom.start_info.store_mfn = dom.p2m[int(si["store"])]
+                dom.start_info.console_mfn = dom.p2m[int(si["console"])]
+                dom.start_info.frames_are_pfns = False
             elif dom.start_info is not None:
                 dom.start_info = None
             dom.hvm_params.update({int(k): int(v) for k, v in state["hvm_params"].items()})
-            dom.shutdown_code = ShutdownReason.SUSPEND
-            dom.controller_pause_count = 0
+            dom.shutdown_code = None
+            dom.controller_pause_count = 1  # libxl builds domains paused
             self._account(dom)
         return dom
 
