@@ -13,7 +13,7 @@
   Xen 4.17 headers (sizes, offsets, prototypes, exported symbols), and its
   BackendUnavailable on a machine without Xen.
 
-The same path on a real hypervisor: tests/xen/test_xl_save.py.
+The same path on a real hypervisor: tests/xen/test_xl_save_real.py.
 """
 
 from __future__ import annotations

@@ -340,3 +340,48 @@ def test_hvm_hard_suspend_stops_and_saves_the_device_model_and_resumes(
     assert rc == 0, err
     assert (out[0]["outcome"], out[0]["cooperative"]) == ("resumed", False)
     assert_kept_running(g, xc, before)
+
+
+@pytest.mark.timeout(600)
+def test_hvm_asleep_in_s3_is_suspended_the_hard_way_and_resumed_awake(
+    make_guest: MakeGuest, xc: xenlab.XenCtrl, torpor: Torpor
+) -> None:
+    """design.md's table: a guest already in S3 is suspended with the hard
+    shutdown (as libxl does); its resume must bring it back *awake*."""
+    g = make_guest("hvm", agent=True)
+    d = g.domid
+    before = g.wait_tick()
+    assert torpor.suspend(d).state == "S3"
+    r = torpor.suspend(d)
+    assert (r.outcome, r.state, r.method) == ("suspended", "suspended", SuspendMethod.HARD_SHUTDOWN)
+    assert_suspended(xc, d)
+    assert xc.hvm_param(d, HVM_PARAM_ACPI_S_STATE) == 3
+
+    r = torpor.resume(d)
+    assert (r.outcome, r.state) == ("resumed", "running"), r
+    assert xc.hvm_param(d, HVM_PARAM_ACPI_S_STATE) == 0, "resumed but still asleep in S3"
+    with xenlab.qmp(g.qmp_socket) as q:
+        assert q.execute("query-status")["status"] == "running"
+    assert_kept_running(g, xc, before)
+
+
+def test_two_guests_suspended_and_resumed_together_by_the_cli(
+    make_guest: MakeGuest, xc: xenlab.XenCtrl
+) -> None:
+    guests = [make_guest("pv"), make_guest("pvh")]
+    before = [g.wait_tick() for g in guests]
+    ids = [str(g.domid) for g in guests]
+    rc, out, err = torpor_cli("suspend", *ids)
+    assert rc == 0, err
+    assert sorted((o["domid"], o["outcome"]) for o in out) == sorted(
+        (g.domid, "suspended") for g in guests
+    )
+    for g in guests:
+        assert_suspended(xc, g.domid)
+    rc, out, err = torpor_cli("resume", *ids)
+    assert rc == 0, err
+    assert sorted((o["domid"], o["state"]) for o in out) == sorted(
+        (g.domid, "running") for g in guests
+    )
+    for g, b in zip(guests, before, strict=True):
+        assert_kept_running(g, xc, b)
