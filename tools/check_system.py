@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import sysconfig
 
 #: (Debian package, what proves it is installed, why the tests need it)
 REQUIRED: list[tuple[str, str, str]] = [
     ("qemu-system-x86", "bin:qemu-system-x86_64", "HVM guests' device models run as real QEMU"),
     ("xenstore-utils", "bin:xenstore-read", "the C xenstore client tools test the sim xenstored"),
     ("libxen-dev", "file:/usr/include/xenctrl.h", "the cffi xenctrl backend is checked against it"),
+    ("gcc", "bin:gcc", "cffi compiles the backend's declarations against libxen-dev's headers"),
+    ("python3-dev", "pyinclude:Python.h", "cffi's API mode builds a CPython extension"),
 ]
 
 
@@ -25,7 +28,12 @@ def missing() -> list[tuple[str, str]]:
     out = []
     for package, probe, why in REQUIRED:
         kind, _, what = probe.partition(":")
-        present = shutil.which(what) is not None if kind == "bin" else os.path.exists(what)
+        if kind == "bin":
+            present = shutil.which(what) is not None
+        elif kind == "pyinclude":  # this interpreter's C headers
+            present = os.path.exists(os.path.join(sysconfig.get_paths()["include"], what))
+        else:
+            present = os.path.exists(what)
         if not present:
             out.append((package, why))
     return out
@@ -34,7 +42,7 @@ def missing() -> list[tuple[str, str]]:
 def main() -> int:
     absent = missing()
     if not absent:
-        print("check-system: qemu-system-x86, xenstore-utils, libxen-dev present")
+        print("check-system:", ", ".join(p for p, _, _ in REQUIRED), "present")
         return 0
     print("check-system: missing Debian packages the tests need:", file=sys.stderr)
     for package, why in absent:
