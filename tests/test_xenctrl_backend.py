@@ -277,7 +277,7 @@ def test_each_function_is_exported_by_the_library_we_call_it_through(
         for name in names:
             assert name in defined, f"{name} is not defined by {path}"
             getattr(lib, name)  # resolves through cffi
-    # The fact design.md records: resume is libxenguest's, not libxenctrl's.
+    # The fact docs/real-xen.md records: resume is libxenguest's, not libxenctrl's.
     with pytest.raises(AttributeError):
         _ = libs.xenctrl.xc_domain_resume
 

@@ -280,16 +280,19 @@ def torpor_phase_finished(
 def torpor_operation_failed(ctx: OperationContext, error: TorporError) -> None:
     """An operation failed; ``error.state`` says what the domain was left in.
 
-    Called exactly once when a suspend, resume, save, migration or recovery
-    fails with an :class:`~torpor.errors.OperationError` after the domain was
-    classified, after any rollback (a cooperative resume after a failed
-    suspend) has been done.  Not called for refusals raised before
-    classification (``NoSuchDomain``, ``UnsupportedGuest``, ``DomainBusy``),
-    for a failed restore (``MigrationFailed`` goes to the caller), or for a
-    :class:`~torpor.errors.TorporError` that is not an ``OperationError``
-    (a ``DeviceModelError`` or ``XenstoreError`` raised by a plugin or an
-    adapter): those reach the caller only.
+    Called exactly once when an operation on a classified domain fails -- a
+    suspend, resume, checkpoint (its callback's failure included), save,
+    migration, recovery, or the start of a restored domain -- after any
+    rollback (a cooperative resume after a failed suspend) has been done.
+    Every :class:`~torpor.errors.TorporError` raised inside the operation (a
+    plugin's ``DeviceModelError``, a lost xenstore connection, a failing
+    hypervisor call) is made an :class:`~torpor.errors.OperationError` first,
+    carrying the state the domain was seen in afterwards and the original as
+    ``cause``.  Not called for refusals raised before classification
+    (``NoSuchDomain``, ``UnsupportedGuest``, ``DomainBusy``), nor when a
+    restore fails before its new domain exists.
 
-    :param ctx: the operation.
-    :param error: the error the caller will receive.
+    :param ctx: the operation (``ctx.operation`` names it).
+    :param error: the error the caller receives; a restore wraps it once more
+        in ``MigrationFailed``, naming the new domain it destroyed.
     """

@@ -1,6 +1,6 @@
 """The orchestrator: one state machine for suspend, resume, checkpoint and bulk.
 
-:class:`Orchestrator` (asyncio) drives the protocol of ../shared/design.md §1
+:class:`Orchestrator` (asyncio) drives the protocol of docs/protocol.md
 for one host; :class:`Torpor` is the same for synchronous callers (it runs an
 orchestrator on a private event-loop thread).  The orchestrator owns the
 order of the steps, every deadline, the cancel of an unanswered request, the
@@ -1523,8 +1523,9 @@ class Orchestrator:
         Withdraws a pending suspend request (in a transaction), waits a
         moment for a guest that had already acked to finish suspending,
         resumes a suspended domain cooperatively (device model first), wakes
-        one in S3, always sends XS_RESUME (xenstored's latch may still be
-        set), drops a leftover suspend event channel subscription, and
+        one in S3, sends XS_RESUME (xenstored's latch may still be set) unless
+        the guest was only asleep in S3 (it never shut down, so the latch was
+        never set), drops a leftover suspend event channel subscription, and
         removes the intent record.  A crashed domain cannot be recovered.
         """
         domid = validate_domid(domid)

@@ -52,8 +52,8 @@ def hvm_with_device_model(domain: DomainInfo, host: Host) -> tuple[int, int] | N
 
     ``None`` for a PV domain, a PVH one (only the LAPIC emulated: no device
     model), or one whose params cannot be read.  A callback IRQ means the
-    kernel runs PV drivers (PVHVM); an S state means it sleeps (design.md's
-    table: an HVM guest in S3 is handled as plain HVM).
+    kernel runs PV drivers (PVHVM); an S state means it sleeps (the method table
+    of docs/protocol.md: an HVM guest in S3 is handled as plain HVM).
     """
     if not domain.hvm or domain.emulation_flags == X86_EMU_LAPIC:
         return None

@@ -4,7 +4,7 @@ Every part of torpor talks to xenstore through :class:`Xenstore`.  It keeps
 pyxs for what pyxs does well -- the Unix-socket transport, packet framing,
 path validation and the router thread that demultiplexes replies -- and
 handles, in this module and nowhere else, the quirks of pyxs that a toolstack
-cannot live with (design.md, "Facts about the parts we talk to"):
+cannot live with (each has a test in tests/test_xenstore_hostile.py):
 
 =====================================  =============================================
 pyxs 0.4.1 quirk                       handled by

@@ -1,6 +1,6 @@
 """Boot the lab's Xen + dom0 under QEMU (TCG) and follow its serial console.
 
-The boot line is the one known to work on these machines (shared/real-xen.md):
+The boot line is the one known to work on these machines (docs/real-xen.md):
 KVM is unusable here, `-cpu max` exposes SVM so HVM/PVH guests run (minus
 XSAVE/AVX, see CPU), and Xen needs smap=0 smep=0 under TCG.  Xen is booted as
 a multiboot kernel; dom0's kernel and initramfs are its modules.
@@ -75,7 +75,7 @@ class Boot:
     last_lines: list[str] = field(default_factory=list)
 
 
-#: `max` exposes SVM, so HVM and PVH guests run (shared/real-xen.md).  XSAVE
+#: `max` exposes SVM, so HVM and PVH guests run (docs/real-xen.md).  XSAVE
 #: and AVX are taken out: with them, dom0 processes (python3) segfaulted with
 #: corrupted pointers whenever an HVM guest ran next to them (seen here, twice
 #: in a 4-process stress run; none without XSAVE/AVX).  Xen then keeps FPU

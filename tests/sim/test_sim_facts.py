@@ -1,4 +1,5 @@
-"""design.md section 1, fact by fact, on the simulated host -- driven by hand.
+"""The protocol facts (docs/protocol.md, docs/real-xen.md) one by one, on the
+simulated host, driven by hand.
 
 No orchestrator: these tests write ``control/shutdown`` with torpor's xenstore
 adapter, watch ``@releaseDomain``, and call the hypervisor through
@@ -780,7 +781,7 @@ def test_a_paused_guest_does_not_negotiate_its_frontends(
 
 
 def test_hard_suspend_of_a_guest_already_in_s3(hvm_host: SimHost) -> None:
-    """design.md: a guest already asleep is suspended the hard way.  It is a real
+    """docs/protocol.md: a guest already asleep is suspended the hard way.  It is a real
     shutdown (noticed); QEMU, asleep, has no vCPUs to stop; the resumed domain is
     still in S3 until QMP system_wakeup, and then wakes where it was."""
     host = hvm_host

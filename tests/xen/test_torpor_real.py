@@ -47,7 +47,7 @@ MakeGuest = Callable[..., xenlab.Guest]
 #: the same domain) does to each kind of Linux guest on this Xen: the kernel
 #: re-registers vcpu_info, Xen refuses (EINVAL), Linux panics ("register_vcpu_info
 #: failed: cpu=0 err=-22") at once.  PV and PVH kernels end their panic with
-#: SCHEDOP_shutdown(crash); a PVHVM one reboots (shared/real-xen.md; PVH seen
+#: SCHEDOP_shutdown(crash); a PVHVM one reboots (docs/real-xen.md; PVH seen
 #: here first).  The lab's guests are kept (on_crash/on_reboot "preserve"), so
 #: torpor sees the shutdown reason rather than a vanished domain.
 FORCED_OUTCOME = {
@@ -346,7 +346,7 @@ def test_hvm_hard_suspend_stops_and_saves_the_device_model_and_resumes(
 def test_hvm_asleep_in_s3_is_suspended_the_hard_way_and_resumed_awake(
     make_guest: MakeGuest, xc: xenlab.XenCtrl, torpor: Torpor
 ) -> None:
-    """design.md's table: a guest already in S3 is suspended with the hard
+    """docs/protocol.md's method table: a guest already in S3 is suspended with the hard
     shutdown (as libxl does); its resume must bring it back *awake*."""
     g = make_guest("hvm", agent=True)
     d = g.domid

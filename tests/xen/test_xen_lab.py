@@ -1,4 +1,4 @@
-"""Smoke tests of the real-Xen lab: the facts of shared/real-xen.md, reproduced.
+"""Smoke tests of the real-Xen lab: the facts of docs/real-xen.md, reproduced.
 
 They prove the lab is usable for torpor's real-Xen tests: the toolstack runs,
 libxenctrl/libxenguest load, pyxs reaches the real xenstored, every guest type

@@ -29,7 +29,7 @@ do_suspend
     and event channels, reconnects xenstore and renegotiates every frontend).
     Re-registering vcpu_info in the *same* domain fails with EINVAL and the
     kernel panics: a PV guest shuts down with reason crash, a PVHVM guest
-    reboots (what ../shared/real-xen.md saw on real Xen).
+    reboots (what docs/real-xen.md records of real Xen).
 
 The guest's running work is a function of the vCPU time Xen accounts it: a
 tick counter and a memory area written tick by tick (materialised lazily so a

@@ -12,7 +12,7 @@ touch, with Xen 4.17's semantics and errnos:
   whether the vCPU registered its vcpu_info -- ``VCPUOP_register_vcpu_info``
   refuses a second registration in the same domain with EINVAL, which is why a
   Linux guest resumed non-cooperatively *in the same domain* panics
-  (../shared/real-xen.md);
+  (docs/real-xen.md);
 * a PV guest's start_info (store / console frame numbers, in MFN or PFN form)
   and its p2m, so that the guest's MFN->PFN rewrite and
   ``xc_domain_resume_any``'s PFN->MFN rewrite are real operations;

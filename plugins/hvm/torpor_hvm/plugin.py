@@ -4,7 +4,7 @@ What is HVM-specific:
 
 * recognition -- an HVM guest (not PVH) whose ``HVM_PARAM_CALLBACK_IRQ`` is 0
   (no PV drivers), or any HVM guest already asleep (``HVM_PARAM_ACPI_S_STATE``
-  != 0) -- design.md's table;
+  != 0) -- the method table of docs/protocol.md;
 * capabilities -- no xenstore handshake; a QEMU device model; ACPI S3;
 * the suspend method -- where the guest has a QEMU guest agent and QEMU can
   wake it (``query-current-machine`` ``wakeup-suspend-support``), ask the
