@@ -257,3 +257,42 @@ def test_no_simulated_host_there_is_backend_unavailable(
     err = capsys.readouterr().err
     assert code == EXIT_BACKEND
     assert "torpor sim start" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["save", "1", "/tmp/never-written.img"], ["restore", "/tmp/never-read.img"], ["migrate", "1"]],
+    ids=["save", "restore", "migrate"],
+)
+def test_a_host_without_a_domain_builder_is_backend_unavailable(
+    cli: Cli, host: str, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # Every host torpor opens has a builder; an embedder's Host may not.  The
+    # orchestrator refuses with BackendUnavailable before touching the guest.
+    from torpor.host import Host
+
+    real_sim = Host.sim
+
+    def without_builder(cls: type[Host], directory: str) -> Host:
+        h = real_sim(directory)
+        h.builder = None
+        return h
+
+    monkeypatch.setattr(Host, "sim", classmethod(without_builder))
+    args = command + (["--to", f"sim:{host}"] if command[0] == "migrate" else [])
+    code, out, err = cli(*args)
+    assert code == EXIT_BACKEND, (out, err)
+    assert "no domain builder" in " ".join(out) + err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--host", "xen"], ["-p", "some_plugin"], ["--no-plugin", "pv"], ["--ack-timeout", "1"]],
+)
+def test_demo_refuses_options_it_would_not_honour(
+    capsys: pytest.CaptureFixture[str], option: list[str]
+) -> None:
+    code = main(["demo", *option])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "do not apply" in err and option[0] in err

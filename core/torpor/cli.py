@@ -239,7 +239,7 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
-    from torpor.errors import TorporError
+    from torpor.errors import BackendUnavailable, TorporError
     from torpor.host import validate_domid
     from torpor.progress import Reporter
 
@@ -247,18 +247,22 @@ def _cmd_save(args: argparse.Namespace) -> int:
     with _open(args, Reporter(quiet=args.json, total=1)) as t:
         try:
             res: Result | TorporError = t.save(domid, args.file)
+        except BackendUnavailable:
+            raise  # exit code 4, as for every command
         except TorporError as e:
             res = e
         return _report(args, "save", [domid], [res], None)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    from torpor.errors import TorporError
+    from torpor.errors import BackendUnavailable, TorporError
     from torpor.progress import Reporter
 
     with _open(args, Reporter(quiet=args.json, total=1)) as t:
         try:
             res = t.restore(args.file)
+        except BackendUnavailable:
+            raise  # exit code 4, as for every command
         except TorporError as e:
             if args.json:
                 print(json.dumps({"operation": "restore", "ok": False, **e.to_dict()}))
@@ -269,7 +273,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from torpor.errors import TorporError
+    from torpor.errors import BackendUnavailable, TorporError
     from torpor.host import validate_domid
     from torpor.progress import Reporter
 
@@ -278,6 +282,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     with _open(args, Reporter(quiet=args.json, total=1)) as src, _open(dest_args) as dst:
         try:
             res: Result | TorporError = src.migrate(domid, dst)
+        except BackendUnavailable:
+            raise  # exit code 4, as for every command
         except TorporError as e:
             res = e
         return _report(args, "migrate", [domid], [res], None)
@@ -339,6 +345,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _refuse_options(args: argparse.Namespace, command: str, why: str, *names: str) -> None:
+    """Options every command accepts but this one cannot honour: bad usage, not ignored."""
+    from torpor.errors import UsageError
+
+    given = [n for n in names if getattr(args, n, None) not in (None, [])]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(f"{command}: {flags} do not apply: {why}")
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from torpor.plugins import get_plugin_manager, plugin_names
 
@@ -366,6 +382,16 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from torpor.demo import run_demo
 
+    _refuse_options(
+        args,
+        "demo",
+        "it runs its own simulated host with the built-in plugins and default deadlines",
+        "host",
+        "plugin",
+        "no_plugin",
+        "ack_timeout",
+        "suspend_timeout",
+    )
     code: int = run_demo(json_output=args.json, qemu=args.qemu)
     return code
 
@@ -533,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
         "move a domain to another host (the source is destroyed once it runs there)",
     )
     c.add_argument("domid", metavar="DOMID")
-    c.add_argument("--to", required=True, metavar="HOST", help="'sim:DIR' or 'xen'")
+    c.add_argument(
+        "--to", required=True, metavar="HOST", help="'sim:DIR' (not real Xen: save and restore)"
+    )
     c = cmd(
         "status",
         _cmd_status,

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import inspect
 import logging
 import os
@@ -1278,7 +1279,6 @@ class Orchestrator:
                     f"host {self.host.name} restores torpor's own images"
                 )
 
-        timings: list[PhaseTiming] = []
         t0 = time.perf_counter()
         saved = (
             source
@@ -1288,34 +1288,11 @@ class Orchestrator:
         if expect_kind is not None and saved.kind != expect_kind:
             raise ImageError(f"image holds a {saved.kind} guest, not {expect_kind}")
         builder = self._builder(self.host, "restore")
-        try:
-            domid = await asyncio.to_thread(builder.restore, saved)
-        except TorporError as e:
-            raise MigrationFailed(
-                f"building the domain failed: {e.message}",
-                state="not created",
-                phase=Phase.RESTORE,
-                cause=e,
-            ) from e
-        timings.append(PhaseTiming(Phase.RESTORE, time.perf_counter() - t0))
-        try:
-            result = await self._start_restored(domid, builder)
-        except TorporError as e:
-            with contextlib.suppress(TorporError):
-                await asyncio.to_thread(builder.destroy, domid)
-            raise MigrationFailed(
-                f"the restored guest did not resume: {e}; new domain {domid} "
-                "destroyed, the image is intact",
-                state="not restored",
-                domid=domid,
-                phase=e.phase,
-                cause=e,
-            ) from e
+        result = await self._build_and_start(
+            builder, functools.partial(builder.restore, saved), t0=t0, intact="the image"
+        )
         return attrs.evolve(
             result,
-            operation="restore",
-            outcome="restored",
-            timings=(*timings, *result.timings),
             details=(
                 *result.details,
                 ("checksum", saved.checksum()),
@@ -1330,13 +1307,33 @@ class Orchestrator:
         or truncated file); the builder then builds the domain, paused, and
         starts it; torpor waits for the guest to run again in its new domain.
         """
-        timings: list[PhaseTiming] = []
         t0 = time.perf_counter()
         info = await asyncio.to_thread(builder.verify_save, path)
         if expect_kind is not None and info.get("guest_type") != expect_kind:
             raise ImageError(f"{path} holds a {info.get('guest_type')} guest, not {expect_kind}")
+        result = await self._build_and_start(
+            builder, functools.partial(builder.restore_file, path), t0=t0, intact=path
+        )
+        return attrs.evolve(
+            result, details=(*result.details, ("file", path), *sorted(info.items()))
+        )
+
+    async def _build_and_start(
+        self,
+        builder: DomainBuilder | FileSaver,
+        build: Callable[[], int],
+        *,
+        t0: float,
+        intact: str,
+    ) -> Result:
+        """Build the new domain (phase ``restore``, timed from ``t0``), then start it.
+
+        Either the guest runs in its new domain, or no new domain is left:
+        one that was built but did not come up is destroyed, and the error
+        says the source (``intact``: the image, the file) was not touched.
+        """
         try:
-            domid = await asyncio.to_thread(builder.restore_file, path)
+            domid = await asyncio.to_thread(build)
         except TorporError as e:
             raise MigrationFailed(
                 f"building the domain failed: {e.message}",
@@ -1344,7 +1341,7 @@ class Orchestrator:
                 phase=Phase.RESTORE,
                 cause=e,
             ) from e
-        timings.append(PhaseTiming(Phase.RESTORE, time.perf_counter() - t0))
+        built = PhaseTiming(Phase.RESTORE, time.perf_counter() - t0)
         try:
             result = await self._start_restored(domid, builder)
         except TorporError as e:
@@ -1352,18 +1349,14 @@ class Orchestrator:
                 await asyncio.to_thread(builder.destroy, domid)
             raise MigrationFailed(
                 f"the restored guest did not resume: {e}; new domain {domid} "
-                f"destroyed, {path} is intact",
+                f"destroyed, {intact} is intact",
                 state="not restored",
                 domid=domid,
                 phase=e.phase,
                 cause=e,
             ) from e
         return attrs.evolve(
-            result,
-            operation="restore",
-            outcome="restored",
-            timings=(*timings, *result.timings),
-            details=(*result.details, ("file", path), *sorted(info.items())),
+            result, operation="restore", outcome="restored", timings=(built, *result.timings)
         )
 
     async def _start_restored(self, domid: int, builder: DomainBuilder | FileSaver) -> Result:
