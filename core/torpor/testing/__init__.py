@@ -5,23 +5,20 @@ See :mod:`torpor.testing.suite` for the suite and its stability promise, and
 through the ``pytest11`` entry point when torpor is installed).
 """
 
-from torpor.testing.suite import (
-    Capability,
-    CheckpointSuite,
-    ConformanceBase,
-    ConformanceSuite,
-    Expected,
-    HookSuite,
-    LeakSuite,
-    MisbehaviourSuite,
-    RefusalSuite,
-    SuspendResumeSuite,
-    expected_failure,
-    requires,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+# The suite's asserts are what a plugin author reads when a test fails: have
+# pytest rewrite them.  (It does so by itself for the files of a distribution
+# that registers a pytest11 plugin -- but an editable install lists none.)
+pytest.register_assert_rewrite("torpor.testing.suite")
 
 __all__ = [
     "Capability",
+    "CapabilitySuite",
     "CheckpointSuite",
     "ConformanceBase",
     "ConformanceSuite",
@@ -34,3 +31,31 @@ __all__ = [
     "expected_failure",
     "requires",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: pytest loads torpor.testing.pytest_plugin in every session of a
+    # machine where torpor is installed; the suite loads when a test uses it.
+    if name in __all__:
+        from torpor.testing import suite
+
+        return getattr(suite, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from torpor.testing.suite import (
+        Capability,
+        CapabilitySuite,
+        CheckpointSuite,
+        ConformanceBase,
+        ConformanceSuite,
+        Expected,
+        HookSuite,
+        LeakSuite,
+        MisbehaviourSuite,
+        RefusalSuite,
+        SuspendResumeSuite,
+        expected_failure,
+        requires,
+    )

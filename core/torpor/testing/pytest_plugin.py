@@ -1,7 +1,8 @@
 """torpor's pytest plugin (entry point ``pytest11``): fixtures for plugin tests.
 
-Light by design: no autouse fixture, no hooks, nothing imported from torpor
-until a fixture is used.  Fixtures:
+Light by design: no autouse fixture, no hooks, nothing of torpor's imported
+but its package and hook markers until a fixture is used (the suite, the
+simulator and the orchestrator load then).  Fixtures:
 
 ``torpor_sim_host``
     a fresh simulated Xen host (:class:`torpor.sim.host.SimHost`), stopped
