@@ -296,3 +296,18 @@ def test_demo_refuses_options_it_would_not_honour(
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert "do not apply" in err and option[0] in err
+
+
+def test_migrate_names_the_guest_by_its_source_domid_and_its_new_one(
+    cli: Cli, short_dir: str
+) -> None:
+    daemon.start(short_dir, ["pv"], qemu=False)
+    try:
+        code, out, _ = cli("migrate", str(PV), "--to", f"sim:{short_dir}")
+        assert code == EXIT_OK
+        assert out[0].startswith(f"domain {PV}: migrate ok via xenstore (non-cooperative): ")
+        assert f"now running as domain 2 on sim:{short_dir}" in out[0]
+        code, (back,) = Cli(short_dir, cli.capsys).json("migrate", "2", "--to", f"sim:{cli.host}")
+        assert code == EXIT_OK and back["source_domid"] == 2 and back["ok"]
+    finally:
+        daemon.stop(short_dir)

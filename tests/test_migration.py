@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,21 @@ def running_copies(src: SimHost, dst: SimHost, src_domid: int) -> int:
         n += 1
     n += sum(1 for d in dst.guests if d != 1 and dst.xen.domain_info(d).running)
     return n
+
+
+def test_migration_phases_in_the_order_they_ran_each_counted_once(
+    sim_host: SimHost, torpor: Torpor, dest: Torpor
+) -> None:
+    domid = sim_host.create_guest("pv")
+    t0 = time.perf_counter()
+    res = torpor.migrate(domid, dest)
+    wall = time.perf_counter() - t0
+    assert [str(t.phase) for t in res.timings] == [
+        "validate", "request", "ack", "shutdown", "save", "transfer",
+        "restore", "resume", "guest-resume", "verify", "cleanup",
+    ]  # fmt: skip
+    # Phases do not overlap: together they cannot outlast the call.
+    assert res.seconds <= wall
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -68,8 +68,14 @@ def _describe(res: Result) -> str:
         if res.cooperative is None
         else (" (cooperative)" if res.cooperative else " (non-cooperative)")
     )
+    details = dict(res.details)
+    who: object = res.domid
+    where = ""
+    if "source_domid" in details:  # a migration: the guest has a new domid there
+        who = details["source_domid"]
+        where = f" as domain {res.domid} on {details.get('destination')}"
     return (
-        f"domain {res.domid}: {res.operation} ok{how}{coop}: {res.outcome}, now {res.state}"
+        f"domain {who}: {res.operation} ok{how}{coop}: {res.outcome}, now {res.state}{where}"
         f" in {res.seconds * 1000:.1f} ms [{phases}]"
     )
 

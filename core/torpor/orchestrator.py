@@ -1429,7 +1429,11 @@ class Orchestrator:
                     async with self._phase(ctx, Phase.TRANSFER, timings):
                         # The image format is the wire format: verified on arrival.
                         saved = await asyncio.to_thread(_through_image, saved)
-                        arrived = await destination.restore(saved, expect_kind=saved.kind)
+                    # The destination times its own phases (restore, resume,
+                    # guest-resume, verify); the result counts each once.
+                    ctx.phase = Phase.RESTORE
+                    arrived = await destination.restore(saved, expect_kind=saved.kind)
+                    timings.extend(arrived.timings)
                 except TorporError as e:
                     await self._rollback_migration(ctx, e)
                 async with self._phase(ctx, Phase.CLEANUP, timings):
@@ -1442,7 +1446,7 @@ class Orchestrator:
             state=arrived.state,
             method=ctx.method,
             cooperative=False,
-            timings=(*timings, *arrived.timings),
+            timings=tuple(timings),
             details=(
                 ("source_domid", domid),
                 ("source", self.host.name),
