@@ -193,12 +193,15 @@ def test_stream_cut(
     assert running_copies(sim_host, dest_host, domid) == 1
 
 
-def test_disk_full_during_save(
-    sim_host: SimHost, torpor: Torpor, short_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    domid = sim_host.create_guest("pv")
-    path = os.path.join(short_dir, "guest.img")
-    real_open = open
+def _save_dir(short_dir: str) -> str:
+    d = os.path.join(short_dir, "saves")
+    os.mkdir(d)
+    return d
+
+
+def _disk_fills_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write to a file opened for writing by descriptor fails with ENOSPC."""
+    real_fdopen = os.fdopen
 
     class Full:
         def __init__(self, f: Any) -> None:
@@ -213,17 +216,60 @@ def test_disk_full_during_save(
         def __exit__(self, *a: object) -> None:
             self.f.close()
 
-    def full_open(p: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
-        f = real_open(p, mode, *a, **kw)
-        return Full(f) if "w" in mode and str(p).endswith(".partial") else f
+    def full_fdopen(fd: int, mode: str = "r", *a: Any, **kw: Any) -> Any:
+        f = real_fdopen(fd, mode, *a, **kw)
+        return Full(f) if "w" in mode else f
 
-    monkeypatch.setattr("builtins.open", full_open)
+    monkeypatch.setattr("os.fdopen", full_fdopen)
+
+
+def test_disk_full_during_save(
+    sim_host: SimHost, torpor: Torpor, short_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    domid = sim_host.create_guest("pv")
+    saves = _save_dir(short_dir)
+    path = os.path.join(saves, "guest.img")
+    _disk_fills_up(monkeypatch)
     with pytest.raises(MigrationFailed, match="No space left") as e:
         torpor.save(domid, path)
     monkeypatch.undo()
     assert e.value.state == "running"
-    assert not os.path.exists(path) and not os.path.exists(path + ".partial")
+    assert os.listdir(saves) == []  # no image, no partial file
     assert sim_host.xen.domain_info(domid).running
+
+
+def test_a_failed_save_leaves_a_file_already_at_the_target_as_it_was(
+    sim_host: SimHost, torpor: Torpor, short_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    domid = sim_host.create_guest("pv")
+    saves = _save_dir(short_dir)
+    path = os.path.join(saves, "guest.img")
+    with open(path, "wb") as f:
+        f.write(b"yesterday's image")
+    _disk_fills_up(monkeypatch)
+    with pytest.raises(MigrationFailed, match="No space left"):
+        torpor.save(domid, path)
+    monkeypatch.undo()
+    with open(path, "rb") as f:
+        assert f.read() == b"yesterday's image"
+    assert os.listdir(saves) == ["guest.img"]
+    assert sim_host.xen.domain_info(domid).running
+
+
+@pytest.mark.parametrize("where", ["missing-dir/guest.img", "."], ids=["no-such-dir", "a-dir"])
+def test_a_save_file_torpor_cannot_write_is_refused_before_the_guest_is_asked(
+    sim_host: SimHost, torpor: Torpor, short_dir: str, where: str
+) -> None:
+    domid = sim_host.create_guest("pv")
+    saves = _save_dir(short_dir)
+    before = report(sim_host, domid)["counters"]
+    with pytest.raises(ImageError, match="cannot write save file"):
+        torpor.save(domid, os.path.join(saves, where))
+    after = report(sim_host, domid)["counters"]
+    assert after["cooperative_resumes"] == before["cooperative_resumes"]  # never suspended
+    xs = sim_host.toolstack_host().xenstore
+    assert xs.read(f"/local/domain/{domid}/control/shutdown") == ""  # never asked
+    assert os.listdir(saves) == []
 
 
 def test_destination_guest_fails_to_resume(

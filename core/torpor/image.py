@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterator
 from typing import IO, Any
@@ -43,6 +44,7 @@ from torpor.errors import ImageError
 __all__ = [
     "IDENT",
     "VERSION",
+    "PartialFile",
     "RecordType",
     "SavedDomain",
     "read_image",
@@ -150,24 +152,74 @@ def encode(saved: SavedDomain) -> Iterator[bytes]:
     yield _REC.pack(RecordType.END, len(end), zlib.crc32(end), 0) + end
 
 
-def write_image(saved: SavedDomain, path: str | os.PathLike[str]) -> int:
-    """Write the image to ``path`` atomically (temp file, fsync, rename); its size."""
-    tmp = f"{os.fspath(path)}.partial"
+class PartialFile:
+    """A save file while it is written: a new file next to its target, renamed
+    over the target only when complete.
+
+    It is created before the guest is touched, so a place torpor cannot write
+    (no such directory, no permission, the target a directory) fails at once,
+    as xl opens its file before it suspends.  ``mkstemp``: ``O_EXCL``, mode
+    0600 and a name of its own, so no planted symlink or second save of the
+    same target gets in its way.  A failed save never touches the target: a
+    file already there stays as it was.
+    """
+
+    def __init__(self, target: str | os.PathLike[str]) -> None:
+        self.target = os.path.abspath(target)
+        if os.path.isdir(self.target):
+            raise ImageError(f"cannot write save file {os.fspath(target)}: it is a directory")
+        directory, base = os.path.split(self.target)
+        try:
+            self._fd, self.path = tempfile.mkstemp(dir=directory, prefix=f".{base}.torpor-partial-")
+        except OSError as e:
+            raise ImageError(
+                f"cannot write save file {os.fspath(target)}: {e.strerror or e}", cause=e
+            ) from e
+        self.committed = False
+
+    def take_fd(self) -> int:
+        """The open file descriptor, now the caller's to close."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            raise ValueError("the partial file's descriptor was already taken")
+        return fd
+
+    def commit(self) -> None:
+        """Rename the complete file over the target."""
+        os.replace(self.path, self.target)
+        self.committed = True
+
+    def discard(self) -> None:
+        """Close and remove what is left (nothing once committed); idempotent."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        if not self.committed:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def write_image(
+    saved: SavedDomain, path: str | os.PathLike[str], partial: PartialFile | None = None
+) -> int:
+    """Write the image to ``path`` atomically (a :class:`PartialFile`, fsync,
+    rename); its size.  On failure the target is untouched."""
+    partial = partial if partial is not None else PartialFile(path)
     size = 0
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(partial.take_fd(), "wb") as f:
             for chunk in encode(saved):
                 f.write(chunk)
                 size += len(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        partial.commit()
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise ImageError(
             f"cannot write save image {os.fspath(path)}: {e.strerror or e}", cause=e
         ) from e
+    finally:
+        partial.discard()
     return size
 
 

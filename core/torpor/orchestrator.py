@@ -84,7 +84,7 @@ from torpor.protocol import default_suspend_method, release_suspend_event_channe
 
 if TYPE_CHECKING:  # save/restore/migration modules load when used, not at start-up
     from torpor.builder import DomainBuilder, FileSaver
-    from torpor.image import SavedDomain
+    from torpor.image import PartialFile, SavedDomain
 
 __all__ = ["DomainMonitor", "Orchestrator", "Torpor"]
 
@@ -1063,32 +1063,36 @@ class Orchestrator:
         that resumes the guest cooperatively where it was, and says why.
         """
         from torpor.builder import FileSaver
-        from torpor.image import read_image, write_image
+        from torpor.image import PartialFile, read_image, write_image
 
         domid = validate_domid(domid)
         target = os.fspath(path)
         builder = self._builder(self.host, "save")  # refuse before touching the guest
-        async with self._claim(domid, "save"):
-            ctx = await self._context("save", domid)
-            timings: list[PhaseTiming] = []
-            async with self._reporting(ctx):
-                if isinstance(builder, FileSaver):
-                    return await self._save_file(ctx, builder, target)
-                suspended = await self._suspend(ctx)
-                timings.extend(suspended.timings)
-                try:
-                    async with self._phase(ctx, Phase.SAVE, timings):
-                        saved = await self._save_state(ctx)
-                        size = await asyncio.to_thread(write_image, saved, target)
-                        check = await asyncio.to_thread(read_image, target)
-                        if check.checksum() != saved.checksum():
-                            raise ImageError(f"{target} does not read back as written")
-                except TorporError as e:
-                    with contextlib.suppress(OSError):
-                        os.unlink(target)
-                    await self._rollback_migration(ctx, e)
-                async with self._phase(ctx, Phase.CLEANUP, timings):
-                    await asyncio.to_thread(self._builder(self.host, "save").destroy, domid)
+        partial = await asyncio.to_thread(PartialFile, target)  # so is a place we can't write
+        try:
+            async with self._claim(domid, "save"):
+                ctx = await self._context("save", domid)
+                timings: list[PhaseTiming] = []
+                async with self._reporting(ctx):
+                    if isinstance(builder, FileSaver):
+                        return await self._save_file(ctx, builder, partial)
+                    suspended = await self._suspend(ctx)
+                    timings.extend(suspended.timings)
+                    try:
+                        async with self._phase(ctx, Phase.SAVE, timings):
+                            saved = await self._save_state(ctx)
+                            size = await asyncio.to_thread(write_image, saved, target, partial)
+                            check = await asyncio.to_thread(read_image, target)
+                            if check.checksum() != saved.checksum():
+                                with contextlib.suppress(OSError):
+                                    os.unlink(target)  # ours: written by this save
+                                raise ImageError(f"{target} does not read back as written")
+                    except TorporError as e:
+                        await self._rollback_migration(ctx, e)
+                    async with self._phase(ctx, Phase.CLEANUP, timings):
+                        await asyncio.to_thread(self._builder(self.host, "save").destroy, domid)
+        finally:
+            partial.discard()
         return Result(
             domid=domid,
             operation="save",
@@ -1105,7 +1109,9 @@ class Orchestrator:
             ),
         )
 
-    async def _save_file(self, ctx: OperationContext, builder: FileSaver, target: str) -> Result:
+    async def _save_file(
+        self, ctx: OperationContext, builder: FileSaver, partial: PartialFile
+    ) -> Result:
         """Save through a builder that writes the file itself (real Xen: xl's format).
 
         ``xc_domain_save`` calls the suspend from inside: the builder runs in a
@@ -1157,13 +1163,12 @@ class Orchestrator:
 
         timings: list[PhaseTiming] = []
         save_timings: list[PhaseTiming] = []
-        directory, base = os.path.split(os.path.abspath(target))
-        partial = os.path.join(directory, f".{base}.torpor-partial-{os.getpid()}")
+        target = partial.target
         try:
             async with self._phase(ctx, Phase.VALIDATE, timings):
                 job = await asyncio.to_thread(builder.prepare_save, domid)
             async with self._phase(ctx, Phase.SAVE, save_timings):
-                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                fd = partial.take_fd()
                 try:
                     await asyncio.to_thread(
                         builder.write_save, job, fd, suspend, device_model_state
@@ -1171,11 +1176,10 @@ class Orchestrator:
                     await asyncio.to_thread(os.fsync, fd)
                 finally:
                     os.close(fd)
-                check = await asyncio.to_thread(builder.verify_save, partial)
-                os.replace(partial, target)
+                check = await asyncio.to_thread(builder.verify_save, partial.path)
+                partial.commit()
         except (TorporError, OSError) as raw:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
+            partial.discard()
             dm_state = ctx.facts.pop("device_model_state", None)
             if dm_state:
                 with contextlib.suppress(OSError):
