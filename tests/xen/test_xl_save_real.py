@@ -195,12 +195,13 @@ def test_a_paused_guest_never_acks_save_fails_guest_left_running_no_file(
 
 @pytest.mark.timeout(300)
 def test_a_full_disk_mid_save_resumes_the_guest_where_it_was(
-    make_guest: MakeGuest, xc: xenlab.XenCtrl, save_dir: Path
+    make_guest: MakeGuest, xc: xenlab.XenCtrl, xs: xenlab.XsConn, save_dir: Path
 ) -> None:
-    """xc_domain_save fails after the suspend (ENOSPC on a 4 MiB tmpfs): the
+    """A save file torpor cannot create is refused before the guest is asked.
+    xc_domain_save failing after the suspend (ENOSPC on a 4 MiB tmpfs): the
     partial file goes, the guest is resumed cooperatively (fast=1 + XS_RESUME)
     and keeps counting in the same domain."""
-    from torpor.errors import MigrationFailed
+    from torpor.errors import ImageError, MigrationFailed
 
     g = make_guest("pv", overrides={"memory": "128"})
     small = save_dir / "small"
@@ -209,7 +210,18 @@ def test_a_full_disk_mid_save_resumes_the_guest_where_it_was(
     try:
         before = g.wait_tick()
         t0 = time.monotonic()
+        request = f"/local/domain/{g.domid}/control/shutdown"
+        xs.watch(request, "ask")
+        mark = xs.mark()
         with Torpor(Host.xen(), own_host=True) as t:
+            with pytest.raises(ImageError, match="cannot write save file"):
+                t.save(g.domid, save_dir / "no-such-dir" / "x.save")
+            # xenstored delivers events in order: a request written during the
+            # save would have fired before the new watch's initial event.
+            xs.watch("/torpor-lab-fence", "fence")
+            assert not xs.saw(request, "ask", mark), "the guest was asked to suspend"
+            xs.unwatch("/torpor-lab-fence", "fence")
+            xs.unwatch(request, "ask")
             with pytest.raises(MigrationFailed) as ei:
                 t.save(g.domid, small / "full.save")
         record(g, "enospc", {"seconds": round(time.monotonic() - t0, 3), "error": str(ei.value)})
