@@ -256,6 +256,29 @@ def test_a_failed_save_leaves_a_file_already_at_the_target_as_it_was(
     assert sim_host.xen.domain_info(domid).running
 
 
+def test_an_image_that_does_not_read_back_never_replaces_the_file_at_the_target(
+    sim_host: SimHost, torpor: Torpor, short_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    domid = sim_host.create_guest("pv")
+    saves = _save_dir(short_dir)
+    path = os.path.join(saves, "guest.img")
+    with open(path, "wb") as f:
+        f.write(b"yesterday's image")
+
+    def unreadable(p: Any) -> Any:
+        raise ImageError(f"cannot read save file {p}: Input/output error")
+
+    monkeypatch.setattr("torpor.image.read_image", unreadable)
+    with pytest.raises(MigrationFailed, match="Input/output error") as e:
+        torpor.save(domid, path)
+    monkeypatch.undo()
+    assert e.value.state == "running"
+    with open(path, "rb") as f:
+        assert f.read() == b"yesterday's image"
+    assert os.listdir(saves) == ["guest.img"]
+    assert sim_host.xen.domain_info(domid).running
+
+
 @pytest.mark.parametrize("where", ["missing-dir/guest.img", "."], ids=["no-such-dir", "a-dir"])
 def test_a_save_file_torpor_cannot_write_is_refused_before_the_guest_is_asked(
     sim_host: SimHost, torpor: Torpor, short_dir: str, where: str

@@ -49,6 +49,7 @@ __all__ = [
     "SavedDomain",
     "read_image",
     "write_image",
+    "write_partial",
 ]
 
 IDENT = 0x546F72706F72496D  # "TorporIm"
@@ -199,12 +200,9 @@ class PartialFile:
                 os.unlink(self.path)
 
 
-def write_image(
-    saved: SavedDomain, path: str | os.PathLike[str], partial: PartialFile | None = None
-) -> int:
-    """Write the image to ``path`` atomically (a :class:`PartialFile`, fsync,
-    rename); its size.  On failure the target is untouched."""
-    partial = partial if partial is not None else PartialFile(path)
+def write_partial(saved: SavedDomain, partial: PartialFile) -> int:
+    """Write the image into ``partial`` and fsync it; its size.  Not renamed:
+    the caller verifies ``partial.path`` and then commits."""
     size = 0
     try:
         with os.fdopen(partial.take_fd(), "wb") as f:
@@ -213,14 +211,28 @@ def write_image(
                 size += len(chunk)
             f.flush()
             os.fsync(f.fileno())
-        partial.commit()
     except OSError as e:
         raise ImageError(
-            f"cannot write save image {os.fspath(path)}: {e.strerror or e}", cause=e
+            f"cannot write save image {partial.target}: {e.strerror or e}", cause=e
         ) from e
+    return size
+
+
+def write_image(saved: SavedDomain, path: str | os.PathLike[str]) -> int:
+    """Write the image to ``path`` atomically (a :class:`PartialFile`, fsync,
+    rename); its size.  On failure ``path`` is untouched."""
+    partial = PartialFile(path)
+    try:
+        size = write_partial(saved, partial)
+        try:
+            partial.commit()
+        except OSError as e:
+            raise ImageError(
+                f"cannot write save image {os.fspath(path)}: {e.strerror or e}", cause=e
+            ) from e
+        return size
     finally:
         partial.discard()
-    return size
 
 
 def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:

@@ -1063,7 +1063,7 @@ class Orchestrator:
         that resumes the guest cooperatively where it was, and says why.
         """
         from torpor.builder import FileSaver
-        from torpor.image import PartialFile, read_image, write_image
+        from torpor.image import PartialFile, read_image, write_partial
 
         domid = validate_domid(domid)
         target = os.fspath(path)
@@ -1081,12 +1081,19 @@ class Orchestrator:
                     try:
                         async with self._phase(ctx, Phase.SAVE, timings):
                             saved = await self._save_state(ctx)
-                            size = await asyncio.to_thread(write_image, saved, target, partial)
-                            check = await asyncio.to_thread(read_image, target)
+                            size = await asyncio.to_thread(write_partial, saved, partial)
+                            # Verified before it takes FILE's place: a file
+                            # already there stays until the new one is good.
+                            check = await asyncio.to_thread(read_image, partial.path)
                             if check.checksum() != saved.checksum():
-                                with contextlib.suppress(OSError):
-                                    os.unlink(target)  # ours: written by this save
                                 raise ImageError(f"{target} does not read back as written")
+                            try:
+                                partial.commit()
+                            except OSError as e:
+                                raise ImageError(
+                                    f"cannot write save image {target}: {e.strerror or e}",
+                                    cause=e,
+                                ) from e
                     except TorporError as e:
                         await self._rollback_migration(ctx, e)
                     async with self._phase(ctx, Phase.CLEANUP, timings):
