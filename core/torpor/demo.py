@@ -256,13 +256,13 @@ def _migrate(
 def _table(rows: list[_Row], say: Any) -> None:
     say("\nsummary")
     say(
-        f"  {'guest':<6} {'dom':>3} {'method':<14} {'suspend':>9} {'resume':>9}  "
+        f"  {'guest':<8} {'dom':>3} {'method':<14} {'suspend':>9} {'resume':>9}  "
         f"{'counter (before / frozen / after)':<34} {'checksum':<9} result"
     )
     for r in rows:
         counter = f"{r.ticks_before} / {r.ticks_frozen} / {r.ticks_after}"
         say(
-            f"  {r.kind:<6} {r.domid:>3} {r.method:<14} {r.suspend_ms:7.2f}ms {r.resume_ms:7.2f}ms"
+            f"  {r.kind:<8} {r.domid:>3} {r.method:<14} {r.suspend_ms:7.2f}ms {r.resume_ms:7.2f}ms"
             f"  {counter:<34} {'equal' if r.checksum_equal else 'DIFFERS':<9} "
             f"{'ok' if r.ok else 'FAILED'}"
         )
