@@ -20,8 +20,9 @@ It records only what is deterministic on both hosts:
   recorder looks;
 * per operation: how many watch events fired for each node of the domain's
   tree (each write, transaction commit or removal fires one), how many
-  ``@releaseDomain`` events fired, and how the operation ended (outcome, or
-  error class and the state it says it left).
+  ``@releaseDomain`` events fired (``"0 or 1"`` where real Xen races the
+  guest's shutdown against XS_RESUME), and how the operation ended (outcome,
+  or error class and the state it says it left).
 
 Nothing here depends on timing: every snapshot first makes a round trip to
 xenstored on the recorder's connection, so every watch event of a write that
@@ -121,8 +122,14 @@ class Recorder:
             }
         )
 
-    def operation(self, label: str, run: Callable[[], Any]) -> None:
-        """Run one torpor operation and record how it ended and what it fired."""
+    def operation(self, label: str, run: Callable[[], Any], *, release_race: bool = False) -> None:
+        """Run one torpor operation and record how it ended and what it fired.
+
+        ``release_race``: the operation ends in a race on real Xen between a
+        guest's shutdown and the toolstack's XS_RESUME, so ``@releaseDomain``
+        fires once or not at all (both seen in the lab); either is recorded
+        as ``"0 or 1"``, any other count as it is.
+        """
         self.xs.read(self.dompath)
         start = self.xs.mark()
         try:
@@ -137,12 +144,15 @@ class Recorder:
         writes = Counter(
             p.removeprefix(prefix) for p, tok in events if tok == "dom" and p.startswith(prefix)
         )
+        released = sum(1 for _, tok in events if tok == "rel")
         self.entries.append(
             {
                 "operation": label,
                 **ended,
                 "xenstore_events": dict(sorted(writes.items())),
-                "release_domain_events": sum(1 for _, tok in events if tok == "rel"),
+                "release_domain_events": (
+                    "0 or 1" if release_race and released in (0, 1) else released
+                ),
             }
         )
 
@@ -185,7 +195,14 @@ def run_scenario(
         rec.operation("resume", lambda: t.resume(d))
         wait_running()
         rec.operation("suspend again", lambda: t.suspend(d))
-        rec.operation("forced resume", lambda: t.resume(d, cooperative=False, force=True))
+        # The guest panics at once; whether that comes before or after
+        # torpor's XS_RESUME reaches xenstored (re-arming @releaseDomain) is a
+        # race on real Xen -- torpor reads the domain's state, not the event.
+        rec.operation(
+            "forced resume",
+            lambda: t.resume(d, cooperative=False, force=True),
+            release_race=True,
+        )
     return rec.entries
 
 
