@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -238,38 +238,35 @@ def test_disk_full_during_save(
     assert sim_host.xen.domain_info(domid).running
 
 
-def test_a_failed_save_leaves_a_file_already_at_the_target_as_it_was(
-    sim_host: SimHost, torpor: Torpor, short_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    domid = sim_host.create_guest("pv")
-    saves = _save_dir(short_dir)
-    path = os.path.join(saves, "guest.img")
-    with open(path, "wb") as f:
-        f.write(b"yesterday's image")
-    _disk_fills_up(monkeypatch)
-    with pytest.raises(MigrationFailed, match="No space left"):
-        torpor.save(domid, path)
-    monkeypatch.undo()
-    with open(path, "rb") as f:
-        assert f.read() == b"yesterday's image"
-    assert os.listdir(saves) == ["guest.img"]
-    assert sim_host.xen.domain_info(domid).running
-
-
-def test_an_image_that_does_not_read_back_never_replaces_the_file_at_the_target(
-    sim_host: SimHost, torpor: Torpor, short_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    domid = sim_host.create_guest("pv")
-    saves = _save_dir(short_dir)
-    path = os.path.join(saves, "guest.img")
-    with open(path, "wb") as f:
-        f.write(b"yesterday's image")
+def _read_back_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written image cannot be read back (an I/O error on the new file)."""
 
     def unreadable(p: Any) -> Any:
         raise ImageError(f"cannot read save file {p}: Input/output error")
 
     monkeypatch.setattr("torpor.image.read_image", unreadable)
-    with pytest.raises(MigrationFailed, match="Input/output error") as e:
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [(_disk_fills_up, "No space left"), (_read_back_fails, "Input/output error")],
+    ids=["disk-full", "read-back-fails"],
+)
+def test_a_failed_save_leaves_a_file_already_at_the_target_as_it_was(
+    sim_host: SimHost,
+    torpor: Torpor,
+    short_dir: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Callable[[pytest.MonkeyPatch], None],
+    message: str,
+) -> None:
+    domid = sim_host.create_guest("pv")
+    saves = _save_dir(short_dir)
+    path = os.path.join(saves, "guest.img")
+    with open(path, "wb") as f:
+        f.write(b"yesterday's image")
+    fault(monkeypatch)
+    with pytest.raises(MigrationFailed, match=message) as e:
         torpor.save(domid, path)
     monkeypatch.undo()
     assert e.value.state == "running"
