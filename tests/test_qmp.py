@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from qmp_hostile import GREETING, Handler, Peer, serving
 
 from torpor.errors import DeviceModelError, Timeout
 from torpor.qmp import EVENT_HISTORY, GuestAgent, QmpClient, QmpCommandError, QmpEvent
 
 T = TypeVar("T")
-GREETING = {
-    "QMP": {
-        "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
-        "capabilities": [],
-    }
-}
 #: Slack allowed past a deadline before we call it a hang.
 SLACK = 1.0
 
@@ -48,73 +43,6 @@ def sock_path() -> Iterator[str]:
     for f in Path(d).iterdir():
         f.unlink()
     os.rmdir(d)
-
-
-class Peer:
-    """The server's end of one connection: JSON in (no framing), bytes out."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self._buf = ""
-        self._dec = json.JSONDecoder()
-
-    async def recv(self) -> dict[str, Any]:
-        while True:
-            text = self._buf.lstrip()
-            if text:
-                try:
-                    obj, end = self._dec.raw_decode(text)
-                except ValueError:
-                    pass
-                else:
-                    self._buf = text[end:]
-                    assert isinstance(obj, dict)
-                    return obj
-            chunk = await self.reader.read(65536)
-            if not chunk:
-                raise EOFError
-            self._buf += chunk.decode()
-
-    def send(self, msg: object) -> None:
-        self.writer.write(json.dumps(msg).encode() + b"\r\n")
-
-    def raw(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def handshake(self) -> None:
-        self.send(GREETING)
-        cmd = await self.recv()
-        assert cmd["execute"] == "qmp_capabilities"
-        self.send({"return": {}, **({"id": cmd["id"]} if "id" in cmd else {})})
-
-
-Handler = Callable[[Peer], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def hostile(path: str, handler: Handler) -> AsyncIterator[None]:
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
-        try:
-            await handler(Peer(reader, writer))
-        except (EOFError, OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(4)
-    server = await asyncio.start_unix_server(serve, sock=sock)
-    try:
-        yield
-    finally:
-        server.close()
-        for w in writers:
-            w.transport.abort()
 
 
 async def forever() -> None:
@@ -161,7 +89,7 @@ def test_no_greeting_is_a_timeout(sock_path: str) -> None:
         async def mute(peer: Peer) -> None:
             await forever()
 
-        async with hostile(sock_path, mute):
+        async with serving(sock_path, mute):
             with within(0.3 + SLACK), pytest.raises(Timeout) as e:
                 await QmpClient(domid=2).connect(sock_path, timeout=0.3)
             assert e.value.deadline == 0.3 and e.value.domid == 2
@@ -181,7 +109,7 @@ def test_bad_greeting_is_an_error_not_a_hang(sock_path: str, greeting: bytes) ->
             await peer.writer.drain()
             peer.writer.close()
 
-        async with hostile(sock_path, bad):
+        async with serving(sock_path, bad):
             with within(SLACK), pytest.raises(DeviceModelError) as e:
                 await QmpClient().connect(sock_path, timeout=5)
             assert not isinstance(e.value, Timeout)
@@ -199,7 +127,7 @@ def test_hang_up_right_after_the_handshake_is_an_error(sock_path: str) -> None:
             await peer.writer.drain()
             peer.writer.close()
 
-        async with hostile(sock_path, rude):
+        async with serving(sock_path, rude):
             for _ in range(5):  # the race goes either way: an error at connect or at the next call
                 c = QmpClient()
                 with within(SLACK), pytest.raises(DeviceModelError) as e:
@@ -219,7 +147,7 @@ def test_refused_negotiation_is_an_error(sock_path: str) -> None:
             peer.send({"error": {"class": "GenericError", "desc": "no"}})
             await forever()
 
-        async with hostile(sock_path, refuse):
+        async with serving(sock_path, refuse):
             with within(SLACK), pytest.raises(DeviceModelError, match="handshake"):
                 await QmpClient().connect(sock_path, timeout=5)
 
@@ -237,7 +165,7 @@ def run_session(
             await peer.handshake()
             await script(peer)
 
-        async with hostile(sock_path, handler):
+        async with serving(sock_path, handler):
             client = QmpClient(**kw)
             await client.connect(sock_path, timeout=5)
             try:

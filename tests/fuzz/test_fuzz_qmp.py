@@ -18,15 +18,15 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given
+from qmp_hostile import GREETING, Peer, serving
 
 from torpor.errors import DeviceModelError, TorporError
 from torpor.qmp import GuestAgent, QmpClient, QmpEvent
@@ -38,12 +38,6 @@ from . import budget
 T = 0.15
 SLACK = 1.5
 
-GREETING = {
-    "QMP": {
-        "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
-        "capabilities": [],
-    }
-}
 DEEP = b"[" * 100_000 + b"\r\n"  # json.loads: RecursionError, not a JSONDecodeError
 HUGE = b'{"return": "' + b"x" * 300_000 + b'"}\r\n'
 
@@ -69,64 +63,6 @@ def good_return(cmd: str) -> Any:
         "query-current-machine": {"wakeup-suspend-support": True},
         "human-monitor-command": "output\r\n",
     }.get(cmd, {})
-
-
-class Peer:
-    """The server's end: JSON objects in (no framing), bytes out."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self._buf = ""
-        self._dec = json.JSONDecoder()
-
-    async def recv(self) -> dict[str, Any]:
-        while True:
-            text = self._buf.lstrip().lstrip("\ufffd").lstrip()  # a 0xFF reset byte
-            if text:
-                try:
-                    obj, end = self._dec.raw_decode(text)
-                except ValueError:
-                    pass
-                else:
-                    self._buf = text[end:]
-                    return obj if isinstance(obj, dict) else {}
-            chunk = await self.reader.read(65536)
-            if not chunk:
-                raise EOFError
-            self._buf += chunk.decode("utf-8", "replace")
-
-    def send(self, msg: object) -> None:
-        self.writer.write(json.dumps(msg).encode() + b"\r\n")
-
-    def raw(self, data: bytes) -> None:
-        self.writer.write(data)
-
-
-@contextlib.asynccontextmanager
-async def serving(path: str, handler: Callable[[Peer], Awaitable[None]]) -> AsyncIterator[None]:
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
-        try:
-            await handler(Peer(reader, writer))
-            await writer.drain()
-        except (EOFError, OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(4)
-    server = await asyncio.start_unix_server(serve, sock=sock, limit=1 << 22)
-    try:
-        yield
-    finally:
-        server.close()
-        for w in writers:
-            w.transport.abort()
 
 
 class QmpScript:
