@@ -7,6 +7,7 @@ req_id, send garbage, close mid-request.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -54,11 +55,18 @@ def ok_server(conn: socket.socket) -> bool:
 
 
 class HostileServer:
-    """Listens on ``path``; runs ``handler(conn)`` for each connection in a thread."""
+    """Listens on ``path``; runs ``handler(conn)`` for each connection in a thread.
 
-    def __init__(self, path: str, handler: Callable[[socket.socket], None]) -> None:
+    ``hang_up``: shut a connection down as soon as its handler returns (the
+    client sees EOF); otherwise it stays open until :meth:`close`.
+    """
+
+    def __init__(
+        self, path: str, handler: Callable[[socket.socket], None], *, hang_up: bool = False
+    ) -> None:
         self.path = path
         self.handler = handler
+        self.hang_up = hang_up
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(8)
@@ -77,17 +85,21 @@ class HostileServer:
             threading.Thread(target=self._run, args=(conn,), daemon=True).start()
 
     def _run(self, conn: socket.socket) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.handler(conn)
-        except OSError:
-            pass
+        if self.hang_up:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Stop listening, end the accept thread, drop every client."""
         self.release.set()
+        # shutdown() wakes the thread blocked in accept(); close() alone does not.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         for c in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             c.close()
+        self.thread.join(2)

@@ -33,6 +33,7 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given
+from xs_hostile import HostileServer
 
 from torpor.errors import TorporError
 from torpor.hypervisor.remote import RemoteHypervisor
@@ -149,42 +150,6 @@ class Script:
                 conn.sendall(out)
 
 
-class Server:
-    def __init__(self, path: str, handler: Callable[[socket.socket], None]) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(8)
-        self.conns: list[socket.socket] = []
-        self.handler = handler
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            self.handler(conn)
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        for c in self.conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-            c.close()
-        self.thread.join(2)
-
-
 def _info(hv: RemoteHypervisor) -> None:
     i = hv.domain_info(1)
     assert isinstance(i, DomainInfo)
@@ -261,7 +226,7 @@ def test_remote_hypervisor_against_a_hostile_server(
     if os.path.exists(sock_path):
         os.unlink(sock_path)
     script = Script(actions, junk, events)
-    server = Server(sock_path, script)
+    server = HostileServer(sock_path, script, hang_up=True)
     try:
         hv = RemoteHypervisor(sock_path, timeout=T)
         try:

@@ -14,7 +14,6 @@ promptly and ends the router thread, whatever state the stream is in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import tempfile
@@ -210,14 +209,6 @@ def sock_path() -> Iterator[str]:
     os.rmdir(d)
 
 
-def stop(server: HostileServer) -> None:
-    """Close the server, its accept() thread included (close() alone leaves it blocked)."""
-    with contextlib.suppress(OSError):
-        server.sock.shutdown(socket.SHUT_RDWR)
-    server.close()
-    server.thread.join(2.0)
-
-
 def run_client(path: str, ops: list[str]) -> tuple[int, int]:
     """Run ``ops``; return (calls that succeeded, calls that raised a TorporError)."""
     xs = Xenstore(path, timeout=TIMEOUT).connect()
@@ -271,7 +262,7 @@ def test_adapter_against_a_hostile_server(
         ok, failed = run_client(sock_path, ops)
     finally:
         script.release.set()
-        stop(server)
+        server.close()
     budget.STATS["xenstore adapter: examples"] += 1
     budget.STATS["xenstore adapter: calls"] += ok + failed
     budget.STATS["xenstore adapter: calls that raised a TorporError"] += failed
@@ -302,7 +293,7 @@ def test_adapter_against_random_byte_streams(sock_path: str) -> None:
         try:
             run_client(sock_path, [r.choice(sorted(CLIENT_OPS)) for _ in range(3)])
         finally:
-            stop(server)
+            server.close()
         streams += 1
     budget.STATS["xenstore adapter random streams"] += streams
     assert streams > 0
