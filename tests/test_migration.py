@@ -247,10 +247,23 @@ def _read_back_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("torpor.image.read_image", unreadable)
 
 
+def _rename_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finished file cannot take the target's place."""
+
+    def no_replace(src: Any, dst: Any) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr("os.replace", no_replace)
+
+
 @pytest.mark.parametrize(
     ("fault", "message"),
-    [(_disk_fills_up, "No space left"), (_read_back_fails, "Input/output error")],
-    ids=["disk-full", "read-back-fails"],
+    [
+        (_disk_fills_up, "No space left"),
+        (_read_back_fails, "Input/output error"),
+        (_rename_fails, "cannot write save file .*: Invalid cross-device link"),
+    ],
+    ids=["disk-full", "read-back-fails", "rename-fails"],
 )
 def test_a_failed_save_leaves_a_file_already_at_the_target_as_it_was(
     sim_host: SimHost,

@@ -186,8 +186,13 @@ class PartialFile:
         return fd
 
     def commit(self) -> None:
-        """Rename the complete file over the target."""
-        os.replace(self.path, self.target)
+        """Rename the complete file over the target (ImageError if it cannot be)."""
+        try:
+            os.replace(self.path, self.target)
+        except OSError as e:
+            raise ImageError(
+                f"cannot write save file {self.target}: {e.strerror or e}", cause=e
+            ) from e
         self.committed = True
 
     def discard(self) -> None:
@@ -224,12 +229,7 @@ def write_image(saved: SavedDomain, path: str | os.PathLike[str]) -> int:
     partial = PartialFile(path)
     try:
         size = write_partial(saved, partial)
-        try:
-            partial.commit()
-        except OSError as e:
-            raise ImageError(
-                f"cannot write save image {os.fspath(path)}: {e.strerror or e}", cause=e
-            ) from e
+        partial.commit()
         return size
     finally:
         partial.discard()

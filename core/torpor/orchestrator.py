@@ -1087,17 +1087,11 @@ class Orchestrator:
                             check = await asyncio.to_thread(read_image, partial.path)
                             if check.checksum() != saved.checksum():
                                 raise ImageError(f"{target} does not read back as written")
-                            try:
-                                partial.commit()
-                            except OSError as e:
-                                raise ImageError(
-                                    f"cannot write save image {target}: {e.strerror or e}",
-                                    cause=e,
-                                ) from e
+                            partial.commit()
                     except TorporError as e:
                         await self._rollback_migration(ctx, e)
                     async with self._phase(ctx, Phase.CLEANUP, timings):
-                        await asyncio.to_thread(self._builder(self.host, "save").destroy, domid)
+                        await asyncio.to_thread(builder.destroy, domid)
         finally:
             partial.discard()
         return Result(
@@ -1168,6 +1162,13 @@ class Orchestrator:
             with open(dm_state, "rb") as f:
                 return f.read()
 
+        def drop_device_model_state() -> None:
+            # QEMU's saved state is in the file now, or no longer wanted.
+            dm_state = ctx.facts.pop("device_model_state", None)
+            if dm_state:
+                with contextlib.suppress(OSError):
+                    os.unlink(dm_state)
+
         timings: list[PhaseTiming] = []
         save_timings: list[PhaseTiming] = []
         target = partial.target
@@ -1187,10 +1188,7 @@ class Orchestrator:
                 partial.commit()
         except (TorporError, OSError) as raw:
             partial.discard()
-            dm_state = ctx.facts.pop("device_model_state", None)
-            if dm_state:
-                with contextlib.suppress(OSError):
-                    os.unlink(dm_state)
+            drop_device_model_state()
             e = (
                 raw
                 if isinstance(raw, TorporError)
@@ -1217,10 +1215,7 @@ class Orchestrator:
                 ) from e
             ctx.phase = Phase.SAVE
             await self._rollback_migration(ctx, e)
-        dm_state = ctx.facts.pop("device_model_state", None)
-        if dm_state:
-            with contextlib.suppress(OSError):
-                os.unlink(dm_state)
+        drop_device_model_state()
         # The suspend ran inside the save phase (xc_domain_save called it).
         save_seconds = sum(t.seconds for t in save_timings) - waited[0]
         async with self._phase(ctx, Phase.CLEANUP, save_timings):
