@@ -181,19 +181,9 @@ class SimDomain:
         )
 
     def info(self) -> DomainInfo:
-        running = self.is_running
-        flags = DomainInfo.make_flags(
-            hvm=self.hvm,
-            hap=self.hvm,
-            dying=self.dying,
-            shutdown_reason=self.shutdown_code,
-            paused=self.controller_pause_count > 0,
-            running=running,
-            blocked=not running and self.shutdown_code is None and not self.dying,
-        )
         return DomainInfo(
             domid=self.domid,
-            flags=flags,
+            flags=self.flags(),
             uuid=self.uuid,
             tot_pages=len(self.memory) // PAGE_SIZE,
             max_pages=len(self.memory) // PAGE_SIZE,
