@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench bench-xen docs clean fuzz
+.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench bench-xen docs clean fuzz mutation
 
 $(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,12 @@ pytest: $(STAMP)
 docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -E -W --keep-going -b html docs docs/_build/html
 
-test: check-system lint typecheck docs pytest
+# The lines that bring a guest back (rollback resume, recover's cancel, XS_RESUME)
+# each fail a test named for them when deleted (tools/mutation_check.py).
+mutation: $(STAMP)
+	$(PY) tools/mutation_check.py
+
+test: check-system lint typecheck docs pytest mutation
 
 # The real-Xen lab (lab/README.md): Xen 4.17 + Debian 12 dom0 under QEMU, runs
 # tests/xen in dom0.  System python3, no venv; TEST_XEN_ARGS go to lab/run.

@@ -8,6 +8,7 @@ report *which guest*, *where* and *why* without parsing messages::
 
     TorporError
      ├── UsageError                 a caller's argument is invalid (domid, path, socket)
+     │    └── WrongEventLoop        an Orchestrator used from a loop it is not bound to
      ├── BackendUnavailable         a backend cannot be had here (no Xen, no lib, no sim)
      ├── Timeout                    a deadline passed while waiting for an event
      ├── XenstoreError              xenstored answered XS_ERROR (errno, errname, path)
@@ -29,6 +30,7 @@ report *which guest*, *where* and *why* without parsing messages::
           ├── UnexpectedShutdown    shut down with a reason other than suspend
           ├── DomainVanished        the domain was destroyed during the operation
           ├── ResumeFailed          the domain could not be resumed
+          ├── Interrupted           a signal or Torpor.interrupt() stopped it; rolled back
           └── MigrationFailed       save / restore / migrate failed (see ``outcome``)
 
 Errors that concern no single domain (a lost xenstore connection, a missing
@@ -51,6 +53,7 @@ __all__ = [
     "DomainVanished",
     "HypervisorError",
     "ImageError",
+    "Interrupted",
     "InvalidState",
     "MigrationFailed",
     "NoSuchDomain",
@@ -65,6 +68,7 @@ __all__ = [
     "UnsafeResume",
     "UnsupportedGuest",
     "UsageError",
+    "WrongEventLoop",
     "XenstoreConnectionLost",
     "XenstoreError",
     "errno_name",
@@ -123,6 +127,15 @@ class TorporError(Exception):
 
 class UsageError(TorporError):
     """A caller's argument is invalid: a malformed domid, path, socket or option."""
+
+
+class WrongEventLoop(UsageError):
+    """An :class:`~torpor.orchestrator.Orchestrator` was used from an event loop
+    other than the one it is bound to (the first that used it).
+
+    Raised at once, before anything is sent to a guest: the orchestrator's
+    watches and waits live on its own loop and would never fire on another.
+    """
 
 
 class BackendUnavailable(TorporError):
@@ -297,6 +310,39 @@ class DomainVanished(OperationError):
 
 class ResumeFailed(OperationError):
     """The domain could not be resumed; ``state`` says where it was left."""
+
+
+class Interrupted(OperationError):
+    """The operation was interrupted (SIGINT, SIGTERM, :meth:`Torpor.interrupt`,
+    ``Torpor.close()`` while it ran) and rolled back as a failure would be.
+
+    A request the guest had not taken was withdrawn in a transaction; a guest
+    that had already suspended was resumed cooperatively.  ``state`` is what
+    the domain was observed in afterwards; ``actions`` what the rollback did;
+    ``clean`` whether the guest is back where the operation found it (if
+    not, the intent record stays for ``torpor recover``).
+
+    :param reason: what interrupted it (``SIGINT``, ``SIGTERM``, ``closed``...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        actions: tuple[str, ...] = (),
+        clean: bool = False,
+        **kw: Any,
+    ) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
+        self.actions = actions
+        self.clean = clean
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(reason=self.reason, actions=list(self.actions), clean=self.clean)
+        return out
 
 
 class MigrationFailed(OperationError):

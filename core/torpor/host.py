@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torpor.errors import BackendUnavailable, UsageError
+from torpor.errors import BackendUnavailable, UsageError, XenstoreConnectionLost
 from torpor.hypervisor import Hypervisor
 from torpor.xenstore import Xenstore
 
@@ -132,13 +132,21 @@ class Host:
         self.state_dir = state_dir
         self.lock_dir = lock_dir
         self._xenstore: Xenstore | None = None
+        self._closed = False
         self.xenstore_timeout = xenstore_timeout
         #: saves and builds domains (save / restore / migrate); None: not supported here
         self.builder = builder
 
     @property
     def xenstore(self) -> Xenstore:
-        """dom0's xenstore connection (opened on first use)."""
+        """dom0's xenstore connection (opened on first use, never after :meth:`close`).
+
+        A closed host does not reconnect: a clean-up running late (at
+        interpreter shutdown, after ``Torpor.close()``) gets
+        XenstoreConnectionLost instead of a new connection and its thread.
+        """
+        if self._closed:
+            raise XenstoreConnectionLost(f"host {self.name} is closed")
         if self._xenstore is None:
             self._xenstore = Xenstore(self.xenstore_path, timeout=self.xenstore_timeout).connect()
         return self._xenstore
@@ -151,6 +159,7 @@ class Host:
         return path if path and os.path.exists(path) else None
 
     def close(self) -> None:
+        self._closed = True
         close_builder = getattr(self.builder, "close", None)
         if callable(close_builder):
             close_builder()  # the real-Xen builder's libxl context

@@ -10,8 +10,10 @@ after torpor was killed) finds it::
 
 ``requested`` says the guest was asked (a ``control/shutdown`` request or an
 event-channel notification may be outstanding).  The record is removed when
-the operation ends, however it ends; one that outlives its process is what
-``torpor recover`` acts on and then removes.  The truth about the domain
+the operation ends -- unless an interrupted operation could not bring the
+guest back, in which case it stays, saying so (``interrupted``, ``phase``,
+``left``: the state observed).  One that outlives its process, or is kept
+so, is what ``torpor recover`` acts on and then removes.  The truth about the domain
 itself always comes from observing it (:meth:`Orchestrator.status`), never
 from this record alone.
 """
@@ -63,6 +65,7 @@ class IntentLog:
     def __init__(self, host: Host) -> None:
         self.host = host
         self._records: dict[int, dict[str, Any]] = {}
+        self._kept: set[int] = set()
         self._inflight: set[asyncio.Future[bytes]] = set()
         self._root_ready = False
 
@@ -118,9 +121,20 @@ class IntentLog:
             f"of domain {domid}",
         )
 
+    def keep(self, domid: int, **fields: Any) -> None:
+        """The operation ends with the guest not back: leave its record, with ``fields``."""
+        if domid not in self._records:
+            return
+        self._kept.add(domid)
+        with contextlib.suppress(TorporError):
+            self.update(domid, **fields)
+
     def end(self, domid: int) -> None:
-        """The operation is over: remove its record (sent, not awaited)."""
+        """The operation is over: remove its record (sent, not awaited) unless kept."""
         if self._records.pop(domid, None) is None:
+            return
+        if domid in self._kept:
+            self._kept.discard(domid)
             return
         with contextlib.suppress(TorporError):
             self._track(

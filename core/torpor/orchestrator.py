@@ -51,6 +51,7 @@ from torpor.errors import (
     DomainVanished,
     HypervisorError,
     ImageError,
+    Interrupted,
     InvalidState,
     MigrationFailed,
     NoSuchDomain,
@@ -64,6 +65,7 @@ from torpor.errors import (
     UnsafeResume,
     UnsupportedGuest,
     UsageError,
+    WrongEventLoop,
 )
 from torpor.host import Host, validate_domid
 from torpor.intent import IntentLog, pid_alive
@@ -230,10 +232,77 @@ class Orchestrator:
         #: Keep an intent record in xenstore while an operation runs (torpor.intent).
         self.record_intent = record_intent
         self._intent = IntentLog(host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: the task running each domain's operation (what :meth:`interrupt` cancels)
+        self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._interrupted: str | None = None
+
+    def _check_loop(self) -> None:
+        """Bind to the first loop that uses us; refuse any other at once.
+
+        The ``@releaseDomain`` watch, the event-channel reader and every wait
+        live on that loop: from another one they would never fire (a suspend
+        would time out while the guest sat suspended).
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise WrongEventLoop(
+                "this Orchestrator is bound to the event loop that first used it "
+                f"({self._loop!r}); it cannot be used from {loop!r}: make one "
+                "Orchestrator per loop, or use the Torpor facade from any thread"
+            )
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Stop every operation in flight and refuse new ones (call on the loop's thread).
+
+        Each operation in flight is cancelled and rolled back as a failure
+        would be: a request the guest has not taken is withdrawn in a
+        transaction, a guest that already suspended is resumed cooperatively,
+        a half-done resume is finished.  Each then raises
+        :class:`~torpor.errors.Interrupted` naming ``reason`` and the state the
+        domain was observed in.  Operations started afterwards raise
+        Interrupted at once, before touching anything.  Idempotent: a second
+        call does not cancel the rollbacks the first one started.
+        """
+        if self._interrupted is not None:
+            return
+        self._interrupted = reason
+        for task in list(self._tasks.values()):
+            task.cancel(f"torpor: {reason}")
+
+    @property
+    def interrupted(self) -> str | None:
+        """Why :meth:`interrupt` was called, or ``None``."""
+        return self._interrupted
+
+    def in_flight(self) -> list[tuple[int, str]]:
+        """``(domid, operation)`` for every operation now holding a domain."""
+        return list(self._busy.items())
 
     async def close(self) -> None:
+        """Interrupt what is in flight (see :meth:`interrupt`), then release everything.
+
+        From another loop than the bound one: refused with WrongEventLoop
+        while that loop runs; once it is closed, what needs no loop (the lock
+        files) is released and the rest was already gone with the loop.
+        """
+        try:
+            self._check_loop()
+        except WrongEventLoop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise
+            self._close_locks()
+            return
+        if self._tasks:
+            self.interrupt("closed")
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._intent.drain()
         await self.monitor.close()
+        self._close_locks()
+
+    def _close_locks(self) -> None:
         for fd in self._lock_fds.values():
             os.close(fd)
         self._lock_fds.clear()
@@ -298,14 +367,30 @@ class Orchestrator:
 
     @contextlib.asynccontextmanager
     async def _claim(self, domid: int, operation: str) -> AsyncIterator[None]:
-        """In-process and cross-process exclusion (a lock file per domain)."""
+        """In-process and cross-process exclusion (a lock file per domain).
+
+        Also where an operation is known to :meth:`interrupt`: its task is
+        recorded here, and a cancellation that :meth:`interrupt` caused comes
+        out as :class:`~torpor.errors.Interrupted` (the rollback is done
+        further in, by :meth:`_reporting`, which knows how far it got).
+        """
+        self._check_loop()
+        if self._interrupted is not None:
+            raise Interrupted(
+                f"not started: torpor was interrupted ({self._interrupted})",
+                reason=self._interrupted,
+                clean=True,
+                domid=domid,
+                phase=Phase.VALIDATE,
+                state=_observed_state(self.host.hypervisor, domid),
+            )
         held = self._busy.get(domid)
         if held is not None:
             raise DomainBusy(
                 f"a {held} of domain {domid} is already in progress",
                 domid=domid,
                 phase=Phase.VALIDATE,
-                state="unchanged",
+                state=_observed_state(self.host.hypervisor, domid),
             )
         fd = self._lock_fd(domid)
         try:
@@ -317,7 +402,7 @@ class Orchestrator:
                 f"{os.path.join(self.host.lock_dir, f'domain-{domid}.lock')}",
                 domid=domid,
                 phase=Phase.VALIDATE,
-                state="unchanged",
+                state=_observed_state(self.host.hypervisor, domid),
             ) from None
         if domid not in self._lock_named:
             # Who holds it, for another process's DomainBusy message.
@@ -325,10 +410,26 @@ class Orchestrator:
             os.pwrite(fd, f"torpor pid {os.getpid()}\n".encode(), 0)
             self._lock_named.add(domid)
         self._busy[domid] = operation
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks[domid] = task
         try:
             yield
+        except asyncio.CancelledError:
+            if self._interrupted is None or task is None:
+                raise  # the caller's own cancellation: it gets CancelledError
+            task.uncancel()
+            raise Interrupted(
+                f"{operation} interrupted ({self._interrupted}) before the guest was touched",
+                reason=self._interrupted,
+                clean=True,
+                domid=domid,
+                phase=Phase.VALIDATE,
+                state=_observed_state(self.host.hypervisor, domid),
+            ) from None
         finally:
             self._busy.pop(domid, None)
+            self._tasks.pop(domid, None)
             self._intent.end(domid)
             fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -347,38 +448,179 @@ class Orchestrator:
     @contextlib.asynccontextmanager
     async def _reporting(self, ctx: OperationContext) -> AsyncIterator[None]:
         """An operation's body: any failure becomes an OperationError naming the
-        domain's state and is notified once; the context is closed either way."""
+        state the domain is *observed* in afterwards, and is notified once; a
+        cancellation is rolled back (:meth:`_roll_back_interrupted`); the
+        context is closed either way."""
         try:
             yield
         except TorporError as e:
             err = self._as_operation_error(e, ctx)
+            # Truth over claims: whatever the raiser believed, say what is there now.
+            err.state = await self._observe(ctx)
             await self._notify("torpor_operation_failed", ctx=ctx, error=err)
             if err is e:
                 raise
             raise err from e
+        except asyncio.CancelledError:
+            interrupted = await self._roll_back_interrupted(ctx)
+            await self._notify("torpor_operation_failed", ctx=ctx, error=interrupted)
+            task = asyncio.current_task()
+            if self._interrupted is None or task is None:
+                log.warning("%s", interrupted)
+                raise  # the caller cancelled its task: it gets CancelledError, as asyncio expects
+            task.uncancel()
+            raise interrupted from None
         finally:
             await ctx.close()
 
     def _as_operation_error(self, e: TorporError, ctx: OperationContext) -> OperationError:
-        """Every failure of an operation is an OperationError naming the domain's state.
+        """Every failure of an operation is an OperationError (its state is set by the caller).
 
         A lost xenstore connection or a failing hypervisor call mid-operation
-        arrives as its own error; the caller gets it wrapped, with the state
-        the domain was observed in afterwards (``unknown`` if even that fails).
+        arrives as its own error; the caller gets it wrapped, with the
+        original as ``cause``.
         """
         _locate(e, ctx)
         if isinstance(e, OperationError):
             return e
-        state = _observed_state(self.host.hypervisor, ctx.domid)
-        if state == "running" and ctx.facts.get("s3"):
-            state = "S3"
         return OperationError(
             f"{ctx.operation} failed in phase {ctx.phase}: {e.message}",
             domid=ctx.domid,
             phase=ctx.phase,
-            state=state,
             cause=e,
         )
+
+    async def _observe(self, ctx: OperationContext) -> str:
+        """The domain's state as seen now: the hypervisor's flags, ACPI S3, and,
+        for a guest with a device model, QEMU's run state when it is not the
+        one that goes with the domain's (``running, device model paused``).
+
+        ``gone`` when the hypervisor no longer knows the domain, ``unknown``
+        when it cannot be asked.  Never what torpor meant to do.
+        """
+        hv = self.host.hypervisor
+        try:
+            info = hv.domain_info(ctx.domid)
+        except HypervisorError as e:
+            return "gone" if e.errno == errno.ESRCH else "unknown"
+        except TorporError:
+            return "unknown"
+        state = "S3" if self._in_s3(info) and not info.shutdown else info.state_word()
+        gt = ctx.guest_type
+        if gt is None or not gt.device_model or state not in ("running", "S3"):
+            return state
+        expected = "suspended" if state == "S3" else "running"
+        try:
+            dm = await ctx.device_model()
+            run_state = await dm.query_status(timeout=min(ctx.timeouts.device_model, 5.0))
+        except TorporError:
+            run_state = "gone"
+        return state if run_state == expected else f"{state}, device model {run_state}"
+
+    async def _roll_back_interrupted(self, ctx: OperationContext) -> Interrupted:
+        """An operation was cancelled: undo what it had done, say what is left.
+
+        What it had done is in ``ctx.facts`` (``requested``: the guest was
+        asked; ``resuming``: a resume had begun acting).  Nothing asked,
+        nothing undone.  Otherwise :meth:`_bring_back`, within the settle
+        deadline for a suspend already under way.  A guest not back running
+        keeps its intent record, marked, for ``torpor recover``.
+        """
+        reason = self._interrupted or "cancelled"
+        at = ctx.phase
+        actions: list[str] = []
+        problem: TorporError | None = None
+        if ctx.facts.get("requested") or ctx.facts.get("resuming"):
+            try:
+                actions = await self._bring_back(
+                    ctx, asked=bool(ctx.facts.get("requested")), timings=[]
+                )
+            except TorporError as e:
+                problem = e
+        state = await self._observe(ctx)
+        touched = bool(ctx.facts.get("requested") or ctx.facts.get("resuming"))
+        clean = problem is None and (state == "running" or not touched)
+        done = "; ".join(actions) if actions else "nothing had been done to the guest"
+        message = f"{ctx.operation} interrupted ({reason}) in phase {at}: {done}"
+        if problem is not None:
+            message += f"; bringing it back failed: {problem.message}"
+        message += f"; guest left {state}"
+        if not clean:
+            message += f"; run `torpor recover {ctx.domid}`"
+            self._intent.keep(ctx.domid, interrupted=reason, phase=str(at), left=state)
+        return Interrupted(
+            message,
+            reason=reason,
+            actions=tuple(actions),
+            clean=clean,
+            domid=ctx.domid,
+            phase=at,
+            state=state,
+            cause=problem,
+        )
+
+    async def _bring_back(
+        self, ctx: OperationContext, *, asked: bool, timings: list[PhaseTiming]
+    ) -> list[str]:
+        """Whatever was done to the guest, bring it back to running; what was done, in words.
+
+        The rollback of an interrupted operation and the heart of
+        :meth:`recover` (libxl: the cancel in domain_suspend_common_wait_guest,
+        then libxl__domain_resume):
+
+        1. a ``control/shutdown`` request still pending is withdrawn, in a
+           transaction (a last-moment ack wins: the guest is then on its way);
+        2. a guest that was asked and may be suspending is given ``settle``
+           seconds to finish -- resuming one half-way in is not possible;
+        3. a suspended guest is resumed cooperatively (device model first,
+           ``xc_domain_resume(fast=1)``, XS_RESUME, verify), one in S3 woken;
+        4. one running after a resume that did not reach XS_RESUME gets it
+           (xenstored re-arms ``@releaseDomain`` only then).
+
+        A guest shut down for another reason (crashed...) cannot be brought
+        back: ResumeFailed.
+        """
+        actions: list[str] = []
+        path = f"{ctx.dompath}/control/shutdown"
+        self._refresh(ctx)
+        if not ctx.domain.shutdown and await ctx.xenstore.read_or(path, "") == "suspend":
+            async with self._phase(ctx, Phase.CANCEL, timings):
+                if await self._cancel_request(ctx, path):
+                    asked = True  # taken at the last moment: it is on its way
+                else:
+                    actions.append("withdrew the pending suspend request")
+                    asked = False
+        if asked and not ctx.domain.shutdown and not ctx.facts.get("s3"):
+            async with self._phase(ctx, Phase.SHUTDOWN, timings):
+                with contextlib.suppress(Timeout):
+                    await self._wait(
+                        ctx,
+                        lambda: self._first("torpor_check_suspended", ctx=ctx),
+                        timeout=ctx.timeouts.settle,
+                        sources=_Sources(device_model=ctx.method == SuspendMethod.ACPI_S3),
+                        what="a suspend already under way",
+                    )
+        self._refresh(ctx)
+        info = ctx.domain
+        if info.shutdown and not info.suspended:
+            raise ResumeFailed(
+                f"domain {ctx.domid} is {info.state_word()}; torpor cannot bring it back",
+                state=info.state_word(),
+            )
+        if info.suspended or ctx.facts.get("s3"):
+            ctx.cooperative = True
+            result = await self._resume(ctx)
+            timings.extend(result.timings)
+            actions.append("resumed it cooperatively" if info.suspended else "woke it from S3")
+        elif ctx.facts.get("resumed") and not ctx.facts.get("xs_resumed"):
+            async with self._phase(ctx, Phase.XS_RESUME, timings):
+                await ctx.xenstore.resume(ctx.domid)
+                ctx.facts["xs_resumed"] = True
+            actions.append(
+                "sent XS_RESUME (xenstored re-arms @releaseDomain only on it; the domain "
+                "had been resumed by an operation that may not have sent it)"
+            )
+        return actions
 
     # -- context -------------------------------------------------------------------
 
@@ -608,6 +850,7 @@ class Orchestrator:
                     await self._intent.begin(
                         ctx.domid, ctx.operation, method=str(method), requested=True
                     )
+                ctx.facts["requested"] = True  # from here on, a rollback has work to do
                 done = await self._first("torpor_request_suspend", ctx=ctx, method=method)
                 if not done:
                     raise OperationError(
@@ -615,8 +858,16 @@ class Orchestrator:
                         state="running",
                     )
             if method == SuspendMethod.XENSTORE:
-                async with self._phase(ctx, Phase.ACK, timings):
+                async with self._phase(ctx, Phase.ACK, timings) as ack_phase:
                     acked = await self._wait_ack(ctx, shutdown_path, ack_wake)
+                    if not acked:  # the phase failed, though the cancel may yet find an ack
+                        ack_phase.error = Timeout(
+                            f"the guest did not acknowledge the suspend request within "
+                            f"{ctx.timeouts.ack:g}s",
+                            deadline=ctx.timeouts.ack,
+                            domid=ctx.domid,
+                            phase=Phase.ACK,
+                        )
                 await ctx.xenstore.unwatch(ack_watch)  # type: ignore[arg-type]
                 ack_watch = None
                 if not acked:
@@ -743,25 +994,34 @@ class Orchestrator:
         return verdict
 
     async def _rollback(self, ctx: OperationContext, error: TorporError) -> None:
-        """A suspend failed after the guest suspended: resume it cooperatively, then raise."""
+        """A suspend failed after the guest suspended: resume it cooperatively, then raise.
+
+        libxl__domain_resume's order: the device model first, then
+        ``xc_domain_resume(fast=1)``, then XS_RESUME.  Each step is tried even
+        if the one before failed, every failure is named in the error, and the
+        state the error carries is the one observed afterwards.
+        """
         log.warning("domain %d: %s; resuming it cooperatively", ctx.domid, error)
-        rollback_error: TorporError | None = None
+        failures: list[str] = []
+        if ctx.guest_type is not None and ctx.guest_type.device_model:
+            try:
+                await self._all("torpor_device_model_resume", ctx=ctx)
+            except TorporError as e:
+                failures.append(f"the device model did not resume: {e.message}")
         try:
-            if ctx.guest_type is not None and ctx.guest_type.device_model:
-                with contextlib.suppress(TorporError):
-                    await self._all("torpor_device_model_resume", ctx=ctx)
             self.host.hypervisor.resume(ctx.domid, fast=True)
-            await ctx.xenstore.resume(ctx.domid)
         except TorporError as e:
-            rollback_error = e
-        state = "suspended" if rollback_error else "running"
+            failures.append(f"xc_domain_resume(fast=1) failed: {e.message}")
+        else:
+            try:
+                await ctx.xenstore.resume(ctx.domid)
+            except TorporError as e:
+                failures.append(f"XS_RESUME failed: {e.message}")
+        state = await self._observe(ctx)
         raise OperationError(
             f"{ctx.operation} failed in phase {ctx.phase}: {error.message}; "
-            + (
-                f"cooperative resume also failed: {rollback_error}"
-                if rollback_error
-                else "guest resumed cooperatively"
-            ),
+            + ("; ".join(failures) if failures else "guest resumed cooperatively")
+            + f"; guest left {state}",
             state=state,
             cause=error,
             phase=ctx.phase,
@@ -821,6 +1081,7 @@ class Orchestrator:
         await self._notify("torpor_before_resume", ctx=ctx)
         if self.record_intent and ctx.domid not in self._intent._records:
             await self._intent.begin(ctx.domid, ctx.operation, cooperative=cooperative)
+        ctx.facts["resuming"] = True  # from here on, an interrupted resume is finished
         if shut:
             if gt.device_model:
                 async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
@@ -828,6 +1089,7 @@ class Orchestrator:
             async with self._phase(ctx, Phase.RESUME, timings):
                 try:
                     self.host.hypervisor.resume(ctx.domid, fast=cooperative)
+                    ctx.facts["resumed"] = True
                 except HypervisorError as e:
                     self._refresh(ctx)
                     raise ResumeFailed(
@@ -838,12 +1100,15 @@ class Orchestrator:
             async with self._phase(ctx, Phase.XS_RESUME, timings):
                 # Every time: xenstored re-arms @releaseDomain only on XS_RESUME.
                 await ctx.xenstore.resume(ctx.domid)
+                ctx.facts["xs_resumed"] = True
         async with self._phase(ctx, Phase.GUEST_RESUME, timings):
             if shut:  # resumed: the hooks see the domain as it is now
                 self._refresh(ctx)
             await self._all("torpor_resume_guest", ctx=ctx)
         async with self._phase(ctx, Phase.VERIFY, timings):
             await self._verify_resumed(ctx, shut=shut, s3=s3)
+        ctx.facts.pop("requested", None)  # resumed: nothing of the suspend is left to undo
+        ctx.facts.pop("resuming", None)
         result = Result(
             domid=ctx.domid,
             operation=ctx.operation,
@@ -993,7 +1258,8 @@ class Orchestrator:
     async def _checkpoint_once(
         self, ctx: OperationContext, callback: Callable[[Result], Any] | None
     ) -> Result:
-        ctx.facts.pop("cancelled", None)
+        for fact in ("cancelled", "requested", "resuming", "resumed", "xs_resumed"):
+            ctx.facts.pop(fact, None)
         ctx.cooperative = None
         suspended = await self._suspend(ctx)
         t0 = time.perf_counter()
@@ -1034,6 +1300,31 @@ class Orchestrator:
 
     # -- save, restore, migrate ----------------------------------------------------
 
+    def _interruption(self, message: str, *, state: str) -> Interrupted | None:
+        """A cancellation outside any domain's operation: the Interrupted to raise
+        if :meth:`interrupt` caused it (the task's cancel request is consumed),
+        or ``None`` for a caller's own cancellation (re-raise CancelledError)."""
+        task = asyncio.current_task()
+        if self._interrupted is None or task is None:
+            return None
+        task.uncancel()
+        return Interrupted(message, reason=self._interrupted, clean=True, state=state)
+
+    async def _completing(self, fn: Callable[..., T], *args: Any) -> T:
+        """The last step of a save or migration whose product exists (the
+        verified file, the guest running at the destination): it runs to its
+        end even if interrupted, and the operation then completes -- undoing
+        it would leave two copies of the guest, or none."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # whoever cancelled: finishing is the only safe end
+            return fut.result()
+
     def _builder(self, host: Host, what: str) -> DomainBuilder:
         if host.builder is None:
             raise BackendUnavailable(f"host {host.name} cannot {what} domains (no domain builder)")
@@ -1042,7 +1333,7 @@ class Orchestrator:
     async def _save_state(self, ctx: OperationContext) -> SavedDomain:
         """The builder's state plus the device model's saved state."""
         builder = self._builder(self.host, "save")
-        saved = await asyncio.to_thread(builder.save, ctx.domid)
+        saved = await _in_thread(builder.save, ctx.domid)
         dm_state = ctx.facts.get("device_model_state")
         if dm_state:
             # libxl puts QEMU's saved device state in the stream (EMULATOR_CONTEXT),
@@ -1068,7 +1359,7 @@ class Orchestrator:
         domid = validate_domid(domid)
         target = os.fspath(path)
         builder = self._builder(self.host, "save")  # refuse before touching the guest
-        partial = await asyncio.to_thread(PartialFile, target)  # so is a place we can't write
+        partial = await _in_thread(PartialFile, target)  # so is a place we can't write
         try:
             async with self._claim(domid, "save"):
                 ctx = await self._context("save", domid)
@@ -1081,17 +1372,17 @@ class Orchestrator:
                     try:
                         async with self._phase(ctx, Phase.SAVE, timings):
                             saved = await self._save_state(ctx)
-                            size = await asyncio.to_thread(write_partial, saved, partial)
+                            size = await _in_thread(write_partial, saved, partial)
                             # Verified before it takes FILE's place: a file
                             # already there stays until the new one is good.
-                            check = await asyncio.to_thread(read_image, partial.path)
+                            check = await _in_thread(read_image, partial.path)
                             if check.checksum() != saved.checksum():
                                 raise ImageError(f"{target} does not read back as written")
                             partial.commit()
                     except TorporError as e:
                         await self._rollback_migration(ctx, e)
                     async with self._phase(ctx, Phase.CLEANUP, timings):
-                        await asyncio.to_thread(builder.destroy, domid)
+                        await self._completing(builder.destroy, domid)
         finally:
             partial.discard()
         return Result(
@@ -1132,6 +1423,12 @@ class Orchestrator:
 
         async def suspend_in_save() -> Result:
             try:
+                if self._interrupted is not None:  # the save was interrupted: do not start
+                    raise Interrupted(
+                        f"save interrupted ({self._interrupted}) before the guest was asked",
+                        reason=self._interrupted,
+                        clean=True,
+                    )
                 result = await self._suspend(ctx)
                 self._refresh(ctx)
                 if not ctx.domain.suspended:
@@ -1174,18 +1471,20 @@ class Orchestrator:
         target = partial.target
         try:
             async with self._phase(ctx, Phase.VALIDATE, timings):
-                job = await asyncio.to_thread(builder.prepare_save, domid)
+                job = await _in_thread(builder.prepare_save, domid)
             async with self._phase(ctx, Phase.SAVE, save_timings):
                 fd = partial.take_fd()
                 try:
-                    await asyncio.to_thread(
-                        builder.write_save, job, fd, suspend, device_model_state
-                    )
-                    await asyncio.to_thread(os.fsync, fd)
+                    await _in_thread(builder.write_save, job, fd, suspend, device_model_state)
+                    await _in_thread(os.fsync, fd)
                 finally:
                     os.close(fd)
-                check = await asyncio.to_thread(builder.verify_save, partial.path)
+                check = await _in_thread(builder.verify_save, partial.path)
                 partial.commit()
+        except asyncio.CancelledError:
+            partial.discard()
+            drop_device_model_state()
+            raise
         except (TorporError, OSError) as raw:
             partial.discard()
             drop_device_model_state()
@@ -1219,7 +1518,7 @@ class Orchestrator:
         # The suspend ran inside the save phase (xc_domain_save called it).
         save_seconds = sum(t.seconds for t in save_timings) - waited[0]
         async with self._phase(ctx, Phase.CLEANUP, save_timings):
-            await asyncio.to_thread(builder.destroy, domid)
+            await self._completing(builder.destroy, domid)
         return Result(
             domid=domid,
             operation="save",
@@ -1264,7 +1563,7 @@ class Orchestrator:
             path = os.fspath(source)
             builder = self._builder(self.host, "restore")
             try:
-                fmt = await asyncio.to_thread(sniff, path)
+                fmt = await _in_thread(sniff, path)
             except OSError as e:
                 raise ImageError(f"cannot read save file {path}: {e.strerror or e}", cause=e) from e
             if isinstance(builder, FileSaver):
@@ -1289,7 +1588,7 @@ class Orchestrator:
         saved = (
             source
             if not isinstance(source, (str, os.PathLike))
-            else await asyncio.to_thread(read_image, source)
+            else await _in_thread(read_image, source)
         )
         if expect_kind is not None and saved.kind != expect_kind:
             raise ImageError(f"image holds a {saved.kind} guest, not {expect_kind}")
@@ -1314,7 +1613,7 @@ class Orchestrator:
         starts it; torpor waits for the guest to run again in its new domain.
         """
         t0 = time.perf_counter()
-        info = await asyncio.to_thread(builder.verify_save, path)
+        info = await _in_thread(builder.verify_save, path)
         if expect_kind is not None and info.get("guest_type") != expect_kind:
             raise ImageError(f"{path} holds a {info.get('guest_type')} guest, not {expect_kind}")
         result = await self._build_and_start(
@@ -1338,8 +1637,9 @@ class Orchestrator:
         one that was built but did not come up is destroyed, and the error
         says the source (``intact``: the image, the file) was not touched.
         """
+        building = asyncio.ensure_future(asyncio.to_thread(build))
         try:
-            domid = await asyncio.to_thread(build)
+            domid = await asyncio.shield(building)
         except TorporError as e:
             raise MigrationFailed(
                 f"building the domain failed: {e.message}",
@@ -1347,12 +1647,38 @@ class Orchestrator:
                 phase=Phase.RESTORE,
                 cause=e,
             ) from e
+        except asyncio.CancelledError:
+            await asyncio.wait([building])  # the build cannot be stopped: undo it after
+            if not building.cancelled() and building.exception() is None:
+                with contextlib.suppress(TorporError):
+                    await _in_thread(builder.destroy, building.result())
+            interrupted = self._interruption(
+                f"restore interrupted ({self._interrupted}) while building the domain; "
+                f"what was built is destroyed, {intact} is intact",
+                state="not created",
+            )
+            if interrupted is None:
+                raise
+            raise interrupted from None
         built = PhaseTiming(Phase.RESTORE, time.perf_counter() - t0)
         try:
             result = await self._start_restored(domid, builder)
+        except asyncio.CancelledError:
+            with contextlib.suppress(TorporError):
+                await _in_thread(builder.destroy, domid)
+            raise
         except TorporError as e:
             with contextlib.suppress(TorporError):
-                await asyncio.to_thread(builder.destroy, domid)
+                await _in_thread(builder.destroy, domid)
+            if isinstance(e, Interrupted):
+                raise Interrupted(
+                    f"{e.message}; new domain {domid} destroyed, {intact} is intact",
+                    reason=e.reason,
+                    clean=True,
+                    domid=domid,
+                    phase=e.phase,
+                    state="not restored",
+                ) from e
             raise MigrationFailed(
                 f"the restored guest did not resume: {e}; new domain {domid} "
                 f"destroyed, {intact} is intact",
@@ -1382,7 +1708,7 @@ class Orchestrator:
                 timings: list[PhaseTiming] = []
                 await self._notify("torpor_before_resume", ctx=ctx)
                 async with self._phase(ctx, Phase.RESUME, timings):
-                    await asyncio.to_thread(builder.start, domid)
+                    await _in_thread(builder.start, domid)
                     self._refresh(ctx)
                     if ctx.domain.paused:
                         raise ResumeFailed(
@@ -1434,16 +1760,16 @@ class Orchestrator:
                         saved = await self._save_state(ctx)
                     async with self._phase(ctx, Phase.TRANSFER, timings):
                         # The image format is the wire format: verified on arrival.
-                        saved = await asyncio.to_thread(_through_image, saved)
+                        saved = await _in_thread(_through_image, saved)
                     # The destination times its own phases (restore, resume,
                     # guest-resume, verify); the result counts each once.
                     ctx.phase = Phase.RESTORE
-                    arrived = await destination.restore(saved, expect_kind=saved.kind)
+                    arrived = await _arrival(destination.restore(saved, expect_kind=saved.kind))
                     timings.extend(arrived.timings)
                 except TorporError as e:
                     await self._rollback_migration(ctx, e)
                 async with self._phase(ctx, Phase.CLEANUP, timings):
-                    await asyncio.to_thread(self._builder(self.host, "migrate").destroy, domid)
+                    await self._completing(self._builder(self.host, "migrate").destroy, domid)
         return Result(
             domid=arrived.domid,
             operation="migrate",
@@ -1521,16 +1847,19 @@ class Orchestrator:
         }
 
     async def recover(self, domid: int) -> Result:
-        """Bring a domain a dead torpor left behind back to running.
+        """Bring a domain a dead (or interrupted) torpor left behind back to running.
 
-        Withdraws a pending suspend request (in a transaction), waits a
-        moment for a guest that had already acked to finish suspending,
-        resumes a suspended domain cooperatively (device model first), wakes
-        one in S3, sends XS_RESUME (xenstored's latch may still be set) unless
-        the guest was only asleep in S3 (it never shut down, so the latch was
-        never set), drops a leftover suspend event channel subscription, and
-        removes the intent record.  A crashed domain cannot be recovered.
+        :meth:`_bring_back` does the work: a pending suspend request is
+        withdrawn (in a transaction); a guest that was asked is given
+        ``settle`` seconds to finish suspending; a suspended domain is resumed
+        cooperatively (device model first), one in S3 woken.  What only a
+        torpor that died mid-way leaves behind is undone too: a suspend event
+        channel subscription, a resume that never sent XS_RESUME, a device
+        model left stopped under a running domain.  The intent record is
+        removed.  A crashed domain cannot be recovered (ResumeFailed).  The
+        result's ``actions`` list what was done -- and only that.
         """
+        self._check_loop()
         domid = validate_domid(domid)
         timings: list[PhaseTiming] = []
         actions: list[str] = []
@@ -1543,65 +1872,38 @@ class Orchestrator:
                     f"({intent.get('op')}); not recovering under it",
                     domid=domid,
                     phase=Phase.VALIDATE,
-                    state="unchanged",
+                    state=_observed_state(self.host.hypervisor, domid),
                 )
         async with self._claim(domid, "recover"):
             ctx = await self._context("recover", domid)
             ctx.cooperative = True
-            if self.record_intent:
+            if intent is not None:
+                # Ours replaces the dead one's, and goes when recover ends.
                 await self._intent.begin(domid, "recover")
             async with self._reporting(ctx):
-                async with self._phase(ctx, Phase.CANCEL, timings):
-                    path = f"{ctx.dompath}/control/shutdown"
-                    pending = await ctx.xenstore.read_or(path, "") == "suspend"
-                    if (
-                        not ctx.domain.shutdown
-                        and pending
-                        and not await self._cancel_request(ctx, path)
-                    ):
-                        actions.append("withdrew a pending suspend request")
-                    if intent is not None and intent.get("method") == str(
-                        SuspendMethod.EVENT_CHANNEL
-                    ):
+                if intent is not None:
+                    if intent.get("method") == str(SuspendMethod.EVENT_CHANNEL):
                         with contextlib.suppress(TorporError):
                             ctx.hypervisor.evtchn_subscribe(domid, 0)
                         actions.append("dropped the suspend event channel subscription")
-                    if intent is not None and intent.get("requested") and not ctx.domain.shutdown:
-                        # The guest may have taken the request just before torpor died.
-                        with contextlib.suppress(Timeout):
-                            await self._wait(
-                                ctx,
-                                lambda: self._first("torpor_check_suspended", ctx=ctx),
-                                timeout=ctx.timeouts.settle,
-                                sources=_Sources(),
-                                what="a suspend already under way",
-                            )
-                self._refresh(ctx)
-                info = ctx.domain
-                if info.shutdown and not info.suspended:
-                    raise ResumeFailed(
-                        f"domain {domid} is {info.state_word()}; torpor cannot bring it back",
-                        state=info.state_word(),
-                    )
-                if info.suspended or ctx.facts.get("s3"):
-                    result = await self._resume(ctx)
-                    timings.extend(result.timings)
-                    actions.append(
-                        "woke it from S3" if not info.suspended else "resumed it cooperatively"
-                    )
-                else:
-                    async with self._phase(ctx, Phase.XS_RESUME, timings):
-                        await ctx.xenstore.resume(domid)
-                    if ctx.guest_type is not None and ctx.guest_type.device_model:
+                    # It may have resumed the domain and died before XS_RESUME.
+                    ctx.facts["resumed"] = True
+                actions += await self._bring_back(
+                    ctx, asked=bool(intent and intent.get("requested")), timings=timings
+                )
+                if ctx.guest_type is not None and ctx.guest_type.device_model:
+                    state = await self._observe(ctx)
+                    if state.startswith("running, device model"):
                         async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
                             await self._all("torpor_device_model_resume", ctx=ctx)
-                self._refresh(ctx)
+                        actions.append("let the stopped device model run again")
+                state = await self._observe(ctx)
         return Result(
             domid=domid,
             operation="recover",
             guest_type=ctx.guest_type_name,
             outcome="recovered",
-            state=ctx.domain.state_word(),
+            state=state,
             cooperative=True,
             timings=tuple(timings),
             details=(("actions", actions or ["nothing to do: it was running"]), ("intent", intent)),
@@ -1668,7 +1970,7 @@ def _expire(fut: asyncio.Future[bool]) -> None:
 class _PhaseScope:
     """One phase: notifications around it, its timing, its name on errors."""
 
-    __slots__ = ("ctx", "orch", "phase", "t0", "timings")
+    __slots__ = ("ctx", "error", "orch", "phase", "t0", "timings")
 
     def __init__(
         self,
@@ -1682,15 +1984,23 @@ class _PhaseScope:
         self.phase = phase
         self.timings = timings
         self.t0 = 0.0
+        #: set by the phase's body when it fails without raising (an ack that timed out)
+        self.error: TorporError | None = None
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _PhaseScope:
         self.ctx.phase = self.phase
         await self.orch._notify("torpor_phase_started", ctx=self.ctx, phase=self.phase)
         self.t0 = time.perf_counter()
+        return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         seconds = time.perf_counter() - self.t0
-        error = exc if isinstance(exc, TorporError) else None
+        error = exc if isinstance(exc, TorporError) else self.error
+        if isinstance(exc, asyncio.CancelledError):
+            reason = self.orch.interrupted or "cancelled"
+            error = Interrupted(
+                f"interrupted ({reason})", reason=reason, domid=self.ctx.domid, phase=self.phase
+            )
         if error is not None:
             if error.phase is None:
                 error.phase = self.phase
@@ -1704,6 +2014,42 @@ class _PhaseScope:
             seconds=seconds,
             error=error,
         )
+
+
+async def _arrival(restore: Awaitable[Result]) -> Result:
+    """The destination's restore decides a migration's fate.
+
+    Cancelled while it runs, the restore is cancelled too (the destination
+    then destroys what it built, and the source is resumed here).  If it
+    had finished anyway, the guest runs at the destination: the migration
+    must complete (destroying the source), or two copies would run.
+    """
+    task = asyncio.ensure_future(restore)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.wait([task])
+        if task.cancelled() or task.exception() is not None:
+            raise
+        me = asyncio.current_task()
+        if me is not None:
+            me.uncancel()
+        return task.result()
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``asyncio.to_thread``, except that a cancellation waits for the thread.
+
+    A thread cannot be stopped; whatever it touches (a domain being saved,
+    built or destroyed) must be settled before a rollback looks at it.
+    """
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
 
 
 def _through_image(saved: SavedDomain) -> SavedDomain:
@@ -1797,7 +2143,30 @@ class Torpor:
         )
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            # Ctrl-C in a program that installed no handler of its own: roll
+            # back what is in flight (as interrupt() does), then let it go on.
+            self.interrupt("SIGINT")
+            with contextlib.suppress(Exception):
+                fut.result()
+            raise
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Stop every operation in flight and refuse new ones; safe from any thread
+        and from a signal handler (see :meth:`Orchestrator.interrupt`).
+
+        Returns at once; each operation's caller then gets
+        :class:`~torpor.errors.Interrupted` once its rollback is done.
+        """
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self.loop.call_soon_threadsafe(self.orchestrator.interrupt, reason)
+
+    def in_flight(self) -> list[tuple[int, str]]:
+        """``(domid, operation)`` of every operation now holding a domain."""
+        return self.orchestrator.in_flight()
 
     def suspend(self, domid: int, **kw: Any) -> Result:
         return self._run(self.orchestrator.suspend(domid, **kw))
@@ -1847,6 +2216,7 @@ class Torpor:
         return self._run(self.orchestrator.recover(domid))
 
     def close(self) -> None:
+        """Interrupt what is in flight (it is rolled back), then release everything."""
         if self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self._run(self.orchestrator.close())

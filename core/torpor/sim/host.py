@@ -729,12 +729,28 @@ class SimHost:
         }
 
     def _state(self, domid: int, info: DomainInfo | None) -> str:
+        """The truth, from the models themselves (what tests judge torpor by):
+        the domain's state word, ``S3``, and -- when it is not the one that
+        goes with the domain's -- its device model's run state
+        (``running, device model gone``), in torpor's vocabulary."""
         if info is None:
             return "gone"
         dom = self.xen.domains.get(domid)
-        if dom is not None and dom.s3 and not info.shutdown:
-            return "S3"
-        return info.state_word()
+        state = "S3" if dom is not None and dom.s3 and not info.shutdown else info.state_word()
+        dm = self.device_models.get(domid)
+        if dm is None or state not in ("running", "S3"):
+            return state
+        run_state = dm.run_state if dm.alive else "gone"
+        expected = "suspended" if state == "S3" else "running"
+        return state if run_state == expected else f"{state}, device model {run_state}"
+
+    def observed_state(self, domid: int) -> str:
+        """:meth:`_state` for one domain, read now (``gone`` if it no longer exists)."""
+        try:
+            info = self.xen.domain_info(domid)
+        except TorporError:
+            info = None
+        return self._state(domid, info)
 
 
 def _behaviour_dict(b: Behaviour) -> dict[str, Any]:
