@@ -81,9 +81,10 @@ fuzz: $(STAMP)
 	TORPOR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TORPOR_FUZZ_SECONDS=$(FUZZ_SECONDS) \
 		$(PY) -m pytest tests/fuzz -o timeout=0 $(PYTEST_ARGS)
 
-# docs/reliability.md: the fault matrix, generated from a test run.
+# docs/reliability.md: the fault matrix and the signal matrix, generated from a test run.
 reliability: $(STAMP)
-	TORPOR_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest tests/test_fault_matrix.py -q
+	TORPOR_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest \
+		tests/test_fault_matrix.py tests/test_cli_signals.py -q -p no:randomly
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

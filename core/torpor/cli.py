@@ -8,7 +8,15 @@ Exit codes (stable; scripts may rely on them):
 2     bad usage: unknown command, malformed domid or option
 3     every requested operation failed
 4     the backend is unavailable (no Xen here, no simulated host)
+130   interrupted by SIGINT (Ctrl-C); what was in flight rolled back
+143   interrupted by SIGTERM; what was in flight rolled back
 ====  ==========================================================
+
+A first SIGINT or SIGTERM interrupts every operation in flight through the
+orchestrator's rollback (:meth:`torpor.orchestrator.Torpor.interrupt`): each
+domain is reported with the state it was observed in afterwards.  A second
+one exits at once, naming what was left unfinished and the ``torpor
+recover`` line for it.
 
 The host is ``--host xen`` or ``--host sim:DIR`` (or ``$TORPOR_HOST``);
 without either, ``xen`` when ``/proc/xen/capabilities`` says ``control_d``.
@@ -22,7 +30,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +57,76 @@ EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_ALL_FAILED = 3
 EXIT_BACKEND = 4
+
+
+class _Stop(BaseException):
+    """A signal arrived before any operation began: nothing to roll back."""
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM while a command runs (installed by :func:`main`).
+
+    The first signal interrupts every :class:`~torpor.orchestrator.Torpor`
+    the command opened: each operation in flight is rolled back and ends in
+    :class:`~torpor.errors.Interrupted`, which the command reports per
+    domain; the process then exits 128 + the signal's number.  Before any
+    was opened, it stops the command at once.  A second signal exits at
+    once, naming what was left unfinished.
+    """
+
+    def __init__(self) -> None:
+        self.torpors: list[Torpor] = []
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def reset(self) -> None:
+        """A new command: nothing opened, no signal seen."""
+        self.torpors = []
+        self.signum = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers belong to the main thread (a test may call main())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def exit_code(self, code: int) -> int:
+        return code if self.signum is None else 128 + self.signum
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            if not self.torpors:
+                raise _Stop
+            print(
+                f"torpor: {name}: rolling back what is in flight (a second {name} exits at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            for t in self.torpors:
+                t.interrupt(name)
+            return
+        for t in self.torpors:
+            for domid, operation, phase in t.in_flight():
+                print(
+                    f"torpor: domain {domid}: {operation} left unfinished in phase {phase} "
+                    f"by a second {name}; its state was not checked: run "
+                    f"`torpor recover {domid}`",
+                    file=sys.stderr,
+                )
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+            sys.stdout.flush()
+        os._exit(128 + self.signum)
+
+
+_interrupts = _Interrupts()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,7 +215,9 @@ def _open(args: argparse.Namespace, reporter: Reporter | None = None) -> Torpor:
         suspend=args.suspend_timeout if args.suspend_timeout is not None else defaults.suspend,
     )
     host = Host.open(args.host)
-    return Torpor(host, plugin_manager=pm, timeouts=timeouts, own_host=True)
+    t = Torpor(host, plugin_manager=pm, timeouts=timeouts, own_host=True)
+    _interrupts.torpors.append(t)
+    return t
 
 
 def _explicit_domids(args: argparse.Namespace) -> list[int]:
@@ -239,7 +321,9 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({**_error_dict(domid, "checkpoint", e), "index": done}))
             else:
-                print(f"domain {domid}: checkpoint {done + 1}/{args.count} FAILED: {e}")
+                left = getattr(e, "state", None)
+                state = f" (domain state: {left})" if left else ""
+                print(f"domain {domid}: checkpoint {done + 1}/{args.count} FAILED: {e}{state}")
             return EXIT_PARTIAL if done else EXIT_ALL_FAILED
     return EXIT_OK
 
@@ -633,6 +717,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _interrupts.reset()
+    _interrupts.install()
+    try:
+        return _interrupts.exit_code(_main(argv))
+    except _Stop:
+        return _interrupts.exit_code(EXIT_USAGE)
+    finally:
+        _interrupts.restore()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from torpor.errors import BackendUnavailable, TorporError, UsageError
 
     parser = build_parser()

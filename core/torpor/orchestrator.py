@@ -235,6 +235,7 @@ class Orchestrator:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: the task running each domain's operation (what :meth:`interrupt` cancels)
         self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._contexts: dict[int, OperationContext] = {}
         self._interrupted: str | None = None
 
     def _check_loop(self) -> None:
@@ -277,9 +278,16 @@ class Orchestrator:
         """Why :meth:`interrupt` was called, or ``None``."""
         return self._interrupted
 
-    def in_flight(self) -> list[tuple[int, str]]:
-        """``(domid, operation)`` for every operation now holding a domain."""
-        return list(self._busy.items())
+    def in_flight(self) -> list[tuple[int, str, str]]:
+        """``(domid, operation, phase)`` for every operation now holding a domain.
+
+        Plain reads of two dicts: safe from another thread or a signal handler.
+        """
+        out = []
+        for domid, operation in list(self._busy.items()):
+            ctx = self._contexts.get(domid)
+            out.append((domid, operation, str(ctx.phase) if ctx is not None else "validate"))
+        return out
 
     async def close(self) -> None:
         """Interrupt what is in flight (see :meth:`interrupt`), then release everything.
@@ -430,6 +438,7 @@ class Orchestrator:
         finally:
             self._busy.pop(domid, None)
             self._tasks.pop(domid, None)
+            self._contexts.pop(domid, None)
             self._intent.end(domid)
             fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -530,7 +539,8 @@ class Orchestrator:
         at = ctx.phase
         actions: list[str] = []
         problem: TorporError | None = None
-        if ctx.facts.get("requested") or ctx.facts.get("resuming"):
+        touched = bool(ctx.facts.get("requested") or ctx.facts.get("resuming"))
+        if touched:
             try:
                 actions = await self._bring_back(
                     ctx, asked=bool(ctx.facts.get("requested")), timings=[]
@@ -538,10 +548,13 @@ class Orchestrator:
             except TorporError as e:
                 problem = e
         state = await self._observe(ctx)
-        touched = bool(ctx.facts.get("requested") or ctx.facts.get("resuming"))
         clean = problem is None and (state == "running" or not touched)
-        done = "; ".join(actions) if actions else "nothing had been done to the guest"
-        message = f"{ctx.operation} interrupted ({reason}) in phase {at}: {done}"
+        if actions:
+            done = "; ".join(actions)
+        else:
+            done = "nothing was left to undo" if touched else "nothing had been done to the guest"
+        where = "between checkpoints" if ctx.facts.get("pacing") else f"in phase {at}"
+        message = f"{ctx.operation} interrupted ({reason}) {where}: {done}"
         if problem is not None:
             message += f"; bringing it back failed: {problem.message}"
         message += f"; guest left {state}"
@@ -617,8 +630,8 @@ class Orchestrator:
                 await ctx.xenstore.resume(ctx.domid)
                 ctx.facts["xs_resumed"] = True
             actions.append(
-                "sent XS_RESUME (xenstored re-arms @releaseDomain only on it; the domain "
-                "had been resumed by an operation that may not have sent it)"
+                "sent XS_RESUME, which re-arms xenstored's @releaseDomain (the domain had "
+                "been resumed by an operation that may not have sent it)"
             )
         return actions
 
@@ -640,6 +653,7 @@ class Orchestrator:
 
     async def classify(self, info: DomainInfo) -> GuestType:
         """The plugins' verdict on what guest type a domain is (UnsupportedGuest if none)."""
+        self._check_loop()
         gt = await self._first("torpor_classify_domain", domain=info, host=self.host)
         if gt is None:
             raise UnsupportedGuest(
@@ -658,6 +672,8 @@ class Orchestrator:
         ctx = OperationContext(
             operation=operation, domid=domid, host=self.host, timeouts=self.timeouts, domain=info
         )
+        if domid in self._busy:
+            self._contexts[domid] = ctx
         ctx.guest_type = await self.classify(info)
         ctx.facts["s3"] = self._in_s3(info)
         return ctx
@@ -766,6 +782,7 @@ class Orchestrator:
         Raises an :class:`~torpor.errors.OperationError` subclass saying what
         failed and what state the domain was left in (``err.state``).
         """
+        self._check_loop()
         domid = validate_domid(domid)
         timeouts = attrs.evolve(
             self.timeouts,
@@ -1037,6 +1054,7 @@ class Orchestrator:
         today's Linux guests; it is refused unless the guest type says it
         survives it, or ``force=True`` (then the outcome is reported as seen).
         """
+        self._check_loop()
         domid = validate_domid(domid)
         async with self._claim(domid, "resume"):
             ctx = await self._context("resume", domid)
@@ -1223,6 +1241,7 @@ class Orchestrator:
         checkpoints (the caller's pacing); ``on_result`` sees each result as
         it comes.  The first failure ends the session with the guest resumed.
         """
+        self._check_loop()
         domid = validate_domid(domid)
         if count < 1:
             raise UsageError("a checkpoint session needs at least one checkpoint")
@@ -1247,7 +1266,9 @@ class Orchestrator:
                 for i in range(count):
                     if i:
                         if interval:
+                            ctx.facts["pacing"] = True
                             await asyncio.sleep(interval)  # the caller's pacing
+                            ctx.facts.pop("pacing")
                         self._refresh(ctx)
                     result = await self._checkpoint_once(ctx, callback)
                     results.append(result)
@@ -1353,6 +1374,7 @@ class Orchestrator:
         (read back, every checksum checked).  A failure at any point before
         that resumes the guest cooperatively where it was, and says why.
         """
+        self._check_loop()
         from torpor.builder import FileSaver
         from torpor.image import PartialFile, read_image, write_partial
 
@@ -1554,6 +1576,7 @@ class Orchestrator:
         frontends reconnect to this host's backends.  If the resume fails the
         new domain is destroyed; the image is untouched.
         """
+        self._check_loop()
         from torpor.builder import FileSaver
         from torpor.image import read_image
 
@@ -1738,6 +1761,7 @@ class Orchestrator:
         anything fails before that, the source is resumed cooperatively and
         any half-built destination domain destroyed.  Nothing is lost either way.
         """
+        self._check_loop()
         domid = validate_domid(domid)
         timings: list[PhaseTiming] = []
         from torpor.builder import FileSaver
@@ -1806,10 +1830,12 @@ class Orchestrator:
 
     async def suspend_many(self, domids: Iterable[int], **kw: Any) -> list[Result | TorporError]:
         """Suspend many domains at once (bounded concurrency); one result or error each."""
+        self._check_loop()
         return await self._bulk(domids, lambda d: self.suspend(d, **kw))
 
     async def resume_many(self, domids: Iterable[int], **kw: Any) -> list[Result | TorporError]:
         """Resume many domains at once (bounded concurrency); one result or error each."""
+        self._check_loop()
         return await self._bulk(domids, lambda d: self.resume(d, **kw))
 
     # -- status and recovery -------------------------------------------------------
@@ -1822,6 +1848,7 @@ class Orchestrator:
         ``control/shutdown`` suspend request is outstanding; ``intent`` what a
         torpor process was doing (``intent_alive``: whether it still runs).
         """
+        self._check_loop()
         domid = validate_domid(domid)
         info = self._domain_info(domid, Phase.VALIDATE)
         try:
@@ -1913,6 +1940,7 @@ class Orchestrator:
 
     async def list_domains(self) -> list[dict[str, Any]]:
         """Every guest domain with its guest type (or why none claims it) and state."""
+        self._check_loop()
         out = []
         for info in self.host.hypervisor.domain_info_list():
             if info.domid == 0:
@@ -2164,8 +2192,8 @@ class Torpor:
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             self.loop.call_soon_threadsafe(self.orchestrator.interrupt, reason)
 
-    def in_flight(self) -> list[tuple[int, str]]:
-        """``(domid, operation)`` of every operation now holding a domain."""
+    def in_flight(self) -> list[tuple[int, str, str]]:
+        """``(domid, operation, phase)`` of every operation now holding a domain."""
         return self.orchestrator.in_flight()
 
     def suspend(self, domid: int, **kw: Any) -> Result:

@@ -715,6 +715,10 @@ class SimHost:
         guest = self.guest(domid)
         counters = await _maybe_await(guest.counters())
         checksum = await _maybe_await(guest.memory_checksum())
+        try:  # an HVM guest's memory lives in its QEMU, which may be dead
+            consistent: bool | None = bool(await _maybe_await(guest.memory_consistent()))
+        except TorporError:
+            consistent = None
         info = self._xenstored_domain_info(domid)
         return {
             "domid": domid,
@@ -723,6 +727,8 @@ class SimHost:
             "counters": counters,
             "checksum": checksum,
             "checksum_at_resume": getattr(guest, "checksum_at_resume", None),
+            #: memory holds exactly what the guest's own work wrote (None: cannot tell)
+            "memory_consistent": consistent,
             "last_hypercall_return": getattr(guest, "last_hypercall_return", None),
             "frontends": dict(getattr(guest, "frontend_states", {})),
             "log": list(getattr(guest, "log", [])),
