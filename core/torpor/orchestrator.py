@@ -662,7 +662,7 @@ class Orchestrator:
                 + ", ".join(n for n, _ in self.pm.list_name_plugin()),
                 domid=info.domid,
                 phase=Phase.VALIDATE,
-                state="unchanged",
+                state=info.state_word(),  # just read; nothing was done to it
             )
         assert isinstance(gt, GuestType)
         return gt
@@ -1412,7 +1412,7 @@ class Orchestrator:
             operation="save",
             guest_type=ctx.guest_type_name,
             outcome="saved",
-            state="destroyed",
+            state=_destroyed_state(self.host.hypervisor, domid),
             method=ctx.method,
             timings=tuple(timings),
             details=(
@@ -1546,7 +1546,7 @@ class Orchestrator:
             operation="save",
             guest_type=ctx.guest_type_name,
             outcome="saved",
-            state="destroyed",
+            state=_destroyed_state(self.host.hypervisor, domid),
             method=ctx.method,
             timings=(
                 *timings,
@@ -2097,6 +2097,13 @@ async def _drop_watch(ctx: OperationContext, pending: asyncio.Future[Any]) -> No
         return
     with contextlib.suppress(TorporError):
         await ctx.xenstore.unwatch(watch)
+
+
+def _destroyed_state(hv: Any, domid: int) -> str:
+    """After the builder destroyed a domain: ``destroyed`` if the hypervisor no
+    longer knows it, else what it says (``dying`` while Xen tears it down)."""
+    state = _observed_state(hv, domid)
+    return "destroyed" if state == "gone" else state
 
 
 def _observed_state(hv: Any, domid: int) -> str:
