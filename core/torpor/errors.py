@@ -14,7 +14,9 @@ report *which guest*, *where* and *why* without parsing messages::
      │    └── TransactionConflict   EAGAIN on every commit, up to the retry bound
      ├── XenstoreConnectionLost     the xenstore connection died; every call fails fast
      ├── HypervisorError            a hypervisor operation failed (errno, op)
-     ├── DeviceModelError           the QEMU device model (QMP) failed or vanished
+     ├── DeviceModelError           the QEMU device model or guest agent failed or vanished
+     │    └── QmpCommandError       QEMU or qemu-ga answered a command with an error
+     │                              (``error_class``: CommandNotFound, GenericError...; ``desc``)
      ├── ImageError                 a save image is truncated, corrupt or foreign
      └── OperationError             an orchestrated suspend / resume / save failed
           ├── NoSuchDomain          the domid does not exist (ESRCH)
@@ -30,6 +32,15 @@ report *which guest*, *where* and *why* without parsing messages::
           ├── DomainVanished        the domain was destroyed during the operation
           ├── ResumeFailed          the domain could not be resumed
           └── MigrationFailed       save / restore / migrate failed (see ``outcome``)
+
+An :class:`OperationError` keeps what made it fail as ``cause``, typed: a
+guest agent that refuses ``guest-suspend-ram`` is an ``OperationError`` whose
+``cause`` is a :class:`QmpCommandError`, so a caller can tell an agent built
+without the command from one that failed::
+
+    except OperationError as err:
+        if isinstance(err.cause, QmpCommandError) and err.cause.error_class == "CommandNotFound":
+            ...  # this guest cannot sleep on request
 
 Errors that concern no single domain (a lost xenstore connection, a missing
 backend) leave ``domid`` as ``None``.  ``str(err)`` always names the domain and
@@ -56,6 +67,7 @@ __all__ = [
     "NoSuchDomain",
     "NotSuspended",
     "OperationError",
+    "QmpCommandError",
     "ResumeFailed",
     "SuspendTimeout",
     "Timeout",
@@ -111,13 +123,21 @@ class TorporError(Exception):
         return prefix + self.message
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description: error class, message, domid, phase, cause."""
+        """A JSON-ready description: error class, message, domid, phase, cause.
+
+        ``cause`` is the ``repr()`` of the underlying exception; when that is a
+        torpor error too, ``caused_by`` is its own ``to_dict()`` (with its
+        typed fields: a :class:`QmpCommandError`'s ``error_class``...), else
+        ``None``.
+        """
+        cause = self.cause
         return {
             "error": type(self).__name__,
             "message": self.message,
             "domid": self.domid,
             "phase": None if self.phase is None else str(self.phase),
-            "cause": None if self.cause is None else repr(self.cause),
+            "cause": None if cause is None else repr(cause),
+            "caused_by": cause.to_dict() if isinstance(cause, TorporError) else None,
         }
 
 
@@ -212,7 +232,32 @@ class HypervisorError(TorporError):
 
 
 class DeviceModelError(TorporError):
-    """The QEMU device model failed a QMP command, vanished, or cannot be reached."""
+    """The QEMU device model (or a guest agent) failed, vanished, or cannot be reached."""
+
+
+class QmpCommandError(DeviceModelError):
+    """QEMU (QMP) or the QEMU guest agent (qemu-ga) answered a command with an error.
+
+    The reply ``{"error": {"class": ..., "desc": ...}}``, kept typed: a guest
+    agent built without ``guest-suspend-ram`` answers ``CommandNotFound``.
+
+    :param command: the command (``guest-suspend-ram``, ``system_wakeup``...).
+    :param error_class: QMP's error class (``GenericError``, ``CommandNotFound``...).
+    :param desc: the description QEMU or the agent gave.
+    """
+
+    def __init__(
+        self, message: str, *, command: str, error_class: str, desc: str, **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(command=self.command, error_class=self.error_class, desc=self.desc)
+        return out
 
 
 class ImageError(TorporError):

@@ -739,7 +739,9 @@ class Orchestrator:
                     reason=verdict.reason,
                     state=verdict.state,
                 )
-            raise OperationError(f"suspend failed: {verdict.detail}", state=verdict.state)
+            raise OperationError(
+                f"suspend failed: {verdict.detail}", state=verdict.state, cause=verdict.cause
+            )
         return verdict
 
     async def _rollback(self, ctx: OperationContext, error: TorporError) -> None:
