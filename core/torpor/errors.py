@@ -32,6 +32,7 @@ report *which guest*, *where* and *why* without parsing messages::
           ├── DomainVanished        the domain was destroyed during the operation
           ├── ResumeFailed          the domain could not be resumed
           └── MigrationFailed       save / restore / migrate failed (see ``outcome``)
+               └── NameInUse        restore refused: a domain of that name exists (``holder``)
 
 An :class:`OperationError` keeps what made it fail as ``cause``, typed: a
 guest agent that refuses ``guest-suspend-ram`` is an ``OperationError`` whose
@@ -64,6 +65,7 @@ __all__ = [
     "ImageError",
     "InvalidState",
     "MigrationFailed",
+    "NameInUse",
     "NoSuchDomain",
     "NotSuspended",
     "OperationError",
@@ -346,3 +348,30 @@ class ResumeFailed(OperationError):
 
 class MigrationFailed(OperationError):
     """A save, restore or migration failed; ``state`` says which guest runs."""
+
+
+class NameInUse(MigrationFailed):
+    """A restore was refused because a domain with the guest's name exists.
+
+    A name is unique on a host (libxl refuses a second domain of the same name:
+    ``libxl__domain_rename``, "Domain with name ... already exists"); restoring
+    an image of a guest that still runs would make two copies of one guest
+    writing one disk.  Refused before anything is built (``state`` ``not
+    created``); ``restore(..., name=NEW)`` / ``torpor restore FILE --name NEW``
+    restores the guest under another name instead.
+
+    :param name: the name asked for.
+    :param holder: the domid of the domain that holds it, or ``None`` when
+        another restore under that name is under way.
+    """
+
+    def __init__(self, message: str, *, name: str, holder: int | None, **kw: Any) -> None:
+        kw.setdefault("state", "not created")
+        super().__init__(message, **kw)
+        self.name = name
+        self.holder = holder
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(name=self.name, holder=self.holder)
+        return out
