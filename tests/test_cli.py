@@ -303,6 +303,10 @@ def test_migrate_names_the_guest_by_its_source_domid_and_its_new_one(
 ) -> None:
     daemon.start(short_dir, ["pv"], qemu=False)
     try:
+        # Both daemons call their first guest pv-guest-1; a name is unique on a
+        # host, so the destination's own guest is renamed first (as `xl rename`).
+        with Xenstore(f"{short_dir}/xenstored/socket") as xs:
+            xs.write("/local/domain/1/name", "destination-guest")
         code, out, _ = cli("migrate", str(PV), "--to", f"sim:{short_dir}")
         assert code == EXIT_OK
         assert out[0].startswith(f"domain {PV}: migrate ok via xenstore (non-cooperative): ")

@@ -34,7 +34,9 @@ def dest_host() -> Iterator[SimHost]:
     d = tempfile.mkdtemp(prefix="tq", dir="/tmp")
     host = SimHost(d, qemu=False, name="destination")
     host.start()
-    host.create_guest("pv")  # so the destination's domids differ from the source's
+    # So the destination's domids differ from the source's; named apart, as a
+    # name is unique on a host (the source's first guest is pv-guest-1 too).
+    host.create_guest("pv", name="destination-guest")
     yield host
     host.stop()
     shutil.rmtree(d, ignore_errors=True)

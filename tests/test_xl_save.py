@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -403,17 +404,23 @@ class FakeLibxl:
         if self.fail_config is not None:
             raise self.fail_config
         kind = LIBXL_TYPE[self.host.kinds[domid]]
-        return config_json(kind, domid=domid, name=f"sim-{domid}")
+        # libxl's stored config: the domain's name and UUID
+        config = json.loads(config_json(kind, domid=domid, name=self.host.xen.domain(domid).name))
+        config["c_info"]["uuid"] = self.host.xen.domain(domid).uuid
+        return json.dumps(config, indent=4)
 
     def create_restore(self, config: str, fd: int) -> int:
-        self.calls.append(("create_restore", json.loads(config)["c_info"]["name"]))
+        c_info = json.loads(config)["c_info"]
+        self.calls.append(("create_restore", c_info["name"]))
         with os.fdopen(os.dup(fd), "rb") as f:
             stream = f.read()
         assert stream[:8] == b"LibxlFmt"  # handed over at libxl's stream
         start = stream.index(struct.pack("<I", SIM_STATE))
         (length,) = struct.unpack_from("<I", stream, start + 4)
         saved = decode(_io(stream[start + 8 : start + 8 + length]))
-        domid = self.host.restore_guest(saved)
+        # libxl builds the domain the config describes: its name and UUID
+        domain = {**saved.domain, "name": c_info["name"], "uuid": c_info["uuid"]}
+        domid = self.host.restore_guest(attrs.evolve(saved, domain=domain))
         return domid
 
     def unpause(self, domid: int) -> None:
@@ -519,7 +526,7 @@ def test_save_runs_torpors_suspend_inside_xc_domain_save_then_restores(
     assert ("destroy", domid) in libxl.calls
     assert [p.name for p in tmp_path.iterdir()] == ["g.save"]  # no partial file left
     info = read_save_file(target)
-    assert info.config["c_info"]["domid"] == 0 and info.name == f"sim-{domid}"
+    assert info.config["c_info"]["domid"] == 0 and info.name == f"{kind}-guest-{domid}"
 
     restored = t.restore(target)
     assert restored.outcome == "restored" and restored.state == "running"
@@ -617,6 +624,56 @@ def test_restore_refuses_corrupt_or_foreign_files_before_building(
     # ... and the simulated host refuses an xl file
     with pytest.raises(ImageError, match="not a torpor save image but an xl save file"):
         torpor.restore(write(tmp_path, GOOD, "x.save"))
+
+
+def test_xl_restore_of_a_running_guests_file_is_refused_and_name_makes_a_copy(
+    xl_sim: tuple[SimHost, Torpor, FakeLibxl, FakeDomainSave], tmp_path: Path
+) -> None:
+    """As xl refuses a second domain of one name, before libxl is asked to build;
+    ``name=`` rewrites the config's c_info.name (and gives a fresh UUID)."""
+    from torpor.errors import NameInUse
+
+    host, t, libxl, _xc = xl_sim
+    domid = host.create_guest("pv")
+    uuid = host.xen.domain_info(domid).uuid
+    target = tmp_path / "g.save"
+    t.save(domid, target)
+    name = f"pv-guest-{domid}"
+    first = t.restore(target)
+    assert dict(first.details)["name"] == name
+    assert host.xen.domain_info(first.domid).uuid == uuid  # the guest itself, moved
+    builds = len([c for c in libxl.calls if c[0] == "create_restore"])
+    with pytest.raises(NameInUse) as ei:
+        t.restore(target)
+    assert ei.value.holder == first.domid and ei.value.state == "not created"
+    assert len([c for c in libxl.calls if c[0] == "create_restore"]) == builds  # libxl not asked
+    assert host.xen.domain_info(first.domid).running
+
+    copy = t.restore(target, name="pv-copy")
+    assert copy.state == "running" and dict(copy.details)["name"] == "pv-copy"
+    assert libxl.calls[-2:] == [("create_restore", "pv-copy"), ("unpause", copy.domid)]
+    xs = host.toolstack_host().xenstore
+    try:
+        assert xs.read(f"/local/domain/{copy.domid}/name") == "pv-copy"
+        assert xs.read(f"/local/domain/{first.domid}/name") == name
+    finally:
+        xs.close()
+    assert host.xen.domain_info(copy.domid).uuid not in (uuid, "")
+    # the file itself is untouched: it still names the guest
+    assert read_save_file(target).name == name
+
+
+def test_renamed_config_sets_name_and_a_fresh_uuid() -> None:
+    from torpor.xl_savefile import renamed_config
+
+    original = config_json("hvm", name="web")
+    out = json.loads(renamed_config(original, "web-2"))
+    assert out["c_info"]["name"] == "web-2"
+    again = json.loads(renamed_config(original, "web-2"))
+    assert out["c_info"]["uuid"] != "u" and again["c_info"]["uuid"] != out["c_info"]["uuid"]
+    assert out["b_info"] == json.loads(original)["b_info"]
+    with pytest.raises(ImageError, match="no c_info"):
+        renamed_config("[]", "x")
 
 
 def test_migration_on_real_xen_is_refused_before_touching_the_guest(

@@ -89,8 +89,11 @@ class FileSaver(Protocol):
         """Read ``path`` back and walk it to its end; ImageError if anything is off."""
         ...
 
-    def restore_file(self, path: str) -> int:
-        """A new domain from the file at ``path``, left paused; returns its domid."""
+    def restore_file(self, path: str, *, name: str | None = None) -> int:
+        """A new domain from the file at ``path``, left paused; returns its domid.
+
+        ``name``: build it under that name rather than the one in the file
+        (a copy of the guest: it gets a fresh UUID too)."""
         ...
 
     def start(self, domid: int) -> None:

@@ -346,11 +346,13 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     from torpor.errors import BackendUnavailable, TorporError
+    from torpor.host import validate_domain_name
     from torpor.progress import Reporter
 
+    name = None if args.name is None else validate_domain_name(args.name)  # else exit 2
     with _open(args, Reporter(quiet=args.json, total=1)) as t:
         try:
-            res = t.restore(args.file)
+            res = t.restore(args.file, name=name)
         except BackendUnavailable:
             raise  # exit code 4, as for every command
         except TorporError as e:
@@ -643,6 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", metavar="FILE")
     c = cmd("restore", _cmd_restore, "build a new domain from FILE and resume it non-cooperatively")
     c.add_argument("file", metavar="FILE")
+    c.add_argument(
+        "--name",
+        metavar="NEW",
+        help="restore under this name (a copy: new name, new UUID); without it a domain "
+        "already named as the saved guest refuses the restore",
+    )
     c = cmd(
         "migrate",
         _cmd_migrate,

@@ -15,7 +15,9 @@ report *which guest*, *where* and *why* without parsing messages::
      │    └── TransactionConflict   EAGAIN on every commit, up to the retry bound
      ├── XenstoreConnectionLost     the xenstore connection died; every call fails fast
      ├── HypervisorError            a hypervisor operation failed (errno, op)
-     ├── DeviceModelError           the QEMU device model (QMP) failed or vanished
+     ├── DeviceModelError           the QEMU device model or guest agent failed or vanished
+     │    └── QmpCommandError       QEMU or qemu-ga answered a command with an error
+     │                              (``error_class``: CommandNotFound, GenericError...; ``desc``)
      ├── ImageError                 a save image is truncated, corrupt or foreign
      └── OperationError             an orchestrated suspend / resume / save failed
           ├── NoSuchDomain          the domid does not exist (ESRCH)
@@ -32,6 +34,16 @@ report *which guest*, *where* and *why* without parsing messages::
           ├── ResumeFailed          the domain could not be resumed
           ├── Interrupted           a signal or Torpor.interrupt() stopped it; rolled back
           └── MigrationFailed       save / restore / migrate failed (see ``outcome``)
+               └── NameInUse        restore refused: a domain of that name exists (``holder``)
+
+An :class:`OperationError` keeps what made it fail as ``cause``, typed: a
+guest agent that refuses ``guest-suspend-ram`` is an ``OperationError`` whose
+``cause`` is a :class:`QmpCommandError`, so a caller can tell an agent built
+without the command from one that failed::
+
+    except OperationError as err:
+        if isinstance(err.cause, QmpCommandError) and err.cause.error_class == "CommandNotFound":
+            ...  # this guest cannot sleep on request
 
 Errors that concern no single domain (a lost xenstore connection, a missing
 backend) leave ``domid`` as ``None``.  ``str(err)`` always names the domain and
@@ -56,9 +68,11 @@ __all__ = [
     "Interrupted",
     "InvalidState",
     "MigrationFailed",
+    "NameInUse",
     "NoSuchDomain",
     "NotSuspended",
     "OperationError",
+    "QmpCommandError",
     "ResumeFailed",
     "SuspendTimeout",
     "Timeout",
@@ -115,13 +129,21 @@ class TorporError(Exception):
         return prefix + self.message
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description: error class, message, domid, phase, cause."""
+        """A JSON-ready description: error class, message, domid, phase, cause.
+
+        ``cause`` is the ``repr()`` of the underlying exception; when that is a
+        torpor error too, ``caused_by`` is its own ``to_dict()`` (with its
+        typed fields: a :class:`QmpCommandError`'s ``error_class``...), else
+        ``None``.
+        """
+        cause = self.cause
         return {
             "error": type(self).__name__,
             "message": self.message,
             "domid": self.domid,
             "phase": None if self.phase is None else str(self.phase),
-            "cause": None if self.cause is None else repr(self.cause),
+            "cause": None if cause is None else repr(cause),
+            "caused_by": cause.to_dict() if isinstance(cause, TorporError) else None,
         }
 
 
@@ -225,7 +247,32 @@ class HypervisorError(TorporError):
 
 
 class DeviceModelError(TorporError):
-    """The QEMU device model failed a QMP command, vanished, or cannot be reached."""
+    """The QEMU device model (or a guest agent) failed, vanished, or cannot be reached."""
+
+
+class QmpCommandError(DeviceModelError):
+    """QEMU (QMP) or the QEMU guest agent (qemu-ga) answered a command with an error.
+
+    The reply ``{"error": {"class": ..., "desc": ...}}``, kept typed: a guest
+    agent built without ``guest-suspend-ram`` answers ``CommandNotFound``.
+
+    :param command: the command (``guest-suspend-ram``, ``system_wakeup``...).
+    :param error_class: QMP's error class (``GenericError``, ``CommandNotFound``...).
+    :param desc: the description QEMU or the agent gave.
+    """
+
+    def __init__(
+        self, message: str, *, command: str, error_class: str, desc: str, **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(command=self.command, error_class=self.error_class, desc=self.desc)
+        return out
 
 
 class ImageError(TorporError):
@@ -347,3 +394,30 @@ class Interrupted(OperationError):
 
 class MigrationFailed(OperationError):
     """A save, restore or migration failed; ``state`` says which guest runs."""
+
+
+class NameInUse(MigrationFailed):
+    """A restore was refused because a domain with the guest's name exists.
+
+    A name is unique on a host (libxl refuses a second domain of the same name:
+    ``libxl__domain_rename``, "Domain with name ... already exists"); restoring
+    an image of a guest that still runs would make two copies of one guest
+    writing one disk.  Refused before anything is built (``state`` ``not
+    created``); ``restore(..., name=NEW)`` / ``torpor restore FILE --name NEW``
+    restores the guest under another name instead.
+
+    :param name: the name asked for.
+    :param holder: the domid of the domain that holds it, or ``None`` when
+        another restore under that name is under way.
+    """
+
+    def __init__(self, message: str, *, name: str, holder: int | None, **kw: Any) -> None:
+        kw.setdefault("state", "not created")
+        super().__init__(message, **kw)
+        self.name = name
+        self.holder = holder
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(name=self.name, holder=self.holder)
+        return out

@@ -137,7 +137,10 @@ def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
     ``firstresult``: torpor's generic implementation answers done for a domain
     shut down with reason suspend, failed for any other shutdown reason;
     the HVM plugin answers for ``ACPI_S3`` (the guest is asleep: ACPI_S_STATE
-    3, QEMU ``suspended``).  Return ``None`` to defer to it.
+    3, QEMU ``suspended``).  Return ``None`` to defer to it.  A failure may
+    carry the exception that explains it (``Verdict.fail(..., cause=err)``, as
+    the HVM plugin does with its guest agent's refusal): the orchestrator's
+    ``OperationError`` then keeps it as ``cause``.
 
     :param ctx: the operation.
     :return: :meth:`Verdict.ok`, :meth:`Verdict.fail`, :meth:`Verdict.pending`.

@@ -20,7 +20,13 @@ from torpor.xenstore import Xenstore
 if TYPE_CHECKING:
     from torpor.builder import DomainBuilder
 
-__all__ = ["DOMID_FIRST_RESERVED", "Host", "check_private_socket", "validate_domid"]
+__all__ = [
+    "DOMID_FIRST_RESERVED",
+    "Host",
+    "check_private_socket",
+    "validate_domain_name",
+    "validate_domid",
+]
 
 #: Domain ids at and above this are reserved (DOMID_SELF, DOMID_IO...).
 DOMID_FIRST_RESERVED = 0x7FF0
@@ -39,6 +45,30 @@ def validate_domid(value: object, *, allow_dom0: bool = False) -> int:
         raise UsageError(f"invalid domid {value!r}: expected 0..{DOMID_FIRST_RESERVED - 1}")
     if value == 0 and not allow_dom0:
         raise UsageError("domain 0 is the control domain; torpor does not suspend it", domid=0)
+    return value
+
+
+#: The longest domain name torpor gives a domain (xenstore holds 4096 octets).
+DOMAIN_NAME_MAX = 255
+
+
+def validate_domain_name(value: object) -> str:
+    """A domain name from user input (``restore --name``), or UsageError.
+
+    Printable, non-empty, at most :data:`DOMAIN_NAME_MAX` characters, not
+    blank at either end, and not all digits (``xl`` takes a number for a domid).
+    """
+    if not isinstance(value, str):
+        raise UsageError(f"invalid domain name {value!r}: expected a string")
+    if not value or value != value.strip():
+        raise UsageError(f"invalid domain name {value!r}: empty or blank at an end")
+    if len(value) > DOMAIN_NAME_MAX or not value.isprintable():
+        raise UsageError(
+            f"invalid domain name {value[:40]!r}: printable characters only, "
+            f"at most {DOMAIN_NAME_MAX}"
+        )
+    if value.isdigit():
+        raise UsageError(f"invalid domain name {value!r}: all digits reads as a domid")
     return value
 
 

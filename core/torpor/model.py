@@ -275,6 +275,9 @@ class Verdict:
     :param failed: the awaited state can no longer be reached; ``reason`` says why.
     :param state: the domain's state in words (``suspended``, ``S3``, ``crashed``...).
     :param reason: a shutdown reason code when the domain shut down another way.
+    :param cause: for a failure, the exception that says why, if there is one (a
+        guest agent's refusal: a :class:`~torpor.errors.QmpCommandError`); the
+        orchestrator's error carries it as its ``cause``.
     """
 
     done: bool = False
@@ -282,14 +285,22 @@ class Verdict:
     state: str = ""
     detail: str = ""
     reason: int | None = None
+    cause: BaseException | None = attrs.field(default=None, eq=False)
 
     @classmethod
     def ok(cls, state: str, detail: str = "") -> Verdict:
         return cls(done=True, state=state, detail=detail)
 
     @classmethod
-    def fail(cls, state: str, detail: str, reason: int | None = None) -> Verdict:
-        return cls(failed=True, state=state, detail=detail, reason=reason)
+    def fail(
+        cls,
+        state: str,
+        detail: str,
+        reason: int | None = None,
+        *,
+        cause: BaseException | None = None,
+    ) -> Verdict:
+        return cls(failed=True, state=state, detail=detail, reason=reason, cause=cause)
 
     @classmethod
     def pending(cls, state: str = "", detail: str = "") -> Verdict:

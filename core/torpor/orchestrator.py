@@ -1007,7 +1007,9 @@ class Orchestrator:
                     reason=verdict.reason,
                     state=verdict.state,
                 )
-            raise OperationError(f"suspend failed: {verdict.detail}", state=verdict.state)
+            raise OperationError(
+                f"suspend failed: {verdict.detail}", state=verdict.state, cause=verdict.cause
+            )
         return verdict
 
     async def _rollback(self, ctx: OperationContext, error: TorporError) -> None:
@@ -1567,7 +1569,11 @@ class Orchestrator:
             ) from error
 
     async def restore(
-        self, source: str | os.PathLike[str] | SavedDomain, *, expect_kind: str | None = None
+        self,
+        source: str | os.PathLike[str] | SavedDomain,
+        *,
+        expect_kind: str | None = None,
+        name: str | None = None,
     ) -> Result:
         """Build a new domain from a save image and resume it non-cooperatively.
 
@@ -1575,11 +1581,23 @@ class Orchestrator:
         takes the full rebuild path (its suspend hypercall returns 0) and its
         frontends reconnect to this host's backends.  If the resume fails the
         new domain is destroyed; the image is untouched.
+
+        A domain's name is unique on a host, as xl keeps it: if a domain
+        already has the guest's name (the one the image carries, or ``name``),
+        the restore is refused before anything is built --
+        :class:`~torpor.errors.NameInUse`, naming that domain.  ``name``
+        restores the guest under another name: a copy of the guest, which
+        also gets a fresh UUID (two domains sharing one would share
+        ``/vm/<uuid>`` in xenstore), as ``xl restore`` of a config file with a
+        new name and no UUID does.
         """
         self._check_loop()
         from torpor.builder import FileSaver
+        from torpor.host import validate_domain_name
         from torpor.image import read_image
 
+        if name is not None:
+            name = validate_domain_name(name)
         if isinstance(source, (str, os.PathLike)):
             from torpor.xl_savefile import sniff
 
@@ -1600,7 +1618,7 @@ class Orchestrator:
                         f"{path} is {what}; host {self.host.name} restores "
                         f"{builder.file_format} save files"
                     )
-                return await self._restore_file(builder, path, expect_kind)
+                return await self._restore_file(builder, path, expect_kind, name)
             if fmt == "xl":
                 raise ImageError(
                     f"{path} is not a torpor save image but an xl save file (real Xen); "
@@ -1615,36 +1633,134 @@ class Orchestrator:
         )
         if expect_kind is not None and saved.kind != expect_kind:
             raise ImageError(f"image holds a {saved.kind} guest, not {expect_kind}")
+        saved_name = saved.domain.get("name")
+        if name is not None and name != saved_name:
+            import uuid
+
+            # The builder builds what the image describes: a copy under ``name``.
+            saved = attrs.evolve(
+                saved, domain={**saved.domain, "name": name, "uuid": str(uuid.uuid4())}
+            )
         builder = self._builder(self.host, "restore")
-        result = await self._build_and_start(
-            builder, functools.partial(builder.restore, saved), t0=t0, intact="the image"
-        )
+        wanted = saved.domain.get("name")
+        async with self._name_free(wanted if isinstance(wanted, str) else None):
+            result = await self._build_and_start(
+                builder, functools.partial(builder.restore, saved), t0=t0, intact="the image"
+            )
         return attrs.evolve(
             result,
             details=(
                 *result.details,
+                ("name", wanted),
                 ("checksum", saved.checksum()),
                 ("memory_checksum", saved.memory_checksum()),
             ),
         )
 
-    async def _restore_file(self, builder: FileSaver, path: str, expect_kind: str | None) -> Result:
+    async def _restore_file(
+        self, builder: FileSaver, path: str, expect_kind: str | None, name: str | None = None
+    ) -> Result:
         """Restore from a file the builder reads itself (real Xen: an xl save file).
 
         The file is walked to its end first (nothing is built from a corrupt
-        or truncated file); the builder then builds the domain, paused, and
+        or truncated file) and the name it carries (or ``name``) must be free;
+        the builder then builds the domain, paused, under that name, and
         starts it; torpor waits for the guest to run again in its new domain.
         """
         t0 = time.perf_counter()
         info = await _in_thread(builder.verify_save, path)
         if expect_kind is not None and info.get("guest_type") != expect_kind:
             raise ImageError(f"{path} holds a {info.get('guest_type')} guest, not {expect_kind}")
-        result = await self._build_and_start(
-            builder, functools.partial(builder.restore_file, path), t0=t0, intact=path
-        )
+        wanted = name if name is not None else info.get("name")
+        async with self._name_free(wanted if isinstance(wanted, str) else None):
+            result = await self._build_and_start(
+                builder,
+                functools.partial(builder.restore_file, path, name=name),
+                t0=t0,
+                intact=path,
+            )
+        details = {**info, "name": wanted}
         return attrs.evolve(
-            result, details=(*result.details, ("file", path), *sorted(info.items()))
+            result, details=(*result.details, ("file", path), *sorted(details.items()))
         )
+
+    async def domain_named(self, name: str) -> int | None:
+        """The domid of the domain called ``name`` on this host, or ``None``.
+
+        As ``libxl_name_to_domid``: every domain the hypervisor lists (running,
+        paused, shut down, dying), named by its xenstore
+        ``/local/domain/<domid>/name``; the lowest domid if several are.
+        """
+        from torpor.errors import XenstoreError
+
+        hv = self.host.hypervisor
+        xs = self.host.xenstore.aio
+        domids: list[int] = []
+        first = 0
+        while True:  # xc_domain_getinfolist pages: libxl_list_domain reads them all
+            batch = hv.domain_info_list(first, 1024)
+            domids += [i.domid for i in batch]
+            if len(batch) < 1024:
+                break
+            first = batch[-1].domid + 1
+        names = await asyncio.gather(
+            *(xs.read_or(f"/local/domain/{d}/name", None) for d in domids),
+            return_exceptions=True,
+        )
+        for domid, got in zip(domids, names, strict=True):
+            if isinstance(got, BaseException):
+                if isinstance(got, XenstoreError):
+                    continue  # gone meanwhile, or not ours to read: libxl skips it too
+                raise got
+            if got == name:
+                return domid
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _name_free(self, name: str | None) -> AsyncIterator[None]:
+        """Hold ``name`` for a restore: refuse (NameInUse) if a domain has it.
+
+        A lock file per name in :attr:`Host.lock_dir` keeps two restores under
+        one name (in this process or another) from both passing the check
+        before either has built its domain.  ``None``: the image names no
+        guest; the builder decides (libxl refuses a config without a name).
+        """
+        if name is None:
+            yield
+            return
+        import hashlib
+
+        from torpor.errors import NameInUse
+
+        os.makedirs(self.host.lock_dir, mode=0o700, exist_ok=True)
+        digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+        lock = os.path.join(self.host.lock_dir, f"name-{digest}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise NameInUse(
+                    f"another restore under the name {name!r} is under way ({lock}); "
+                    "nothing was built",
+                    name=name,
+                    holder=None,
+                    phase=Phase.VALIDATE,
+                ) from None
+            holder = await self.domain_named(name)
+            if holder is not None:
+                raise NameInUse(
+                    f"domain {holder} ({_observed_state(self.host.hypervisor, holder)}) is "
+                    f"already named {name!r}: a second domain of that name would be a "
+                    "second copy of one guest; nothing was built. Restore it under "
+                    "another name (name=..., `torpor restore FILE --name NEW`)",
+                    name=name,
+                    holder=holder,
+                    phase=Phase.VALIDATE,
+                )
+            yield
+        finally:
+            os.close(fd)
 
     async def _build_and_start(
         self,
@@ -1754,6 +1870,69 @@ class Orchestrator:
                 await self._notify("torpor_after_resume", ctx=ctx, result=result)
                 return result
 
+    async def _migration_names(
+        self, ctx: OperationContext, destination: Orchestrator
+    ) -> tuple[str, str] | None:
+        """Before the guest is touched: the guest's name must be free at the destination.
+
+        On another host a domain of that name refuses the migration
+        (:class:`~torpor.errors.NameInUse`); the destination's restore checks
+        again.  On the same host the name is the source's own until the source
+        is destroyed: as ``xl migrate`` to localhost does, the copy is built as
+        ``NAME--incoming`` and renamed once the source is gone.  Returns
+        ``(NAME, NAME--incoming)`` for that, else ``None``.
+        """
+        from torpor.errors import NameInUse
+
+        name = await ctx.xenstore.read_or(f"{ctx.dompath}/name", None)
+        if not name:
+            return None
+        same = os.path.realpath(destination.host.xenstore_path) == os.path.realpath(
+            self.host.xenstore_path
+        )
+        wanted = f"{name}--incoming" if same else name
+        for asked in (name, wanted) if same else (name,):
+            holder = await destination.domain_named(asked)
+            if holder is not None and not (same and asked == name and holder == ctx.domid):
+                raise NameInUse(
+                    f"domain {holder} on {destination.host.name} is already named {asked!r}; "
+                    "the guest was not touched",
+                    name=asked,
+                    holder=holder,
+                    state=ctx.domain.state_word(),
+                    phase=Phase.VALIDATE,
+                )
+        return (name, wanted) if same else None
+
+    async def _rename_arrived(self, domid: int, name: str, incoming: str) -> None:
+        """A same-host migration's copy takes the guest's name once the source is gone
+        (``libxl_domain_rename``: in a transaction, from the name it has)."""
+        xs = self.host.xenstore.aio
+        path = f"/local/domain/{domid}/name"
+
+        async def body(tx: Any) -> None:
+            got = await xs.read_or(path, None, tx=tx)
+            if got != incoming:
+                raise MigrationFailed(
+                    f"the guest runs in domain {domid}, but it is named {got!r}, not "
+                    f"{incoming!r}: not renamed to {name!r}",
+                    state="running",
+                    domid=domid,
+                    phase=Phase.CLEANUP,
+                )
+            await xs.write(path, name, tx=tx)
+
+        holder = await self.domain_named(name)
+        if holder not in (None, domid):
+            raise MigrationFailed(
+                f"the guest runs in domain {domid} as {incoming!r}: domain {holder} took the "
+                f"name {name!r} meanwhile",
+                state="running",
+                domid=domid,
+                phase=Phase.CLEANUP,
+            )
+        await xs.run_transaction(body)
+
     async def migrate(self, domid: int, destination: Orchestrator) -> Result:
         """Move a domain to another host: suspend, stream, restore there, destroy here.
 
@@ -1777,11 +1956,16 @@ class Orchestrator:
         async with self._claim(domid, "migrate"):
             ctx = await self._context("migrate", domid)
             async with self._reporting(ctx):
+                renaming = await self._migration_names(ctx, destination)
                 suspended = await self._suspend(ctx)
                 timings.extend(suspended.timings)
                 try:
                     async with self._phase(ctx, Phase.SAVE, timings):
                         saved = await self._save_state(ctx)
+                        if renaming is not None:  # same host: restored as NAME--incoming
+                            saved = attrs.evolve(
+                                saved, domain={**saved.domain, "name": renaming[1]}
+                            )
                     async with self._phase(ctx, Phase.TRANSFER, timings):
                         # The image format is the wire format: verified on arrival.
                         saved = await _in_thread(_through_image, saved)
@@ -1794,6 +1978,8 @@ class Orchestrator:
                     await self._rollback_migration(ctx, e)
                 async with self._phase(ctx, Phase.CLEANUP, timings):
                     await self._completing(self._builder(self.host, "migrate").destroy, domid)
+                    if renaming is not None:
+                        await self._rename_arrived(arrived.domid, *renaming)
         return Result(
             domid=arrived.domid,
             operation="migrate",
@@ -2138,9 +2324,15 @@ def _refuse_wrappers(pm: pluggy.PluginManager) -> None:
 class _RemoteOrchestrator:
     """The destination of a migration when it runs on another Torpor's loop."""
 
-    def __init__(self, host: Host, restore: Callable[..., Awaitable[Result]]) -> None:
+    def __init__(
+        self,
+        host: Host,
+        restore: Callable[..., Awaitable[Result]],
+        domain_named: Callable[[str], Awaitable[int | None]],
+    ) -> None:
         self.host = host
         self.restore = restore
+        self.domain_named = domain_named
 
 
 class Torpor:
@@ -2223,8 +2415,10 @@ class Torpor:
     def save(self, domid: int, path: str | os.PathLike[str]) -> Result:
         return self._run(self.orchestrator.save(domid, path))
 
-    def restore(self, source: str | os.PathLike[str] | SavedDomain) -> Result:
-        return self._run(self.orchestrator.restore(source))
+    def restore(
+        self, source: str | os.PathLike[str] | SavedDomain, *, name: str | None = None
+    ) -> Result:
+        return self._run(self.orchestrator.restore(source, name=name))
 
     def migrate(self, domid: int, destination: Torpor) -> Result:
         """Migrate to the host ``destination`` drives (its loop restores there)."""
@@ -2235,7 +2429,13 @@ class Torpor:
             )
             return await asyncio.wrap_future(fut)
 
-        proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there)
+        async def named_there(name: str) -> int | None:
+            fut = asyncio.run_coroutine_threadsafe(
+                destination.orchestrator.domain_named(name), destination.loop
+            )
+            return await asyncio.wrap_future(fut)
+
+        proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there, named_there)
         return self._run(self.orchestrator.migrate(domid, proxy))  # type: ignore[arg-type]
 
     def resume_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:

@@ -66,7 +66,7 @@ from qemu.qmp import (
     Runstate,
 )
 
-from torpor.errors import DeviceModelError, Timeout
+from torpor.errors import DeviceModelError, QmpCommandError, Timeout
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -85,21 +85,6 @@ DEFAULT_TIMEOUT = 10.0
 EVENT_HISTORY = 1024
 
 T = TypeVar("T")
-
-
-class QmpCommandError(DeviceModelError):
-    """QEMU answered a command with an error.
-
-    :param command: the QMP command.
-    :param error_class: QMP's error class (``GenericError``, ``CommandNotFound``...).
-    :param desc: QEMU's description.
-    """
-
-    def __init__(self, message: str, *, command: str, error_class: str, desc: str, **kw: Any):
-        super().__init__(message, **kw)
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
 
 
 @attrs.frozen

@@ -46,6 +46,7 @@ from torpor.xl_savefile import (
     libxl_record,
     libxl_stream_header,
     read_save_file,
+    renamed_config,
     xenstore_data,
     xl_header,
 )
@@ -184,14 +185,19 @@ class XlBuilder:
 
     # -- restore -----------------------------------------------------------------
 
-    def restore_file(self, path: str) -> int:
+    def restore_file(self, path: str, *, name: str | None = None) -> int:
+        """``xl restore FILE``; ``name``: under that name instead of the config's
+        (``c_info.name`` rewritten, with a fresh ``c_info.uuid``: a copy)."""
         info = read_save_file(path)
         if not info.config_json:
             raise ImageError(f"{path}: the file carries no domain configuration")
+        config = info.config_json
+        if name is not None and name != info.name:
+            config = renamed_config(config, name)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.lseek(fd, info.stream_offset, os.SEEK_SET)
-            domid: int = self.libxl.create_restore(info.config_json, fd)
+            domid: int = self.libxl.create_restore(config, fd)
             return domid
         finally:
             os.close(fd)

@@ -44,6 +44,7 @@ import enum
 import json
 import os
 import struct
+import uuid
 from collections import Counter
 from typing import IO, Any, Final
 
@@ -65,6 +66,7 @@ __all__ = [
     "libxl_record",
     "libxl_stream_header",
     "read_save_file",
+    "renamed_config",
     "sniff",
     "xl_header",
 ]
@@ -204,6 +206,21 @@ def config_for_save(config_json: str, *, preserve_domid: bool = False) -> bytes:
     if b"\0" in data:
         raise ImageError("the domain configuration contains a NUL")
     return data + b"\0"
+
+
+def renamed_config(config_json: str, name: str) -> str:
+    """libxl JSON for a copy of the guest under ``name``: ``c_info.name`` set and
+    ``c_info.uuid`` fresh (as xl gives a config without a UUID one), so the two
+    domains share neither a name nor ``/vm/<uuid>`` in xenstore."""
+    try:
+        config = json.loads(config_json)
+    except ValueError as e:
+        raise ImageError(f"the domain configuration is not JSON: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("c_info"), dict):
+        raise ImageError("the domain configuration has no c_info object")
+    config["c_info"]["name"] = name
+    config["c_info"]["uuid"] = str(uuid.uuid4())
+    return json.dumps(config, indent=4) + "\n"
 
 
 def xl_header(config: bytes) -> bytes:

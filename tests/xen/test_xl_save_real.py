@@ -278,3 +278,82 @@ def test_torpor_save_of_an_hvm_guest_is_restored(
         g.domid = restored.domid
         assert g.domid == now_domid(g)
     check_counter_went_on(g, before, timeout=300, new_log=kind == "hvm")
+
+
+def xl_names() -> list[str]:
+    """The names `xl list` shows, in its order."""
+    return [line.split()[0] for line in sh("xl", "list").splitlines()[1:] if line.strip()]
+
+
+@pytest.mark.timeout(600)
+def test_restore_while_a_domain_has_the_name_is_refused_and_name_restores_a_copy(
+    make_guest: MakeGuest, xc: xenlab.XenCtrl, xs: xenlab.XsConn, save_dir: Path
+) -> None:
+    """`xl save -c` leaves the guest running: restoring its file would be a second
+    copy of it.  torpor refuses before libxl builds anything (NameInUse, naming
+    the running domain; `xl list` unchanged), and `--name` restores a copy that
+    runs beside it under its own name and UUID, counting on from the save."""
+    from torpor.errors import NameInUse
+
+    g = make_guest("pv", overrides={"memory": "128"})
+    before = g.wait_tick()
+    path = save_dir / "running.save"
+    t0 = time.monotonic()
+    sh("xl", "save", "-c", str(g.domid), str(path), timeout=120)
+    g.wait_tick()  # the guest runs on in its domain (a checkpoint)
+    record(g, "xl_save_c_seconds", round(time.monotonic() - t0, 3))
+    # xl's own file (xl leaves c_info.domid out rather than writing 0)
+    assert sniff(path) == "xl" and read_save_file(path).name == g.name
+    domains = sorted(d.domid for d in xc.domains())
+    names = xl_names()
+    assert names.count(g.name) == 1
+
+    t0 = time.monotonic()
+    with Torpor(Host.xen(), own_host=True) as t, pytest.raises(NameInUse) as ei:
+        t.restore(path)
+    err = ei.value
+    record(g, "name_in_use", {"seconds": round(time.monotonic() - t0, 3), "error": str(err)})
+    assert err.holder == g.domid and err.name == g.name and err.state == "not created"
+    assert f"domain {g.domid} (running) is already named {g.name!r}" in str(err)
+    assert sorted(d.domid for d in xc.domains()) == domains  # nothing was built
+    assert xl_names() == names
+    g.wait_tick()  # untouched: still counting
+
+    copy_name = f"{g.name}-copy"
+    t0 = time.monotonic()
+    r = torpor_cli("restore", str(path), "--name", copy_name)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        restored = json.loads(r.stdout.splitlines()[-1])
+        copy_domid = int(restored["domid"])
+        record(
+            g, "restore_as_copy", {"seconds": round(time.monotonic() - t0, 3), "result": restored}
+        )
+        assert restored["state"] == "running" and restored["name"] == copy_name
+        assert copy_domid not in domains
+        assert sorted(xl_names()) == sorted([*names, copy_name])
+        assert xs.read(f"/local/domain/{copy_domid}/name") == copy_name
+        assert xs.read(f"/local/domain/{g.domid}/name") == g.name
+        vm_copy = xs.read(f"/local/domain/{copy_domid}/vm")
+        vm_first = xs.read(f"/local/domain/{g.domid}/vm")
+        assert vm_copy and vm_first and vm_copy != vm_first  # its own UUID
+        # The copy counts on from the checkpoint, without a boot (its console log,
+        # named after it by xenconsoled, starts with the restore).
+        copy = xenlab.Guest(
+            "pv",
+            copy_name,
+            copy_domid,
+            g.config,
+            xenlab.CONSOLE_DIR / f"guest-{copy_name}.log",
+            None,
+            g.consoles,
+            xc,
+            g.releases,
+        )
+        tick = copy.wait_tick(after=0, timeout=120)
+        assert tick.n > before.n, (tick, before)
+        assert "TORPOR-GUEST boot" not in copy.console()
+        record(g, "copy_ticks", {"before_save": before.n, "copy_first": tick.n})
+        g.wait_tick()  # and the original still runs
+    finally:
+        subprocess.run(["xl", "destroy", copy_name], capture_output=True, timeout=60, check=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from torpor.errors import TorporError, UsageError
+from torpor.errors import HypervisorError, TorporError, UsageError
 from torpor.model import (
     X86_EMU_ALL,
     X86_EMU_LAPIC,
@@ -452,7 +453,7 @@ class SimHost:
         return SavedDomain(
             domain={
                 "kind": kind,
-                "name": dom.name,
+                "name": await self._xs_name(domid) or dom.name,
                 "uuid": dom.uuid,
                 "hvm": dom.hvm,
                 "emulation_flags": dom.emulation_flags,
@@ -518,6 +519,7 @@ class SimHost:
         )
         domid = dom.domid
         try:
+            await self._refuse_taken_name(domid, dom.name)
             await self._make_xenstore_tree(
                 domid, dom.name, dom.uuid, hvm=dom.hvm, behaviour=behaviour
             )
@@ -542,6 +544,29 @@ class SimHost:
             raise
         return domid
 
+    async def _xs_name(self, domid: int) -> str | None:
+        """The domain's name where libxl keeps it (``/local/domain/<domid>/name``;
+        ``xl rename`` and a migration's ``NAME--incoming`` change it there)."""
+        assert self._dom0 is not None
+        try:
+            return await self._dom0.read(f"/local/domain/{domid}/name")
+        except TorporError:
+            return None
+
+    async def _refuse_taken_name(self, domid: int, name: str) -> None:
+        """libxl__domain_make -> libxl__domain_rename: a name another domain holds is
+        refused (ERROR_INVAL) after the new domain was created; the caller destroys it."""
+        with self.xen.lock:
+            others = sorted(self.xen.domains)
+        for other in others:
+            if other != domid and await self._xs_name(other) == name:
+                raise HypervisorError(
+                    f"libxl_domain_create_restore failed: ERROR_INVAL (Domain with name "
+                    f'"{name}" already exists: domain {other})',
+                    errno=errno.EINVAL,
+                    op="libxl_domain_create_restore",
+                )
+
     async def _save_hvm(self, domid: int) -> Any:
         """An HVM guest's state is its device model's: in the simulation QEMU runs
         the vCPUs too, so RAM, CPU and devices travel as QEMU's own migration
@@ -561,7 +586,7 @@ class SimHost:
         return SavedDomain(
             domain={
                 "kind": "hvm",
-                "name": dom.name,
+                "name": await self._xs_name(domid) or dom.name,
                 "uuid": dom.uuid,
                 "hvm": True,
                 "emulation_flags": dom.emulation_flags,
@@ -603,6 +628,7 @@ class SimHost:
         )
         domid = dom.domid
         try:
+            await self._refuse_taken_name(domid, dom.name)
             await self._make_xenstore_tree(domid, dom.name, dom.uuid, hvm=True, behaviour=behaviour)
             incoming = self.dir / "state" / f"incoming-{domid}"
             incoming.parent.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,11 @@ async def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
         return None  # the generic judgement names the reason
     refusal = ctx.data.get("hvm.agent_error")
     if refusal is not None:
-        return Verdict.fail("running", f"the guest agent refused to suspend: {refusal}")
+        # Typed, as the error's cause: CommandNotFound (an agent built without
+        # guest-suspend-ram) is not GenericError (the guest OS failed to sleep).
+        return Verdict.fail(
+            "running", f"the guest agent refused to suspend: {refusal}", cause=refusal
+        )
     if await _asleep(ctx):
         return Verdict.ok("S3", "asleep in ACPI S3")
     return Verdict.pending("running", "not asleep yet")
