@@ -244,15 +244,27 @@ class Reporter:
         except BrokenPipeError:
             self.broken_pipe = True
 
+    # rich's auto-refresh thread holds the live display's lock while it calls
+    # _render, which takes ours: never call into rich while holding ours.
+
+    def _above_live(self, live: Any, text: str, *, refresh: bool = False) -> None:
+        if refresh:
+            live.refresh()  # the display as it is now, before the line goes above it
+        try:
+            live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        except BrokenPipeError:
+            self.broken_pipe = True
+
     def _progress(self, text: str) -> None:
         """A progress line on stderr (above the live display if there is one)."""
         if self.json:
             return
         with self._lock:
-            if self._live is not None:
-                self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
-            else:
-                self._write(self.err, text)
+            live = self._live
+        if live is not None:
+            self._above_live(live, text)
+        else:
+            self._write(self.err, text)
 
     def _result(self, domid: int, ok: bool, text: str, obj: dict[str, Any]) -> None:
         """A domain's result on stdout, once."""
@@ -263,11 +275,12 @@ class Reporter:
             self.done += 1
             self.failed += 0 if ok else 1
             self._rows.pop(domid, None)
-            line = json.dumps(obj) if self.json else text
-            if self._live is not None and self._results_above_live:
-                self._live.console.print(line, markup=False, highlight=False, soft_wrap=True)
-            else:
-                self._write(self.out, line)
+            live = self._live if self._results_above_live else None
+        line = json.dumps(obj) if self.json else text
+        if live is not None:
+            self._above_live(live, line, refresh=True)
+        else:
+            self._write(self.out, line)
 
     # -- timers (on the orchestrator's loop) ------------------------------------------
 
@@ -276,14 +289,17 @@ class Reporter:
         if timer is not None:
             timer.cancel()
 
-    def _waiting(self, ctx: OperationContext, phase: Phase, text: str) -> None:
+    def _waiting(self, ctx: OperationContext, text: str) -> None:
         self._timers.pop(ctx.domid, None)
         with self._lock:
+            live = self._live
             row = self._rows.get(ctx.domid)
-            if self._live is not None and row is not None:
-                row.notice = text  # shown in its live line
-                return
-        self._progress(f"domain {ctx.domid}: {ctx.operation}: {text}")
+            if row is not None:
+                row.notice = text
+        if live is not None and row is not None:
+            live.refresh()  # shown in its live line at once
+        else:
+            self._progress(f"domain {ctx.domid}: {ctx.operation}: {text}")
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -297,9 +313,7 @@ class Reporter:
         text = None if self.json else waiting_for(ctx, phase)
         if text is not None:
             loop = asyncio.get_running_loop()
-            self._timers[ctx.domid] = loop.call_later(
-                self.notice_after, self._waiting, ctx, phase, text
-            )
+            self._timers[ctx.domid] = loop.call_later(self.notice_after, self._waiting, ctx, text)
 
     @hookimpl
     def torpor_phase_finished(
