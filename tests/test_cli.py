@@ -229,6 +229,25 @@ def test_some_failed_is_exit_code_1_and_every_domain_is_reported(cli: Cli) -> No
         assert cli.json("resume", str(PV))[0] == EXIT_OK
 
 
+def test_each_domain_is_reported_once_on_stdout_and_nothing_on_stderr(cli: Cli) -> None:
+    # 999 does not exist: refused before any hook sees it, so reported at the end,
+    # by the command; the others as they finish, by the Reporter plugin. Once each.
+    code, lines, err = cli("suspend", str(PV), str(MUTE), "999", *FAST)
+    try:
+        assert code == EXIT_PARTIAL
+        assert sorted(line.split(":")[0] for line in lines) == [
+            f"domain {PV}",
+            f"domain {MUTE}",
+            "domain 999",
+        ]
+        assert sum(f"domain {PV}: suspend ok" in line for line in lines) == 1
+        assert lines[-1].startswith("domain 999: suspend FAILED: [domain 999, phase validate]")
+        # Not a terminal, and nothing waited a second: no progress at all.
+        assert err == ""
+    finally:
+        assert cli.json("resume", str(PV))[0] == EXIT_OK
+
+
 def test_text_output_names_the_phase_and_the_state(cli: Cli) -> None:
     code, lines, err = cli("suspend", str(MUTE), *FAST)
     assert code == EXIT_ALL_FAILED
