@@ -218,7 +218,11 @@ def start(
     frontends: bool = True,
     timeout: float = 120.0,
 ) -> list[dict[str, Any]]:
-    """Start a simulated host daemon in ``directory``; return its guests once booted."""
+    """Start a simulated host daemon in ``directory``; return its guests once booted.
+
+    :raises UsageError: ``directory`` cannot hold a host (:func:`check_directory`),
+        or one already runs there.
+    """
     d = Path(directory)
     check_directory(d)
     try:
