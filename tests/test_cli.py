@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -228,6 +229,25 @@ def test_some_failed_is_exit_code_1_and_every_domain_is_reported(cli: Cli) -> No
         assert cli.json("resume", str(PV))[0] == EXIT_OK
 
 
+def test_each_domain_is_reported_once_on_stdout_and_nothing_on_stderr(cli: Cli) -> None:
+    # 999 does not exist: refused before any hook sees it, so reported at the end,
+    # by the command; the others as they finish, by the Reporter plugin. Once each.
+    code, lines, err = cli("suspend", str(PV), str(MUTE), "999", *FAST)
+    try:
+        assert code == EXIT_PARTIAL
+        assert sorted(line.split(":")[0] for line in lines) == [
+            f"domain {PV}",
+            f"domain {MUTE}",
+            "domain 999",
+        ]
+        assert sum(f"domain {PV}: suspend ok" in line for line in lines) == 1
+        assert lines[-1].startswith("domain 999: suspend FAILED: [domain 999, phase validate]")
+        # Not a terminal, and nothing waited a second: no progress at all.
+        assert err == ""
+    finally:
+        assert cli.json("resume", str(PV))[0] == EXIT_OK
+
+
 def test_text_output_names_the_phase_and_the_state(cli: Cli) -> None:
     code, lines, err = cli("suspend", str(MUTE), *FAST)
     assert code == EXIT_ALL_FAILED
@@ -261,11 +281,11 @@ def test_no_simulated_host_there_is_backend_unavailable(
 
 @pytest.mark.parametrize(
     "command",
-    [["save", "1", "/tmp/never-written.img"], ["restore", "/tmp/never-read.img"], ["migrate", "1"]],
+    [["save", "1", "/tmp/never-written.img"], ["restore", "IMAGE"], ["migrate", "1"]],
     ids=["save", "restore", "migrate"],
 )
 def test_a_host_without_a_domain_builder_is_backend_unavailable(
-    cli: Cli, host: str, monkeypatch: pytest.MonkeyPatch, command: list[str]
+    cli: Cli, host: str, monkeypatch: pytest.MonkeyPatch, command: list[str], tmp_path: Path
 ) -> None:
     # Every host torpor opens has a builder; an embedder's Host may not.  The
     # orchestrator refuses with BackendUnavailable before touching the guest.
@@ -274,12 +294,16 @@ def test_a_host_without_a_domain_builder_is_backend_unavailable(
     real_sim = Host.sim
 
     def without_builder(cls: type[Host], directory: str) -> Host:
-        h = real_sim(directory)
+        h = real_sim(host)  # whichever directory: the module's host, without a builder
         h.builder = None
         return h
 
     monkeypatch.setattr(Host, "sim", classmethod(without_builder))
-    args = command + (["--to", f"sim:{host}"] if command[0] == "migrate" else [])
+    image = tmp_path / "never-read.img"
+    image.write_bytes(b"")  # restore refuses a missing FILE as bad usage, before any host
+    args = [str(image) if a == "IMAGE" else a for a in command]
+    # Not the source itself (refused as bad usage): another directory, the same host.
+    args += ["--to", f"sim:{tmp_path}"] if command[0] == "migrate" else []
     code, out, err = cli(*args)
     assert code == EXIT_BACKEND, (out, err)
     assert "no domain builder" in " ".join(out) + err
@@ -295,7 +319,8 @@ def test_demo_refuses_options_it_would_not_honour(
     code = main(["demo", *option])
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
-    assert "do not apply" in err and option[0] in err
+    assert f"{option[0]} does not apply to `torpor demo`" in err
+    assert "runs its own simulated host" in err and "Traceback" not in err
 
 
 def test_migrate_names_the_guest_by_its_source_domid_and_its_new_one(

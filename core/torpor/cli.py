@@ -5,7 +5,7 @@ Exit codes (stable; scripts may rely on them):
 ====  ==========================================================
 0     every requested operation succeeded
 1     some operations failed, others succeeded (partial failure)
-2     bad usage: unknown command, malformed domid or option
+2     bad usage: unknown command or option, an invalid argument
 3     every requested operation failed
 4     the backend is unavailable (no Xen here, no simulated host)
 130   interrupted by SIGINT (Ctrl-C); what was in flight rolled back
@@ -20,8 +20,13 @@ recover`` line for it.
 
 The host is ``--host xen`` or ``--host sim:DIR`` (or ``$TORPOR_HOST``);
 without either, ``xen`` when ``/proc/xen/capabilities`` says ``control_d``.
-``--json`` prints one JSON object per domain and line.  Imports are lazy so
-start-up stays cheap (see bench/).
+``--json`` prints one JSON object per domain and line.
+
+Every argument is checked while the command line is parsed (``type=``
+functions) or right after it (a command's ``check``), before any host is
+opened: a bad one is one line on stderr, ``torpor COMMAND: error: ...``
+naming the valid range, and exit code 2.  Imports are lazy so start-up
+stays cheap (see bench/).
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from torpor import __version__
 
 if TYPE_CHECKING:
     from torpor.errors import TorporError
@@ -57,6 +66,14 @@ EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_ALL_FAILED = 3
 EXIT_BACKEND = 4
+
+#: Bounds of the command line's numbers (beyond them a typo, not a wish).
+MAX_TIMEOUT = 86400.0  # a day, in seconds
+MAX_COUNT = 1_000_000  # checkpoints in one session
+MAX_INTERVAL_MS = 86_400_000.0  # a day, in milliseconds
+
+#: The commands that suspend a guest: the only ones the suspend deadlines apply to.
+SUSPENDING = ("suspend", "checkpoint", "save", "migrate")
 
 
 class _Stop(BaseException):
@@ -131,39 +148,226 @@ _interrupts = _Interrupts()
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
+        # One line, never argparse's usage block: ``torpor save: error: ...``.
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
 # ---------------------------------------------------------------------------
-# progress and output
+# argument types: each raises ArgumentTypeError naming the valid range
 
 
-def _describe(res: Result) -> str:
-    phases = ", ".join(f"{t.phase} {t.seconds * 1000:.1f}ms" for t in res.timings)
-    how = f" via {res.method}" if res.method else ""
-    coop = (
-        ""
-        if res.cooperative is None
-        else (" (cooperative)" if res.cooperative else " (non-cooperative)")
+def _domid(text: str) -> int:
+    from torpor.errors import UsageError
+    from torpor.host import validate_domid
+
+    try:
+        return validate_domid(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+def _number(text: str, what: str, low: float, high: float, *, low_ok: bool) -> float:
+    bounds = (
+        f"from {_fmt(low)} to {_fmt(high)}"
+        if low_ok
+        else f"greater than {_fmt(low)} and at most {_fmt(high)}"
     )
-    details = dict(res.details)
-    who: object = res.domid
-    where = ""
-    if "source_domid" in details:  # a migration: the guest has a new domid there
-        who = details["source_domid"]
-        where = f" as domain {res.domid} on {details.get('destination')}"
-    return (
-        f"domain {who}: {res.operation} ok{how}{coop}: {res.outcome}, now {res.state}{where}"
-        f" in {res.seconds * 1000:.1f} ms [{phases}]"
-    )
+    expected = f"{what} is a finite number {bounds}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {expected}") from None
+    if not math.isfinite(value) or value > high or value < low or (value == low and not low_ok):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {expected}")
+    return value
 
 
-def _error_dict(domid: int, op: str, err: TorporError) -> dict[str, Any]:
-    out: dict[str, Any] = {"domid": domid, "operation": op, "ok": False}
-    out.update(err.to_dict())
-    return out
+def _timeout(text: str) -> float:
+    return _number(text, "a deadline in seconds", 0, MAX_TIMEOUT, low_ok=False)
+
+
+def _interval(text: str) -> float:
+    return _number(text, "an interval in milliseconds", 0, MAX_INTERVAL_MS, low_ok=True)
+
+
+def _count(text: str) -> int:
+    expected = f"a count is a whole number from 1 to {MAX_COUNT}"
+    if (
+        not (text.isascii() and text.isdigit() and len(text) <= 7)
+        or not 1 <= int(text) <= MAX_COUNT
+    ):
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: {expected}")
+    return int(text)
+
+
+def _host_spec(text: str) -> str:
+    if text == "xen" or (text.startswith("sim:") and len(text) > 4):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown host {text!r}: use 'xen' or 'sim:DIR'")
+
+
+def _save_target(text: str) -> str:
+    """Where ``save`` may write: a writable directory's entry that is not a directory.
+
+    Whether an existing file there may be overwritten is :func:`_check_save`'s
+    business (it depends on ``--force``).
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("FILE is empty: give the image file to write")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name in it")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.exists(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: directory {parent} does not exist")
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text}: no permission to create files in {parent}"
+        )
+    return text
+
+
+def _restore_source(text: str) -> str:
+    """What ``restore`` may read: an existing, readable regular file."""
+    if not text:
+        raise argparse.ArgumentTypeError("FILE is empty: give the image file to restore")
+    try:
+        st = os.stat(text)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"cannot restore {text}: no such file") from None
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot restore {text}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise argparse.ArgumentTypeError(f"cannot restore {text}: it is {what}")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot restore {text}: no permission to read it")
+    return text
+
+
+def _sim_dir(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("--dir is empty: give the simulated host's directory")
+    return text
+
+
+def _sim_start_dir(text: str) -> str:
+    from torpor.errors import UsageError
+    from torpor.sim.daemon import check_directory
+
+    try:
+        check_directory(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return text
+
+
+def _guests(text: str) -> list[str]:
+    from torpor.errors import UsageError
+    from torpor.sim.daemon import parse_guests
+
+    try:
+        return parse_guests(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _misbehaviour(text: str) -> str:
+    from torpor.errors import UsageError
+    from torpor.sim.daemon import parse_misbehaviour
+
+    try:
+        parse_misbehaviour(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return text
+
+
+def _freeze_time(text: str) -> float:
+    from torpor.sim.daemon import MAX_GUEST_SECONDS
+
+    return _number(text, "a time in seconds", 0, MAX_GUEST_SECONDS, low_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# checks across arguments (after parsing, before any host is opened)
+
+
+def _check_domids(args: argparse.Namespace) -> None:
+    from torpor.errors import UsageError
+
+    if args.all and args.domids:
+        raise UsageError("give domids or --all, not both")
+    if not args.all and not args.domids:
+        raise UsageError("no domain given (DOMID... or --all)")
+    args.domids = list(dict.fromkeys(args.domids))  # a repeated domid counts once
+
+
+def _check_save(args: argparse.Namespace) -> None:
+    """An existing FILE is replaced only if it is an image already (or empty), or ``--force``."""
+    from torpor.errors import UsageError
+
+    path = args.file
+    if args.force or not os.path.lexists(path):
+        return
+    refuse = "refusing to overwrite it (use --force to replace it)"
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(
+            f"{path} exists but cannot be looked at ({e.strerror}); {refuse}"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} exists and is not a regular file; {refuse}")
+    if st.st_size == 0:
+        return  # an empty file holds nothing to lose (e.g. from mktemp)
+    from torpor.xl_savefile import sniff
+
+    try:
+        kind = sniff(path)
+    except OSError as e:
+        raise UsageError(f"{path} exists and cannot be read ({e.strerror}); {refuse}") from None
+    if kind == "unknown":
+        raise UsageError(
+            f"{path} exists and is neither a torpor image nor an xl save file; {refuse}"
+        )
+
+
+def _same_host(a: str, b: str) -> bool:
+    if a.startswith("sim:") and b.startswith("sim:"):
+        return os.path.realpath(a[4:]) == os.path.realpath(b[4:])
+    return a == b
+
+
+def _check_migrate(args: argparse.Namespace) -> None:
+    from torpor.errors import UsageError
+    from torpor.host import HOST_ENV
+
+    source = args.host or os.environ.get(HOST_ENV) or None
+    if source is None:  # the default: this dom0, if it is one
+        try:
+            with open("/proc/xen/capabilities") as f:
+                source = "xen" if "control_d" in f.read() else None
+        except OSError:
+            source = None
+    if source is not None and _same_host(source, args.to):
+        raise UsageError(f"--to {args.to} is the source host itself; give another host")
+
+
+def _check_sim_start(args: argparse.Namespace) -> None:
+    from torpor.sim.daemon import parse_misbehaviours
+
+    args.misbehaviours = parse_misbehaviours(args.misbehave or [], len(args.guests))
+
+
+# ---------------------------------------------------------------------------
+# output
 
 
 def _report(
@@ -171,25 +375,23 @@ def _report(
     op: str,
     domids: Sequence[int],
     results: Sequence[Result | TorporError],
-    reporter: Reporter | None,
+    reporter: Reporter | None = None,
 ) -> int:
+    """Print each result the reporter has not printed already; the exit code."""
     from torpor.errors import TorporError
+    from torpor.progress import describe, describe_failure, failure_dict
 
     ok = 0
     for domid, res in zip(domids, results, strict=True):
+        good = not isinstance(res, TorporError)
+        ok += good
+        if reporter is not None and reporter.reported.get(domid) == good:
+            continue  # printed as it finished
         if isinstance(res, TorporError):
-            if args.json:
-                print(json.dumps(_error_dict(domid, op, res)), flush=True)
-            else:
-                left = getattr(res, "state", None)
-                state = f" (domain state: {left})" if left else ""
-                print(f"domain {domid}: {op} FAILED: {res}{state}", flush=True)
+            line = json.dumps(failure_dict(domid, op, res)) if args.json else None
+            print(line or describe_failure(domid, op, res), flush=True)
         else:
-            ok += 1
-            if args.json:
-                print(json.dumps(res.to_dict()), flush=True)
-            else:
-                print(_describe(res), flush=True)
+            print(json.dumps(res.to_dict()) if args.json else describe(res), flush=True)
     if ok == len(domids):
         return EXIT_OK
     return EXIT_PARTIAL if ok else EXIT_ALL_FAILED
@@ -220,66 +422,37 @@ def _open(args: argparse.Namespace, reporter: Reporter | None = None) -> Torpor:
     return t
 
 
-def _explicit_domids(args: argparse.Namespace) -> list[int]:
-    """The domids given on the command line, validated before any host is opened."""
-    from torpor.errors import UsageError
-    from torpor.host import validate_domid
-
-    if args.all:
-        if args.domids:
-            raise UsageError("give domids or --all, not both")
-        return []
-    if not args.domids:
-        raise UsageError("no domain given (DOMID... or --all)")
-    seen: list[int] = []
-    for raw in args.domids:
-        d = validate_domid(raw)
-        if d not in seen:
-            seen.append(d)
-    return seen
-
-
-def _domids(args: argparse.Namespace, t: Torpor, want: Callable[[str], bool]) -> list[int]:
-    if args.all:
-        return [d["domid"] for d in t.list_domains() if want(d["state"])]
-    return _explicit_domids(args)
-
-
 def _bulk(args: argparse.Namespace, op: str) -> int:
     from torpor.errors import TorporError
     from torpor.progress import Reporter
 
-    _explicit_domids(args)  # a malformed domid is bad usage, whatever the host
-    reporter = Reporter(quiet=args.json, total=len(args.domids) or 2)
+    reporter = Reporter(operation=op, json=args.json)
     with _open(args, reporter) as t:
-        if op == "suspend":
-            domids = _domids(args, t, lambda s: s == "running")
+        if args.all:
+            want = ("running",) if op == "suspend" else ("suspended", "S3")
+            domids = [d["domid"] for d in t.list_domains() if d["state"] in want]
         else:
-            domids = _domids(args, t, lambda s: s in ("suspended", "S3"))
+            domids = args.domids
         if not domids:
             if not args.json:
                 print(f"no domain to {op}")
             return EXIT_OK
-        reporter.total = len(domids)
-        if len(domids) == 1:
-            try:
-                if op == "suspend":
-                    one: Result | TorporError = t.suspend(domids[0])
-                else:
-                    one = t.resume(domids[0], cooperative=not args.slow, force=args.force)
-            except TorporError as e:
-                one = e
-            results: list[Result | TorporError] = [one]
-        elif op == "suspend":
-            results = t.suspend_many(domids)
-        else:
-            results = t.resume_many(domids, cooperative=not args.slow, force=args.force)
-        for d, r in zip(domids, results, strict=True):
-            reporter.finished(
-                d,
-                not isinstance(r, TorporError),
-                f"domain {d}: {op} " + ("failed" if isinstance(r, TorporError) else "ok"),
-            )
+        with reporter.showing(domids):
+            if len(domids) == 1:
+                try:
+                    if op == "suspend":
+                        one: Result | TorporError = t.suspend(domids[0])
+                    else:
+                        one = t.resume(domids[0], cooperative=not args.slow, force=args.force)
+                except TorporError as e:
+                    one = e
+                results: list[Result | TorporError] = [one]
+            elif op == "suspend":
+                results = t.suspend_many(domids)
+            else:
+                results = t.resume_many(domids, cooperative=not args.slow, force=args.force)
+        if reporter.broken_pipe:
+            raise BrokenPipeError
         return _report(args, op, domids, results, reporter)
 
 
@@ -292,17 +465,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    from torpor.errors import TorporError, UsageError
-    from torpor.host import validate_domid
+    from torpor.errors import TorporError
+    from torpor.progress import Reporter, describe, failure_dict
 
-    domid = validate_domid(args.domid)
-    if args.count < 1:
-        raise UsageError("--count must be at least 1")
-    if args.interval < 0:
-        raise UsageError("--interval must not be negative")
-    from torpor.progress import Reporter
-
-    reporter = Reporter(quiet=True, total=1)
+    domid: int = args.domid
+    reporter = Reporter(json=args.json)
     done = 0
 
     def show(res: Result) -> None:
@@ -310,16 +477,17 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**res.to_dict(), "index": done}), flush=True)
         else:
-            print(f"checkpoint {done + 1}/{args.count}: " + _describe(res), flush=True)
+            print(f"checkpoint {done + 1}/{args.count}: " + describe(res), flush=True)
         done += 1
 
-    with _open(args, reporter) as t:
+    # No line per phase: a session of many checkpoints prints one line each.
+    with _open(args, reporter) as t, reporter.showing([domid], phase_lines=False):
         try:
             # One session: claimed, classified and (event channel) bound once.
             t.checkpoints(domid, args.count, interval=args.interval / 1000, on_result=show)
         except TorporError as e:
             if args.json:
-                print(json.dumps({**_error_dict(domid, "checkpoint", e), "index": done}))
+                print(json.dumps({**failure_dict(domid, "checkpoint", e), "index": done}))
             else:
                 left = getattr(e, "state", None)
                 state = f" (domain state: {left})" if left else ""
@@ -330,18 +498,18 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def _cmd_save(args: argparse.Namespace) -> int:
     from torpor.errors import BackendUnavailable, TorporError
-    from torpor.host import validate_domid
     from torpor.progress import Reporter
 
-    domid = validate_domid(args.domid)
-    with _open(args, Reporter(quiet=args.json, total=1)) as t:
+    domid: int = args.domid
+    reporter = Reporter(json=args.json)
+    with _open(args, reporter) as t, reporter.showing([domid]):
         try:
             res: Result | TorporError = t.save(domid, args.file)
         except BackendUnavailable:
             raise  # exit code 4, as for every command
         except TorporError as e:
             res = e
-        return _report(args, "save", [domid], [res], None)
+    return _report(args, "save", [domid], [res])
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
@@ -350,7 +518,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     from torpor.progress import Reporter
 
     name = None if args.name is None else validate_domain_name(args.name)  # else exit 2
-    with _open(args, Reporter(quiet=args.json, total=1)) as t:
+    reporter = Reporter(json=args.json)
+    with _open(args, reporter) as t, reporter.showing([]):
         try:
             res = t.restore(args.file, name=name)
         except BackendUnavailable:
@@ -361,30 +530,28 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             else:
                 print(f"restore of {args.file} FAILED: {e}")
             return EXIT_ALL_FAILED
-        return _report(args, "restore", [res.domid], [res], None)
+    return _report(args, "restore", [res.domid], [res])
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from torpor.errors import BackendUnavailable, TorporError
-    from torpor.host import validate_domid
     from torpor.progress import Reporter
 
-    domid = validate_domid(args.domid)
+    domid: int = args.domid
+    reporter = Reporter(json=args.json)
     dest_args = argparse.Namespace(**{**vars(args), "host": args.to, "plugin": args.plugin})
-    with _open(args, Reporter(quiet=args.json, total=1)) as src, _open(dest_args) as dst:
+    with _open(args, reporter) as src, _open(dest_args) as dst, reporter.showing([domid]):
         try:
             res: Result | TorporError = src.migrate(domid, dst)
         except BackendUnavailable:
             raise  # exit code 4, as for every command
         except TorporError as e:
             res = e
-        return _report(args, "migrate", [domid], [res], None)
+    return _report(args, "migrate", [domid], [res])
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from torpor.host import validate_domid
-
-    domid = validate_domid(args.domid)
+    domid: int = args.domid
     with _open(args) as t:
         st = t.status(domid)
     if args.json:
@@ -408,20 +575,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_recover(args: argparse.Namespace) -> int:
     from torpor.errors import TorporError
-    from torpor.host import validate_domid
+    from torpor.progress import Reporter
 
-    domid = validate_domid(args.domid)
-    with _open(args) as t:
+    domid: int = args.domid
+    reporter = Reporter(json=args.json)
+    with _open(args, reporter) as t, reporter.showing([domid]):
         try:
             res: Result | TorporError = t.recover(domid)
         except TorporError as e:
             res = e
-        code = _report(args, "recover", [domid], [res], None)
-        if not args.json and not isinstance(res, TorporError):
-            actions: list[str] = list(dict(res.details)["actions"])  # type: ignore[call-overload]
-            for action in actions:
-                print(f"  {action}")
-        return code
+    code = _report(args, "recover", [domid], [res])
+    if not args.json and not isinstance(res, TorporError):
+        actions: list[str] = list(dict(res.details)["actions"])  # type: ignore[call-overload]
+        for action in actions:
+            print(f"  {action}")
+    return code
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -435,16 +603,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['domid']:>5}  {r['name']:<20} {r['guest_type']:<7} {r['state']}")
     return EXIT_OK
-
-
-def _refuse_options(args: argparse.Namespace, command: str, why: str, *names: str) -> None:
-    """Options every command accepts but this one cannot honour: bad usage, not ignored."""
-    from torpor.errors import UsageError
-
-    given = [n for n in names if getattr(args, n, None) not in (None, [])]
-    if given:
-        flags = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise UsageError(f"{command}: {flags} do not apply: {why}")
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -474,16 +632,6 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from torpor.demo import run_demo
 
-    _refuse_options(
-        args,
-        "demo",
-        "it runs its own simulated host with the built-in plugins and default deadlines",
-        "host",
-        "plugin",
-        "no_plugin",
-        "ack_timeout",
-        "suspend_timeout",
-    )
     code: int = run_demo(json_output=args.json, qemu=args.qemu)
     return code
 
@@ -491,9 +639,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _sim_start(args: argparse.Namespace) -> int:
     from torpor.sim import daemon
 
-    kinds = daemon.parse_guests(args.guests)
-    misbehave = daemon.parse_misbehaviours(args.misbehave or [])
-    guests = daemon.start(args.dir, kinds, misbehave, qemu=args.qemu, freeze_time=args.freeze_time)
+    guests = daemon.start(
+        args.dir, args.guests, args.misbehaviours, qemu=args.qemu, freeze_time=args.freeze_time
+    )
     if args.json:
         print(json.dumps({"dir": args.dir, "guests": guests}))
     else:
@@ -549,78 +697,136 @@ def _print_status(rows: Sequence[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------
 # the parser
 
+#: The common options, by group: (flags, dest).  Each command takes the groups
+#: that apply to it, after its name; before it (``torpor --json list``) the
+#: top-level parser takes them all, and a group the command does not take is
+#: refused (:func:`_check_common`).
+COMMON: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "host": ((("--host",), "host"),),
+    "json": ((("--json",), "json"),),
+    "plugins": ((("-p", "--plugin"), "plugin"), (("--no-plugin",), "no_plugin")),
+    "timeouts": ((("--ack-timeout",), "ack_timeout"), (("--suspend-timeout",), "suspend_timeout")),
+}
+_ALL_GROUPS = frozenset(COMMON)
+_ON_A_HOST = frozenset({"host", "json", "plugins"})
 
-def _common(p: argparse.ArgumentParser, *, sub: bool) -> None:
-    """Options accepted before and after the command (``torpor --json list`` or
-    ``torpor list --json``)."""
-    d: Any = argparse.SUPPRESS if sub else None
-    p.add_argument(
-        "--host",
-        default=d,
-        metavar="HOST",
-        help="'xen' or 'sim:DIR' (default: $TORPOR_HOST, else xen in a dom0)",
-    )
-    p.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS if sub else False,
-        help="one JSON object per domain and line",
-    )
-    p.add_argument(
-        "-p",
-        "--plugin",
-        action="append",
-        default=d,
-        metavar="MODULE",
-        help="load this plugin module too",
-    )
-    p.add_argument(
-        "--no-plugin",
-        action="append",
-        default=d,
-        metavar="NAME",
-        help="do not load the plugin of this name (e.g. pvhvm)",
-    )
-    p.add_argument(
-        "--ack-timeout",
-        type=float,
-        default=d,
-        metavar="SECONDS",
-        help="how long a guest may take to acknowledge (default 30)",
-    )
-    p.add_argument(
-        "--suspend-timeout",
-        type=float,
-        default=d,
-        metavar="SECONDS",
-        help="how long a domain may take to suspend once asked (default 60)",
-    )
+
+def _why_not(command: str, group: str) -> str:
+    """Why a common option group does not apply to ``command`` (for the usage error)."""
+    if command == "demo":
+        return "the demo runs its own simulated host with the built-in plugins and deadlines"
+    if command.startswith("sim"):
+        return "`torpor sim` runs the simulated host itself and loads no torpor plugins"
+    if group == "timeouts":
+        return f"only commands that suspend a guest take them ({', '.join(SUSPENDING)})"
+    return f"`torpor {command}` does not take it"
+
+
+def _common(p: argparse.ArgumentParser, groups: frozenset[str], *, top: bool) -> None:
+    """The common options of ``groups``: defaults None before the command, and not
+    set at all after it (so a value given before the command stays)."""
+    d: Any = None if top else argparse.SUPPRESS
+    if "host" in groups:
+        p.add_argument(
+            "--host",
+            type=_host_spec,
+            default=d,
+            metavar="HOST",
+            help="'xen' or 'sim:DIR' (default: $TORPOR_HOST, else xen in a dom0)",
+        )
+    if "json" in groups:
+        p.add_argument(
+            "--json",
+            action="store_true",
+            default=d,
+            help="machine-readable: one JSON object per line on stdout, nothing on stderr",
+        )
+    if "plugins" in groups:
+        p.add_argument(
+            "-p",
+            "--plugin",
+            action="append",
+            default=d,
+            metavar="MODULE",
+            help="load this plugin module too (repeatable)",
+        )
+        p.add_argument(
+            "--no-plugin",
+            action="append",
+            default=d,
+            metavar="NAME",
+            help="do not load the plugin of this name, e.g. pvhvm (repeatable)",
+        )
+    if "timeouts" in groups:
+        p.add_argument(
+            "--ack-timeout",
+            type=_timeout,
+            default=d,
+            metavar="SECONDS",
+            help=f"how long a guest may take to acknowledge (default 30; 0 < SECONDS <= "
+            f"{MAX_TIMEOUT:g})",
+        )
+        p.add_argument(
+            "--suspend-timeout",
+            type=_timeout,
+            default=d,
+            metavar="SECONDS",
+            help=f"how long a domain may take to suspend once asked (default 60; 0 < SECONDS "
+            f"<= {MAX_TIMEOUT:g})",
+        )
+
+
+DOMID_HELP = "a domain id, 1 to 32751 (dom0 is refused)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="torpor",
         description="Suspend and resume Xen guest domains from dom0.",
-        epilog="exit codes: 0 ok, 1 partial failure, 2 usage, 3 all failed, 4 backend unavailable",
+        epilog="Options before COMMAND are passed to it; each command takes those that apply "
+        "to it (see `torpor COMMAND --help`). "
+        "Exit codes: 0 ok, 1 partial failure, 2 usage, 3 all failed, 4 backend unavailable.",
     )
-    _common(p, sub=False)
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"torpor {__version__}",
+        help="print torpor's version and exit",
+    )
+    _common(p, _ALL_GROUPS, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def cmd(
-        name: str, func: Callable[[argparse.Namespace], int], helptext: str
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        helptext: str,
+        groups: frozenset[str] = _ON_A_HOST,
+        check: Callable[[argparse.Namespace], None] | None = None,
     ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=helptext, description=helptext)
-        _common(c, sub=True)
-        c.set_defaults(func=func)
+        _common(c, groups, top=False)
+        c.set_defaults(func=func, check=check, groups=groups, prog=c.prog)
         return c
 
+    suspending = _ON_A_HOST | {"timeouts"}
     cmd("list", _cmd_list, "list guest domains with their guest type and state")
-    c = cmd("suspend", _cmd_suspend, "suspend domains (shut down with reason suspend, or S3)")
-    c.add_argument("domids", nargs="*", metavar="DOMID")
+    c = cmd(
+        "suspend",
+        _cmd_suspend,
+        "suspend domains (shut down with reason suspend, or S3)",
+        suspending,
+        _check_domids,
+    )
+    c.add_argument("domids", nargs="*", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument("--all", action="store_true", help="every running guest domain")
-    c = cmd("resume", _cmd_resume, "resume suspended domains (cooperatively by default)")
-    c.add_argument("domids", nargs="*", metavar="DOMID")
+    c = cmd(
+        "resume",
+        _cmd_resume,
+        "resume suspended domains (cooperatively by default)",
+        check=_check_domids,
+    )
+    c.add_argument("domids", nargs="*", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument("--all", action="store_true", help="every suspended guest domain")
     c.add_argument(
         "--slow",
@@ -630,21 +836,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--force", action="store_true", help="do an unsafe in-place non-cooperative resume anyway"
     )
-    c = cmd("checkpoint", _cmd_checkpoint, "suspend then resume cooperatively, N times")
-    c.add_argument("domid", metavar="DOMID")
-    c.add_argument("--count", type=int, default=1)
+    c = cmd("checkpoint", _cmd_checkpoint, "suspend then resume cooperatively, N times", suspending)
+    c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
+    c.add_argument(
+        "--count",
+        type=_count,
+        default=1,
+        metavar="N",
+        help=f"how many checkpoints (default %(default)s; 1 to {MAX_COUNT})",
+    )
     c.add_argument(
         "--interval",
-        type=float,
+        type=_interval,
         default=0.0,
         metavar="MS",
-        help="pause between checkpoints, in milliseconds",
+        help="pause between checkpoints, in milliseconds (default %(default)g)",
     )
-    c = cmd("save", _cmd_save, "suspend a domain, write its state to FILE, destroy it")
-    c.add_argument("domid", metavar="DOMID")
-    c.add_argument("file", metavar="FILE")
+    c = cmd(
+        "save",
+        _cmd_save,
+        "suspend a domain, write its state to FILE, destroy it",
+        suspending,
+        _check_save,
+    )
+    c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
+    c.add_argument(
+        "file",
+        type=_save_target,
+        metavar="FILE",
+        help="the image to write, in an existing directory (replaced only if it is an image "
+        "already, or empty)",
+    )
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="replace FILE even if it is neither a torpor image nor an xl save file",
+    )
     c = cmd("restore", _cmd_restore, "build a new domain from FILE and resume it non-cooperatively")
-    c.add_argument("file", metavar="FILE")
+    c.add_argument(
+        "file",
+        type=_restore_source,
+        metavar="FILE",
+        help="an image written by `torpor save` (on --host xen: an xl save file)",
+    )
     c.add_argument(
         "--name",
         metavar="NEW",
@@ -655,21 +889,33 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate",
         _cmd_migrate,
         "move a domain to another host (the source is destroyed once it runs there)",
+        suspending,
+        _check_migrate,
     )
-    c.add_argument("domid", metavar="DOMID")
+    c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument(
-        "--to", required=True, metavar="HOST", help="'sim:DIR' (not real Xen: save and restore)"
+        "--to",
+        required=True,
+        type=_host_spec,
+        metavar="HOST",
+        help="the destination, 'sim:DIR' (not this host; not real Xen: save and restore)",
     )
     c = cmd(
         "status",
         _cmd_status,
         "the truth about a domain: its state, a pending request, torpor's intent",
     )
-    c.add_argument("domid", metavar="DOMID")
+    c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c = cmd("recover", _cmd_recover, "bring a domain a killed torpor left behind back to running")
-    c.add_argument("domid", metavar="DOMID")
+    c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
+    # --host is accepted (and changes nothing) so a script may give every command it.
     cmd("plugins", _cmd_plugins, "list the loaded plugins and the hooks they implement")
-    c = cmd("demo", _cmd_demo, "suspend and resume guests on an embedded simulated host")
+    c = cmd(
+        "demo",
+        _cmd_demo,
+        "suspend and resume guests on an embedded simulated host",
+        frozenset({"json"}),
+    )
     c.add_argument(
         "--no-qemu",
         dest="qemu",
@@ -678,18 +924,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-process device models even if QEMU is installed",
     )
 
-    sim = sub.add_parser("sim", help="run a simulated Xen host")
+    sim = sub.add_parser(
+        "sim",
+        help="run a simulated Xen host",
+        description="Run a simulated Xen host in its own process, to drive with --host sim:DIR.",
+    )
     simsub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", parser_class=_Parser)
     simsub.required = True
-    s = simsub.add_parser("start", help="start a simulated host as a daemon")
-    s.add_argument("--dir", required=True, help="directory for its sockets and state")
-    s.add_argument("--guests", default="pv:1", help="e.g. pv:2,pvhvm:1,hvm:1 (domids 1, 2, ...)")
+    json_help = "print JSON on stdout"
+    sim_groups = frozenset({"json"})
+
+    def simcmd(
+        name: str, func: Callable[[argparse.Namespace], int], helptext: str, description: str
+    ) -> argparse.ArgumentParser:
+        s = simsub.add_parser(name, help=helptext, description=description)
+        s.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
+        s.set_defaults(func=func, check=None, groups=sim_groups, prog=s.prog)
+        return s
+
+    s = simcmd(
+        "start",
+        _sim_start,
+        "start a simulated host as a daemon",
+        "Start a simulated Xen host as a daemon (a new session, its log in DIR/sim.log) and "
+        "return once every guest has booted.",
+    )
+    s.set_defaults(check=_check_sim_start)
+    s.add_argument(
+        "--dir",
+        required=True,
+        type=_sim_start_dir,
+        metavar="DIR",
+        help="directory for its sockets and state (created if missing; short: socket paths "
+        "hold at most 107 bytes)",
+    )
+    s.add_argument(
+        "--guests",
+        type=_guests,
+        default="pv:1",
+        metavar="SPEC",
+        help="guest types and counts, e.g. pv:2,pvhvm:1,hvm:1 (domids 1, 2, ...; "
+        "default %(default)s)",
+    )
     s.add_argument(
         "--misbehave",
         action="append",
+        type=_misbehaviour,
         metavar="DOMID=NAME",
-        help="never_ack, ack_then_hang, slow_ack=SECONDS, unknown_command, "
-        "crash_during_suspend, vanish, lose_xenstore",
+        help="make one of these guests misbehave (repeatable): never_ack, ack_then_hang, "
+        "slow_ack=SECONDS, unknown_command, crash_during_suspend, vanish, lose_xenstore",
     )
     s.add_argument(
         "--qemu",
@@ -706,22 +989,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--freeze-time",
-        type=float,
+        type=_freeze_time,
         default=0.0,
         metavar="SECONDS",
-        help="how long each guest takes to freeze its tasks when suspending",
+        help="how long each guest takes to freeze its tasks when suspending "
+        "(default %(default)g; 0 to 3600)",
     )
-    s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    s.set_defaults(func=_sim_start)
-    s = simsub.add_parser("status", help="one line per simulated domain")
-    s.add_argument("--dir", required=True)
-    s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    s.set_defaults(func=_sim_status)
-    s = simsub.add_parser("stop", help="stop a simulated host (QEMU children included)")
-    s.add_argument("--dir", required=True)
-    s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    s.set_defaults(func=_sim_stop)
+    s = simcmd(
+        "status",
+        _sim_status,
+        "one line per simulated domain",
+        "Show each domain of the simulated host in DIR: domid, name, type, state, its tick "
+        "counter, its misbehaviour and device model.",
+    )
+    s.add_argument(
+        "--dir", required=True, type=_sim_dir, metavar="DIR", help="the simulated host's directory"
+    )
+    s = simcmd(
+        "stop",
+        _sim_stop,
+        "stop a simulated host (QEMU children included)",
+        "Stop the simulated host in DIR, its guests and QEMU children included, and wait "
+        "until its daemon has exited.",
+    )
+    s.add_argument(
+        "--dir", required=True, type=_sim_dir, metavar="DIR", help="the simulated host's directory"
+    )
     return p
+
+
+_FLAGS = {flag: group for group, opts in COMMON.items() for flags, _ in opts for flag in flags}
+
+
+def _check_common(args: argparse.Namespace, extras: Sequence[str]) -> None:
+    """A common option the command does not take is refused, saying why; any
+    other leftover argument is unknown."""
+    from torpor.errors import UsageError
+
+    command = " ".join(filter(None, (args.command, getattr(args, "sim_command", None))))
+    for arg in extras:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-p") and not flag.startswith("--"):
+            flag = "-p"
+        group = _FLAGS.get(flag)
+        if group is not None:
+            raise UsageError(
+                f"{flag} does not apply to `torpor {command}`: {_why_not(command, group)}"
+            )
+    if extras:
+        raise UsageError(f"unrecognized arguments: {' '.join(extras)}")
+    for group, opts in COMMON.items():
+        if group in args.groups:
+            continue
+        for flags, dest in opts:
+            if getattr(args, dest, None) not in (None, False, []):
+                raise UsageError(
+                    f"{flags[-1]} does not apply to `torpor {command}`: {_why_not(command, group)}"
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -739,15 +1063,27 @@ def _main(argv: Sequence[str] | None) -> int:
     from torpor.errors import BackendUnavailable, TorporError, UsageError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("host", "plugin", "no_plugin", "ack_timeout", "suspend_timeout"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
+    try:
+        args, extras = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    prog: str = args.prog
+    try:
+        _check_common(args, extras)
+        for name in ("host", "plugin", "no_plugin", "ack_timeout", "suspend_timeout"):
+            if getattr(args, name, None) is None:
+                setattr(args, name, None)
+        args.json = bool(getattr(args, "json", False))
+        if args.check is not None:
+            args.check(args)
+    except UsageError as e:
+        print(f"{prog}: error: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except UsageError as e:
-        print(f"torpor: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BackendUnavailable as e:
         print(f"torpor: {e}", file=sys.stderr)

@@ -34,17 +34,26 @@ HOST_ENV = "TORPOR_HOST"
 
 
 def validate_domid(value: object, *, allow_dom0: bool = False) -> int:
-    """A domid from user input, or UsageError: no strings with tricks, no reserved ids."""
+    """A domid from user input, or UsageError naming the valid range.
+
+    Decimal ASCII digits only (no signs, spaces, tricks), not reserved
+    (``DOMID_FIRST_RESERVED`` and above: DOMID_SELF, DOMID_IO...), and not 0
+    unless ``allow_dom0``.
+    """
+    lo, hi = (0 if allow_dom0 else 1), DOMID_FIRST_RESERVED - 1
+    expected = f"a domid is a decimal number from {lo} to {hi}"
     if isinstance(value, bool):
-        raise UsageError(f"invalid domid {value!r}")
+        raise UsageError(f"invalid domid {value!r}: {expected}")
     if isinstance(value, str):
         if not value.isascii() or not value.isdigit() or len(value) > 5:
-            raise UsageError(f"invalid domid {value!r}: expected a number")
+            raise UsageError(f"invalid domid {value!r}: {expected}")
         value = int(value)
     if not isinstance(value, int) or not 0 <= value < DOMID_FIRST_RESERVED:
-        raise UsageError(f"invalid domid {value!r}: expected 0..{DOMID_FIRST_RESERVED - 1}")
+        raise UsageError(f"invalid domid {value!r}: {expected}")
     if value == 0 and not allow_dom0:
-        raise UsageError("domain 0 is the control domain; torpor does not suspend it", domid=0)
+        raise UsageError(
+            f"domain 0 is the control domain; torpor does not suspend it ({expected})", domid=0
+        )
     return value
 
 

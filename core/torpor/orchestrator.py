@@ -604,6 +604,7 @@ class Orchestrator:
                     actions.append("withdrew the pending suspend request")
                     asked = False
         if asked and not ctx.domain.shutdown and not ctx.facts.get("s3"):
+            ctx.facts["settling"] = True  # progress: waiting for a suspend under way
             async with self._phase(ctx, Phase.SHUTDOWN, timings):
                 with contextlib.suppress(Timeout):
                     await self._wait(
@@ -613,6 +614,7 @@ class Orchestrator:
                         sources=_Sources(device_model=ctx.method == SuspendMethod.ACPI_S3),
                         what="a suspend already under way",
                     )
+            ctx.facts.pop("settling", None)
         self._refresh(ctx)
         info = ctx.domain
         if info.shutdown and not info.suspended:

@@ -26,47 +26,172 @@ from typing import Any
 from torpor.errors import BackendUnavailable, TorporError, UsageError
 from torpor.sim.guest import Behaviour
 
-__all__ = ["parse_guests", "parse_misbehaviours", "start", "stop"]
+__all__ = [
+    "MAX_GUESTS",
+    "check_directory",
+    "parse_guests",
+    "parse_misbehaviour",
+    "parse_misbehaviours",
+    "parse_seconds",
+    "start",
+    "stop",
+]
 
 LOCK = "sim.lock"
 PIDFILE = "sim.pid"
 LOGFILE = "sim.log"
 
 
+#: At most this many guests on one simulated host (domids 1..MAX_GUESTS).
+MAX_GUESTS = 4096
+#: Bounds of the seconds a misbehaviour (``slow_ack=SECONDS``) or ``--freeze-time`` take.
+MAX_GUEST_SECONDS = 3600.0
+#: The longest socket path under DIR (``xenstored/domain-32751.sock``); a Unix
+#: socket path holds at most 107 bytes (108 with its NUL).
+_LONGEST_SOCKET = "/xenstored/domain-32751.sock"
+_SUN_PATH_MAX = 107
+#: Virtual file systems no simulated host can live in.
+_VIRTUAL = ("/proc", "/sys")
+
+
 def parse_guests(spec: str) -> list[str]:
-    """``pv:2,pvhvm:1,hvm:1`` -> ``["pv", "pv", "pvhvm", "hvm"]`` (domids 1, 2, ...)."""
+    """``pv:2,pvhvm:1,hvm:1`` -> ``["pv", "pv", "pvhvm", "hvm"]`` (domids 1, 2, ...).
+
+    :raises UsageError: an unknown type, a malformed count, or more than
+        :data:`MAX_GUESTS` guests in all.
+    """
     from torpor.sim.host import GUEST_KINDS
 
     kinds: list[str] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        kind, _, count = part.partition(":")
+        kind, sep, count = part.partition(":")
         if kind not in GUEST_KINDS:
             raise UsageError(
-                f"unknown guest type {kind!r} in --guests (known: {', '.join(GUEST_KINDS)})"
+                f"unknown guest type {kind!r} in {spec!r} "
+                f"(known: {', '.join(GUEST_KINDS)}; e.g. pv:2,hvm:1)"
             )
-        try:
-            n = int(count or 1)
-        except ValueError:
-            raise UsageError(f"bad count {count!r} for {kind} in --guests") from None
-        if not 0 <= n <= 4096:
-            raise UsageError(f"guest count {n} out of range")
+        if sep and not (count.isascii() and count.isdigit() and len(count) <= 5):
+            raise UsageError(
+                f"bad count {count!r} for {kind} in {spec!r}: a number from 0 to {MAX_GUESTS}"
+            )
+        n = int(count) if sep else 1
+        if n > MAX_GUESTS:
+            raise UsageError(
+                f"bad count {n} for {kind} in {spec!r}: a number from 0 to {MAX_GUESTS}"
+            )
         kinds.extend([kind] * n)
+        if len(kinds) > MAX_GUESTS:
+            raise UsageError(f"{spec!r} asks for more than {MAX_GUESTS} guests in all")
     return kinds
 
 
-def parse_misbehaviours(items: list[str]) -> dict[int, str]:
-    """``["2=never_ack", "3=slow_ack=1.5"]`` -> ``{2: "never_ack", 3: "slow_ack=1.5"}``."""
+def parse_seconds(text: str, what: str, *, zero: bool, limit: float = MAX_GUEST_SECONDS) -> float:
+    """A finite number of seconds from user input, ``0 < s <= limit`` (``0 <=`` if ``zero``)."""
+    import math
+
+    bounds = f"from 0 to {limit:g}" if zero else f"greater than 0 and at most {limit:g}"
+    expected = f"{what} takes seconds, a finite number {bounds}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}: {expected}") from None
+    if not math.isfinite(value) or value > limit or value < 0 or (value == 0 and not zero):
+        raise UsageError(f"invalid {what} {text!r}: {expected}")
+    return value
+
+
+def parse_misbehaviour(item: str) -> tuple[int, str]:
+    """``"3=slow_ack=1.5"`` -> ``(3, "slow_ack=1.5")``; the name must be known."""
+    from torpor.sim.guest import MISBEHAVIOURS
+
+    domid_s, sep, what = item.partition("=")
+    if not sep or not (domid_s.isascii() and domid_s.isdigit() and len(domid_s) <= 5):
+        raise UsageError(f"{item!r} is not DOMID=NAME (e.g. 2=never_ack or 3=slow_ack=2)")
+    domid = int(domid_s)
+    if not 1 <= domid <= MAX_GUESTS:
+        raise UsageError(f"{item!r}: domid {domid} is out of range 1..{MAX_GUESTS}")
+    name, _, arg = what.partition("=")
+    if name not in MISBEHAVIOURS:
+        raise UsageError(
+            f"{item!r}: unknown misbehaviour {name!r} (known: {', '.join(MISBEHAVIOURS)})"
+        )
+    if name == "slow_ack":
+        if arg:
+            parse_seconds(arg, "slow_ack", zero=False)
+    elif arg:
+        raise UsageError(f"{item!r}: {name} takes no argument")
+    try:
+        Behaviour.parse(what)
+    except ValueError as e:
+        raise UsageError(f"{item!r}: {e}") from None
+    return domid, what
+
+
+def parse_misbehaviours(items: list[str], guests: int | None = None) -> dict[int, str]:
+    """``["2=never_ack", "3=slow_ack=1.5"]`` -> ``{2: "never_ack", 3: "slow_ack=1.5"}``.
+
+    :param guests: how many guests the host starts with (domids 1..guests):
+        a misbehaviour for another domid is refused.
+    :raises UsageError: a malformed item, an unknown name, a bad ``slow_ack``,
+        a domid given twice or not among the guests.
+    """
     out: dict[int, str] = {}
     for item in items:
-        domid_s, sep, what = item.partition("=")
-        if not sep or not domid_s.isdigit():
-            raise UsageError(f"--misbehave takes DOMID=NAME, not {item!r}")
-        try:
-            Behaviour.parse(what)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        out[int(domid_s)] = what
+        domid, what = parse_misbehaviour(item)
+        if domid in out:
+            raise UsageError(f"--misbehave gives domain {domid} two misbehaviours")
+        if guests is not None and domid > guests:
+            have = f"domids 1..{guests}" if guests else "no guests"
+            raise UsageError(
+                f"--misbehave {item!r}: there is no guest {domid} (--guests starts {have})"
+            )
+        out[domid] = what
     return out
+
+
+def check_directory(directory: str | os.PathLike[str]) -> Path:
+    """The ``--dir`` of a host to start, checked without touching anything.
+
+    It must be a directory or creatable as one (every existing ancestor a
+    directory we may write in), not on /proc or /sys, and short enough for
+    the Unix sockets that go in it.
+
+    :raises UsageError: saying which of these it is not.
+    """
+    raw = os.fspath(directory)
+    if not raw:
+        raise UsageError("the directory is empty: give one for the host's sockets and state")
+    path = Path(os.path.abspath(raw))
+    real = os.path.realpath(path)
+    for top in _VIRTUAL:
+        if real == top or real.startswith(top + "/"):
+            raise UsageError(
+                f"cannot use {raw} for a simulated host: {real} is in the virtual file "
+                f"system {top}; give a directory on a real file system (e.g. under /tmp)"
+            )
+    longest = len(os.fsencode(str(path))) + len(_LONGEST_SOCKET)
+    if longest > _SUN_PATH_MAX:
+        raise UsageError(
+            f"cannot use {raw} for a simulated host: it is too long, its sockets' paths "
+            f"would take {longest} bytes, "
+            f"Unix sockets allow {_SUN_PATH_MAX}; use a directory of at most "
+            f"{_SUN_PATH_MAX - len(_LONGEST_SOCKET)} bytes (e.g. mktemp -d /tmp/hXXXX)"
+        )
+    # The deepest part of the path that exists must be a directory we may write in.
+    cur = path
+    while not os.path.lexists(cur):
+        cur = cur.parent
+    if not cur.is_dir():
+        what = "it is not" if cur == path else f"it would be below {cur}, which is not"
+        raise UsageError(f"cannot use {raw} for a simulated host: {what} a directory")
+    need = os.W_OK | os.X_OK
+    if not os.access(cur, need):
+        if cur == path:
+            raise UsageError(f"cannot use {raw} for a simulated host: no permission to write in it")
+        raise UsageError(
+            f"cannot use {raw} for a simulated host: no permission to create it in {cur}"
+        )
+    return path
 
 
 def _lock(directory: Path) -> int:
@@ -93,9 +218,17 @@ def start(
     frontends: bool = True,
     timeout: float = 120.0,
 ) -> list[dict[str, Any]]:
-    """Start a simulated host daemon in ``directory``; return its guests once booted."""
+    """Start a simulated host daemon in ``directory``; return its guests once booted.
+
+    :raises UsageError: ``directory`` cannot hold a host (:func:`check_directory`),
+        or one already runs there.
+    """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    check_directory(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {d} for a simulated host: {e.strerror}") from None
     os.close(_lock(d))  # refuse early, with the holder's pid, if one runs
     r, w = os.pipe()
     argv = [
@@ -220,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host.start()
         kinds = parse_guests(args.guests)
-        misbehave = parse_misbehaviours(args.misbehave)
+        misbehave = parse_misbehaviours(args.misbehave, len(kinds))
         base = {"freeze_time": args.freeze_time}
         if not args.frontends:
             base["frontends"] = ()
