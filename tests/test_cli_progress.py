@@ -44,7 +44,7 @@ from torpor.progress import Reporter
 from torpor.sim import daemon
 from torpor.xenstore import Xenstore
 
-FAST, MUTE, MUTE2, HANGS, MUTE3, FAST2 = 1, 2, 3, 4, 5, 6
+FAST, MUTE, MUTE2, HANGS, MUTE3, FAST2, HANGS2 = 1, 2, 3, 4, 5, 6, 7
 DEADLINE = 60.0  # for any one command
 SLOW = ["--ack-timeout", "3", "--suspend-timeout", "3"]
 
@@ -55,8 +55,14 @@ def host() -> Iterator[str]:
     try:
         daemon.start(
             d,
-            ["pv"] * 6,
-            {MUTE: "never_ack", MUTE2: "never_ack", HANGS: "ack_then_hang", MUTE3: "never_ack"},
+            ["pv"] * 7,
+            {
+                MUTE: "never_ack",
+                MUTE2: "never_ack",
+                HANGS: "ack_then_hang",
+                MUTE3: "never_ack",
+                HANGS2: "ack_then_hang",
+            },
             qemu=False,
         )
         yield d
@@ -330,39 +336,66 @@ def test_plain_commands_do_not_import_rich(host: str) -> None:
 # --------------------------------------------------------------------------- recover
 
 
-def test_recover_after_a_killed_torpor_says_what_it_waits_for(
-    host: str, witness: tuple[RemoteHypervisor, Xenstore]
-) -> None:
-    """torpor SIGKILLed while it waits for a mute guest's ack leaves the request
-    pending and its intent record; ``recover`` withdraws the request, then waits
-    (``Timeouts.settle``, 5 s) for a suspend that may already be under way -- and
-    says so after a second."""
-    hv, xs = witness
-    shutdown = f"/local/domain/{MUTE3}/control/shutdown"
-    victim = run_piped(torpor(host, "suspend", str(MUTE3)))
+def _killed_while(host: str, domid: int, waiting: str) -> None:
+    """``torpor suspend DOMID`` SIGKILLed once it says ``waiting``."""
+    victim = run_piped(torpor(host, "suspend", str(domid)))
     try:
-        waiting = f"domain {MUTE3}: suspend: waiting up to 30s for the guest to acknowledge"
-        read_piped(victim, stop_at=waiting)  # it is in the ack phase: the request is out
+        read_piped(victim, stop_at=waiting)
     finally:
         victim.kill()
         victim.wait(DEADLINE)
         assert victim.stdout is not None and victim.stderr is not None
         victim.stdout.close()
         victim.stderr.close()
+
+
+def test_recover_withdraws_a_request_nobody_took_without_waiting(
+    host: str, witness: tuple[RemoteHypervisor, Xenstore]
+) -> None:
+    """torpor SIGKILLed while it waits for a mute guest's ack leaves the request
+    pending and its intent record; ``recover`` withdraws the request in a
+    transaction -- the guest never took it, so no suspend can be under way and
+    there is nothing to wait for."""
+    hv, xs = witness
+    shutdown = f"/local/domain/{MUTE3}/control/shutdown"
+    _killed_while(
+        host, MUTE3, f"domain {MUTE3}: suspend: waiting up to 30s for the guest to acknowledge"
+    )
     assert xs.read_or(shutdown, "") == "suspend"
 
     run = read_piped(run_piped(torpor(host, "recover", str(MUTE3))))
     assert run.code == 0, run
-    want = f"domain {MUTE3}: recover: waiting up to 5s for a suspend already under way"
-    assert [line for _, line in run.err] == [want], run.err
-    assert 1.0 <= run.first("err", want) < run.out[0][0]
+    assert run.err == [], run.err  # nothing to wait for, so nothing said
     lines = [line for _, line in run.out]
     assert lines[0].startswith(f"domain {MUTE3}: recover ok (cooperative): recovered, now running")
-    assert "  withdrew a pending suspend request" in lines[1:]
+    assert "  withdrew the pending suspend request" in lines[1:]
     # What the host says, not what torpor says.
     assert xs.read_or(shutdown, "") == ""
     assert hv.domain_info(MUTE3).state_word() == "running"
     assert xs.read_or(f"/local/domain/0/torpor/intent/{MUTE3}", None) is None
+
+
+def test_recover_after_an_ack_says_what_it_waits_for(
+    host: str, witness: tuple[RemoteHypervisor, Xenstore]
+) -> None:
+    """torpor SIGKILLed after the guest took the request: the guest may be on
+    its way to suspending, so ``recover`` waits ``Timeouts.settle`` (5 s) for it
+    -- and says so after a second."""
+    hv, xs = witness
+    _killed_while(
+        host,
+        HANGS2,
+        f"domain {HANGS2}: suspend: waiting up to 60s for the domain to shut down",
+    )
+    run = read_piped(run_piped(torpor(host, "recover", str(HANGS2))))
+    assert run.code == 0, run
+    want = f"domain {HANGS2}: recover: waiting up to 5s for a suspend already under way"
+    assert [line for _, line in run.err] == [want], run.err
+    assert 1.0 <= run.first("err", want) < run.out[0][0]
+    lines = [line for _, line in run.out]
+    assert lines[0].startswith(f"domain {HANGS2}: recover ok (cooperative): recovered, now running")
+    assert hv.domain_info(HANGS2).state_word() == "running"
+    assert xs.read_or(f"/local/domain/0/torpor/intent/{HANGS2}", None) is None
 
 
 # --------------------------------------------------------------------------- the timers
@@ -394,7 +427,8 @@ def _ctx(operation: str, domid: int = 7, **timeouts: float) -> Any:
         domid=domid,
         timeouts=Timeouts(**timeouts),
         method=SuspendMethod.XENSTORE,
-        facts={},
+        # recover (and a rollback) wait for a suspend they did not start
+        facts={"settling": True} if operation == "recover" else {},
     )
 
 
@@ -416,7 +450,7 @@ def _ctx(operation: str, domid: int = 7, **timeouts: float) -> Any:
         ),
         (
             "recover",
-            Phase.CANCEL,
+            Phase.SHUTDOWN,
             {"settle": 5},
             "domain 7: recover: waiting up to 5s for a suspend already under way",
         ),

@@ -266,9 +266,9 @@ def torpor_argv(sim_dir: str, case: Case, domids: list[int]) -> list[str]:
         f"sim:{sim_dir}",
         "-p",
         "signal_plugin",
-        "--ack-timeout",
-        str(ACK_TIMEOUT),
         *words,
+        # only commands that ask a guest to suspend take it
+        *(["--ack-timeout", str(ACK_TIMEOUT)] if words[0] != "resume" else []),
     ]
 
 

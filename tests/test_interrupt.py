@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
+from torpor import hookimpl
 from torpor.errors import Interrupted, WrongEventLoop
 from torpor.intent import INTENT_ROOT
 from torpor.model import Timeouts
 from torpor.orchestrator import Orchestrator, Torpor
+from torpor.plugins import get_plugin_manager
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost
 
@@ -136,17 +138,16 @@ def test_an_interrupt_that_cannot_bring_the_guest_back_keeps_the_intent_record(
     """The guest crashes while the rollback waits for its suspend: torpor says
     so, and leaves the intent record, marked, for ``torpor recover``."""
     dom = sim_host.create_guest("pv", behaviour=Behaviour(misbehaviour="crash_during_suspend"))
-    hold = asyncio.Event()
+    held = threading.Event()
 
     class Hold:
-        from torpor import hookimpl
+        """Holds the operation in its shutdown phase (the guest acked, then crashed)."""
 
         @hookimpl
         async def torpor_phase_started(self, ctx: Any, phase: Any) -> None:
-            if str(phase) == "ack":
-                hold.set()
-
-    from torpor.plugins import get_plugin_manager
+            if str(phase) == "shutdown" and not held.is_set():
+                held.set()
+                await asyncio.get_running_loop().create_future()  # until interrupted
 
     t = Torpor(
         sim_host.toolstack_host(),
@@ -157,7 +158,7 @@ def test_an_interrupt_that_cannot_bring_the_guest_back_keeps_the_intent_record(
     outcome: list[Any] = []
     worker = threading.Thread(target=lambda: _capture(outcome, lambda: t.suspend(dom)))
     worker.start()
-    wait_for_request(sim_host, dom)
+    assert held.wait(10)
     t.interrupt("SIGINT")
     worker.join(15)
     t.close()

@@ -327,6 +327,10 @@ def test_cli_restore_twice_is_refused_and_name_restores_a_copy(
 def test_cli_restore_with_an_invalid_name_is_bad_usage(
     sim_host: SimHost, capsys: pytest.CaptureFixture[str], short_dir: str
 ) -> None:
-    code = main(["--host", f"sim:{sim_host.dir}", "restore", "/nonexistent.img", "--name", "7"])
+    image = os.path.join(short_dir, "any.img")
+    with open(image, "wb"):
+        pass
+    code = main(["--host", f"sim:{sim_host.dir}", "restore", image, "--name", "7"])
     assert code == EXIT_USAGE
-    assert "invalid domain name '7'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid domain name '7'" in err and len(err.strip().splitlines()) == 1

@@ -251,6 +251,17 @@ def _restore_source(text: str) -> str:
     return text
 
 
+def _domain_name(text: str) -> str:
+    """``restore --name``: a name xl would accept (torpor.host.validate_domain_name)."""
+    from torpor.errors import UsageError
+    from torpor.host import validate_domain_name
+
+    try:
+        return validate_domain_name(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
 def _sim_dir(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("--dir is empty: give the simulated host's directory")
@@ -514,10 +525,9 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     from torpor.errors import BackendUnavailable, TorporError
-    from torpor.host import validate_domain_name
     from torpor.progress import Reporter
 
-    name = None if args.name is None else validate_domain_name(args.name)  # else exit 2
+    name = args.name  # checked while parsing (_domain_name)
     reporter = Reporter(json=args.json)
     with _open(args, reporter) as t, reporter.showing([]):
         try:
@@ -881,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--name",
+        type=_domain_name,
         metavar="NEW",
         help="restore under this name (a copy: new name, new UUID); without it a domain "
         "already named as the saved guest refuses the restore",
