@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from torpor.orchestrator import Torpor
+from torpor.facade import Torpor
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost
 

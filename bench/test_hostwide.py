@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from torpor.facade import Torpor
 from torpor.host import Host
-from torpor.orchestrator import Torpor
 from torpor.sim import daemon
 
 FREEZE = 0.1

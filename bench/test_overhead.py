@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any
 
+from torpor.facade import Torpor
 from torpor.host import Host
-from torpor.orchestrator import Torpor
 from torpor.sim import daemon
 from torpor.sim.host import SimHost
 

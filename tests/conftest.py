@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from torpor.orchestrator import Torpor
+from torpor.facade import Torpor
 from torpor.sim.host import SimHost
 
 

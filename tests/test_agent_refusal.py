@@ -19,8 +19,8 @@ import pytest
 
 from torpor.cli import EXIT_ALL_FAILED, main
 from torpor.errors import OperationError, QmpCommandError
+from torpor.facade import Torpor
 from torpor.model import HVM_PARAM_ACPI_S_STATE, Phase, Timeouts
-from torpor.orchestrator import Torpor
 from torpor.sim import daemon
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost

@@ -38,11 +38,11 @@ import attrs
 import pytest
 from reliability_report import write_section
 
+from torpor.facade import Torpor
 from torpor.host import Host
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.intent import INTENT_ROOT
 from torpor.model import Timeouts
-from torpor.orchestrator import Torpor
 from torpor.sim import daemon
 from torpor.xenstore import Xenstore
 

@@ -145,3 +145,71 @@ def test_cli_options_in_reference() -> None:
                 if not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text):
                     missing.append(f"torpor {' '.join(path)}: {opt}".replace("  ", " "))
     assert not missing, "docs/cli.md does not mention these options:\n" + "\n".join(missing)
+
+
+# --------------------------------------------------------------------------- public API
+
+DOC_TEXT_CACHE: list[str] = []
+
+
+def docs_text() -> str:
+    if not DOC_TEXT_CACHE:
+        DOC_TEXT_CACHE.append(
+            "\n".join(
+                p.read_text()
+                for p in DOCS.rglob("*")
+                if p.suffix in (".md", ".rst") and "_build" not in p.parts
+            )
+        )
+    return DOC_TEXT_CACHE[0]
+
+
+PUBLIC = sorted(n for n in __import__("torpor").__all__ if n != "__version__")
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_name_has_a_docstring_and_is_in_the_docs(name: str) -> None:
+    import torpor
+
+    obj = getattr(torpor, name)
+    doc = (
+        inspect.getdoc(obj)
+        if not isinstance(obj, torpor.hookspecs.pluggy.HookimplMarker)
+        else ("marker")
+    )
+    assert doc and doc.strip(), f"torpor.{name} has no docstring"
+    assert re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", docs_text()), (
+        f"torpor.{name} is public (torpor.__all__) but no page under docs/ names it"
+    )
+
+
+def test_public_names_import_from_torpor() -> None:
+    """Everything a plugin or embedder needs, from one place, typed."""
+    import torpor
+
+    assert set(torpor.__all__) <= set(dir(torpor))
+    for name in torpor.__all__:
+        getattr(torpor, name)
+
+
+def test_hookspecs_list_every_hook_in_all() -> None:
+    assert set(hook_names()) <= set(torpor.hookspecs.__all__)
+
+
+@pytest.mark.parametrize(
+    "method",
+    sorted(
+        m
+        for m, f in vars(__import__("torpor.facade", fromlist=["Torpor"]).Torpor).items()
+        if callable(f) and not m.startswith("_")
+    ),
+)
+def test_facade_method_is_documented_and_takes_no_catch_all_keywords(method: str) -> None:
+    from torpor.facade import Torpor
+
+    fn = getattr(Torpor, method)
+    assert inspect.getdoc(fn), f"Torpor.{method} has no docstring"
+    params = inspect.signature(fn).parameters.values()
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params), (
+        f"Torpor.{method} takes **kwargs: a misspelt keyword would pass unseen"
+    )

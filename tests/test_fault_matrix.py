@@ -32,8 +32,8 @@ from torpor.errors import (
     ResumeFailed,
     TorporError,
 )
+from torpor.facade import Torpor
 from torpor.model import Phase, SuspendMethod, Timeouts
-from torpor.orchestrator import Torpor
 from torpor.plugins import get_plugin_manager
 from torpor.sim.guest import MISBEHAVIOURS, Behaviour
 from torpor.sim.host import SimHost

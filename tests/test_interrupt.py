@@ -17,9 +17,10 @@ import pytest
 
 from torpor import hookimpl
 from torpor.errors import Interrupted, WrongEventLoop
+from torpor.facade import Torpor
 from torpor.intent import INTENT_ROOT
 from torpor.model import Timeouts
-from torpor.orchestrator import Orchestrator, Torpor
+from torpor.orchestrator import Orchestrator
 from torpor.plugins import get_plugin_manager
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from torpor.errors import ImageError, MigrationFailed, UnexpectedShutdown
+from torpor.facade import Torpor
 from torpor.image import encode, read_image
 from torpor.model import Phase, Timeouts
-from torpor.orchestrator import Torpor
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost
 

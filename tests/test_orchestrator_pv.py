@@ -26,8 +26,8 @@ from torpor.errors import (
     UnsupportedGuest,
     UsageError,
 )
+from torpor.facade import Torpor
 from torpor.model import Phase, ShutdownReason, SuspendMethod, Timeouts
-from torpor.orchestrator import Torpor
 from torpor.plugins import get_plugin_manager
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from torpor.facade import Torpor
 from torpor.host import Host
 from torpor.model import Timeouts
-from torpor.orchestrator import Torpor
 from torpor.sim import daemon
 from torpor.xenstore import Xenstore
 

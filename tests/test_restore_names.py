@@ -29,9 +29,9 @@ import pytest
 
 from torpor.cli import EXIT_ALL_FAILED, EXIT_OK, EXIT_USAGE, main
 from torpor.errors import HypervisorError, NameInUse, UsageError
+from torpor.facade import Torpor
 from torpor.image import read_image
 from torpor.model import Phase
-from torpor.orchestrator import Torpor
 from torpor.sim.host import SimHost
 
 #: counters a restore next to the guest must leave alone (ticks go on by themselves)

@@ -16,8 +16,8 @@ import pytest
 
 from torpor import hookimpl
 from torpor.errors import DeviceModelError, OperationError
+from torpor.facade import Torpor
 from torpor.model import Timeouts
-from torpor.orchestrator import Torpor
 from torpor.plugins import get_plugin_manager
 from torpor.sim.host import SimHost
 

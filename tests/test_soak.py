@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from torpor.facade import Torpor
 from torpor.host import Host
-from torpor.orchestrator import Torpor
 from torpor.sim import daemon
 from torpor.sim.guest import Behaviour
 

@@ -41,9 +41,9 @@ from torpor.errors import (
     ImageError,
     MigrationFailed,
 )
+from torpor.facade import Torpor
 from torpor.image import decode, encode
 from torpor.model import Timeouts
-from torpor.orchestrator import Torpor
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost
 from torpor.xl import XlBuilder

@@ -43,7 +43,7 @@ MUTANTS = (
         "the rollback's cooperative resume deleted",
         "torpor/orchestrator.py",
         "_rollback",
-        "self.host.hypervisor.resume(ctx.domid, fast=True)",
+        "self.host.hypervisor.resume(ctx.domid, fast=fast)",
         "pass",
         "tests/test_rollback.py::test_rollback_resumes_a_guest_whose_device_model_suspend_failed",
     ),

@@ -13,7 +13,7 @@ Exit codes (stable; scripts may rely on them):
 ====  ==========================================================
 
 A first SIGINT or SIGTERM interrupts every operation in flight through the
-orchestrator's rollback (:meth:`torpor.orchestrator.Torpor.interrupt`): each
+orchestrator's rollback (:meth:`torpor.facade.Torpor.interrupt`): each
 domain is reported with the state it was observed in afterwards.  A second
 one exits at once, naming what was left unfinished and the ``torpor
 recover`` line for it.
@@ -47,8 +47,8 @@ from torpor import __version__
 
 if TYPE_CHECKING:
     from torpor.errors import TorporError
+    from torpor.facade import Torpor
     from torpor.model import Result
-    from torpor.orchestrator import Torpor
     from torpor.progress import Reporter
 
 __all__ = [
@@ -83,7 +83,7 @@ class _Stop(BaseException):
 class _Interrupts:
     """SIGINT and SIGTERM while a command runs (installed by :func:`main`).
 
-    The first signal interrupts every :class:`~torpor.orchestrator.Torpor`
+    The first signal interrupts every :class:`~torpor.facade.Torpor`
     the command opened: each operation in flight is rolled back and ends in
     :class:`~torpor.errors.Interrupted`, which the command reports per
     domain; the process then exits 128 + the signal's number.  Before any
@@ -413,9 +413,9 @@ def _report(
 
 
 def _open(args: argparse.Namespace, reporter: Reporter | None = None) -> Torpor:
+    from torpor.facade import Torpor
     from torpor.host import Host
     from torpor.model import Timeouts
-    from torpor.orchestrator import Torpor
     from torpor.plugins import get_plugin_manager
 
     plugins: list[Any] = list(getattr(args, "plugin", None) or [])
@@ -616,12 +616,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from torpor.plugins import get_plugin_manager, plugin_names
+    import pluggy
+
+    from torpor.plugins import ask_order, get_plugin_manager, plugin_names
 
     pm = get_plugin_manager(
         plugins=getattr(args, "plugin", None) or [], block=getattr(args, "no_plugin", None) or []
     )
-    rows = plugin_names(pm)
+    rows = plugin_names(pm)  # in the order hooks ask them
     hooks: dict[str, list[str]] = {}
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
@@ -629,13 +631,33 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         hooks[name] = sorted(
             c.name for c in pm.get_hookcallers(plugin) or [] if c.name.startswith("torpor_")
         )
+    # firstresult hooks: the first plugin to answer decides, so the order matters
+    deciding = sorted(
+        c.name
+        for c in pm.hook.__dict__.values()
+        if isinstance(c, pluggy.HookCaller)
+        and c.name.startswith("torpor_")
+        and c.spec is not None
+        and c.spec.opts.get("firstresult")
+    )
+    orders = {h: ask_order(pm, h) for h in deciding}
     if args.json:
         for name, origin in rows:
-            print(json.dumps({"name": name, "origin": origin, "hooks": hooks.get(name, [])}))
+            asked = {h: order.index(name) + 1 for h, order in orders.items() if name in order}
+            print(
+                json.dumps(
+                    {"name": name, "origin": origin, "hooks": hooks.get(name, []), "asked": asked}
+                )
+            )
         return EXIT_OK
+    print("plugins, in the order hooks ask them:")
     for name, origin in rows:
-        print(f"{name:<16} {origin}")
-        print(f"{'':<16} hooks: {', '.join(h.removeprefix('torpor_') for h in hooks[name])}")
+        print(f"  {name:<16} {origin}")
+        print(f"  {'':<16} hooks: {', '.join(h.removeprefix('torpor_') for h in hooks[name])}")
+    print("the first to answer decides (firstresult hooks), asked in this order:")
+    for h, order in orders.items():
+        if order:
+            print(f"  {h.removeprefix('torpor_'):<24} {', '.join(order)}")
     return EXIT_OK
 
 

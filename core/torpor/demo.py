@@ -31,9 +31,9 @@ import attrs
 
 from torpor.context import OperationContext
 from torpor.errors import TorporError, UnsafeResume
+from torpor.facade import Torpor
 from torpor.hookspecs import hookimpl
 from torpor.model import Phase, Result
-from torpor.orchestrator import Torpor
 from torpor.plugins import get_plugin_manager
 
 __all__ = ["run_demo"]

@@ -7,10 +7,10 @@ the domain it concerns (``domid``), the protocol phase it happened in
 report *which guest*, *where* and *why* without parsing messages::
 
     TorporError
-     ├── UsageError                 a caller's argument is invalid (domid, path, socket)
+     ├── UsageError                 a caller's argument is invalid (also a ValueError)
      │    └── WrongEventLoop        an Orchestrator used from a loop it is not bound to
      ├── BackendUnavailable         a backend cannot be had here (no Xen, no lib, no sim)
-     ├── Timeout                    a deadline passed while waiting for an event
+     ├── Timeout                    a deadline passed waiting for an event (a TimeoutError)
      ├── XenstoreError              xenstored answered XS_ERROR (errno, errname, path)
      │    └── TransactionConflict   EAGAIN on every commit, up to the retry bound
      ├── XenstoreConnectionLost     the xenstore connection died; every call fails fast
@@ -147,8 +147,11 @@ class TorporError(Exception):
         }
 
 
-class UsageError(TorporError):
-    """A caller's argument is invalid: a malformed domid, path, socket or option."""
+class UsageError(TorporError, ValueError):
+    """A caller's argument is invalid: a malformed domid, path, socket or option.
+
+    Also a :class:`ValueError`, so generic argument handling catches it.
+    """
 
 
 class WrongEventLoop(UsageError):
@@ -164,8 +167,11 @@ class BackendUnavailable(TorporError):
     """A backend cannot be had on this machine: no Xen, a missing library, no sim host."""
 
 
-class Timeout(TorporError):
+class Timeout(TorporError, TimeoutError):
     """A deadline passed while waiting for an event.
+
+    Also a :class:`TimeoutError` (as ``asyncio.timeout`` raises), so generic
+    deadline handling catches it.
 
     :param deadline: the timeout that passed, in seconds.
     """

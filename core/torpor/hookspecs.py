@@ -43,7 +43,25 @@ if TYPE_CHECKING:
     from torpor.host import Host
     from torpor.model import DomainInfo, GuestType, Phase, Result, SuspendMethod, Verdict
 
-__all__ = ["hookimpl", "hookspec"]
+__all__ = [
+    "hookimpl",
+    "hookspec",
+    "torpor_after_resume",
+    "torpor_after_suspend",
+    "torpor_before_resume",
+    "torpor_before_suspend",
+    "torpor_check_resumed",
+    "torpor_check_suspended",
+    "torpor_choose_suspend_method",
+    "torpor_classify_domain",
+    "torpor_device_model_resume",
+    "torpor_device_model_suspend",
+    "torpor_operation_failed",
+    "torpor_phase_finished",
+    "torpor_phase_started",
+    "torpor_request_suspend",
+    "torpor_resume_guest",
+]
 
 #: Marks a hook specification (torpor's own use).
 hookspec = pluggy.HookspecMarker("torpor")
@@ -147,18 +165,25 @@ def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
     """
 
 
-@hookspec
-def torpor_device_model_suspend(ctx: OperationContext) -> None:
+@hookspec(firstresult=True)
+def torpor_device_model_suspend(ctx: OperationContext) -> bool | None:
     """Quiesce the guest's device model once the guest is suspended.
 
     Called in the ``device-model-suspend`` phase, after the domain reached its
     suspended state, for guest types with ``device_model=True`` (not for a
-    guest that went to sleep in ACPI S3: QEMU must stay up to wake it).  libxl does
-    QMP ``stop`` then ``xen-save-devices-state``.  Raise
+    guest that went to sleep in ACPI S3: QEMU must stay up to wake it).
+
+    ``firstresult``: torpor's generic implementation (:mod:`torpor.protocol`)
+    does what libxl does for every such guest -- QMP ``stop`` then
+    ``xen-save-devices-state`` (:func:`torpor.devicemodel.suspend_device_model`)
+    -- so a guest type declaring ``device_model=True`` needs no code for it.
+    Return ``True`` when you did it your own way (the generic one is then
+    skipped), ``None`` to let it run.  Raise
     :class:`~torpor.errors.DeviceModelError` on failure; the orchestrator then
     resumes the guest cooperatively and reports the suspend as failed.
 
     :param ctx: the operation (``await ctx.device_model()`` for QMP).
+    :return: ``True`` if handled, else ``None``.
     """
 
 
@@ -166,19 +191,24 @@ def torpor_device_model_suspend(ctx: OperationContext) -> None:
 # resume
 
 
-@hookspec
-def torpor_device_model_resume(ctx: OperationContext) -> None:
+@hookspec(firstresult=True)
+def torpor_device_model_resume(ctx: OperationContext) -> bool | None:
     """Let the device model run again, *before* the domain resumes.
 
     Called in the ``device-model-resume`` phase for guest types with
-    ``device_model=True`` when the domain is shut down: QMP ``cont``.  It must
-    come first -- resuming the device model after the domain made HVM resume
-    fail silently (libxl commit f33b4fc4ef).  Also called in the rollback of a
-    suspend, save or migration that failed after the guest suspended (its
-    errors are then ignored), and by ``torpor recover`` for a domain that is
-    running, whose device model a killed torpor may have left stopped.
+    ``device_model=True`` when the domain is shut down.  It must come first --
+    resuming the device model after the domain made HVM resume fail silently
+    (libxl commit f33b4fc4ef).  Also called in the rollback of a suspend,
+    save or migration that failed after the guest suspended, and by
+    ``torpor recover`` for a domain that runs while its device model is
+    stopped.
+
+    ``firstresult``: the generic implementation sends QMP ``cont`` if the
+    device model is stopped (:func:`torpor.devicemodel.resume_device_model`);
+    return ``True`` when you did it your own way, ``None`` to let it run.
 
     :param ctx: the operation.
+    :return: ``True`` if handled, else ``None``.
     """
 
 

@@ -34,9 +34,8 @@ import inspect
 import logging
 import os
 import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -88,7 +87,7 @@ if TYPE_CHECKING:  # save/restore/migration modules load when used, not at start
     from torpor.builder import DomainBuilder, FileSaver
     from torpor.image import PartialFile, SavedDomain
 
-__all__ = ["DomainMonitor", "Orchestrator", "Torpor"]
+__all__ = ["DomainMonitor", "Orchestrator"]
 
 log = logging.getLogger("torpor")
 T = TypeVar("T")
@@ -844,6 +843,7 @@ class Orchestrator:
                 default = default_suspend_method(ctx)
                 chosen = await self._first("torpor_choose_suspend_method", ctx=ctx, default=default)
                 ctx.method = SuspendMethod(chosen or default)
+                _refuse_undeclared_method(gt, ctx.method)
             except BaseException:
                 if early_watch is not None:
                     await _drop_watch(ctx, early_watch)
@@ -915,7 +915,7 @@ class Orchestrator:
         if gt.device_model and not asleep:
             try:
                 async with self._phase(ctx, Phase.DEVICE_MODEL_SUSPEND, timings):
-                    await self._all("torpor_device_model_suspend", ctx=ctx)
+                    await self._first("torpor_device_model_suspend", ctx=ctx)
             except TorporError as e:
                 await self._rollback(ctx, e)
         result = Result(
@@ -1026,13 +1026,20 @@ class Orchestrator:
         failures: list[str] = []
         if ctx.guest_type is not None and ctx.guest_type.device_model:
             try:
-                await self._all("torpor_device_model_resume", ctx=ctx)
+                await self._first("torpor_device_model_resume", ctx=ctx)
             except TorporError as e:
                 failures.append(f"the device model did not resume: {e.message}")
+        gt = ctx.guest_type
+        fast = gt is None or gt.cooperative_resume
         try:
-            self.host.hypervisor.resume(ctx.domid, fast=True)
+            if not fast and not (gt is not None and gt.survives_inplace_noncooperative):
+                raise ResumeFailed(
+                    f"guest type {gt.name if gt else '?'} can be resumed neither "
+                    "cooperatively nor non-cooperatively in place"
+                )
+            self.host.hypervisor.resume(ctx.domid, fast=fast)
         except TorporError as e:
-            failures.append(f"xc_domain_resume(fast=1) failed: {e.message}")
+            failures.append(f"xc_domain_resume(fast={int(fast)}) failed: {e.message}")
         else:
             try:
                 await ctx.xenstore.resume(ctx.domid)
@@ -1091,6 +1098,18 @@ class Orchestrator:
                     state=info.state_word(),
                 )
             unsafe = not gt.survives_inplace_noncooperative and not ctx.force
+            if shut and cooperative and not gt.cooperative_resume:
+                # Its suspend hypercall cannot return 1: never a fast resume.
+                if ctx.in_place and unsafe:
+                    raise UnsafeResume(
+                        f"domain {ctx.domid} cannot be resumed in place: its guest type "
+                        f"{gt.name} declares cooperative_resume=False (its suspend hypercall "
+                        "cannot return 1) and survives no non-cooperative resume in the same "
+                        "domain. Restore it into a new domain, or force it.",
+                        state="suspended",
+                    )
+                cooperative = False
+                ctx.cooperative = False
             if shut and not cooperative and ctx.in_place and unsafe:
                 raise UnsafeResume(
                     f"refusing a non-cooperative resume of domain {ctx.domid} in the same "
@@ -1107,7 +1126,7 @@ class Orchestrator:
         if shut:
             if gt.device_model:
                 async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
-                    await self._all("torpor_device_model_resume", ctx=ctx)
+                    await self._first("torpor_device_model_resume", ctx=ctx)
             async with self._phase(ctx, Phase.RESUME, timings):
                 try:
                     self.host.hypervisor.resume(ctx.domid, fast=cooperative)
@@ -1259,6 +1278,17 @@ class Orchestrator:
             ctx = await self._context("checkpoint", domid)
             ctx.timeouts = timeouts
             ctx.facts["session"] = True
+            gt = ctx.guest_type
+            assert gt is not None
+            if not gt.cooperative_resume and not gt.survives_inplace_noncooperative:
+                raise UnsafeResume(
+                    f"domain {domid} cannot be checkpointed: its guest type {gt.name} "
+                    "declares cooperative_resume=False and survives no non-cooperative "
+                    "resume in the same domain; nothing was done",
+                    domid=domid,
+                    phase=Phase.VALIDATE,
+                    state=ctx.domain.state_word(),
+                )
 
             async def release() -> None:  # the session's channel, however it ends
                 if "suspend_local_port" in ctx.facts:
@@ -1315,7 +1345,7 @@ class Orchestrator:
             outcome="checkpointed",
             state=resumed.state,
             method=suspended.method,
-            cooperative=True,
+            cooperative=resumed.cooperative,
             timings=(
                 *suspended.timings,
                 PhaseTiming(Phase.CALLBACK, cb_seconds),
@@ -1864,7 +1894,7 @@ class Orchestrator:
                     domid=domid,
                     operation="restore",
                     guest_type=gt.name,
-                    outcome="resumed",
+                    outcome="restored",  # what the caller's Result says, hooks included
                     state=ctx.domain.state_word(),
                     cooperative=False,
                     timings=tuple(timings),
@@ -2016,15 +2046,28 @@ class Orchestrator:
 
         return list(await asyncio.gather(*(one(d) for d in domids)))
 
-    async def suspend_many(self, domids: Iterable[int], **kw: Any) -> list[Result | TorporError]:
+    async def suspend_many(
+        self,
+        domids: Iterable[int],
+        *,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> list[Result | TorporError]:
         """Suspend many domains at once (bounded concurrency); one result or error each."""
         self._check_loop()
-        return await self._bulk(domids, lambda d: self.suspend(d, **kw))
+        return await self._bulk(
+            domids,
+            lambda d: self.suspend(d, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout),
+        )
 
-    async def resume_many(self, domids: Iterable[int], **kw: Any) -> list[Result | TorporError]:
+    async def resume_many(
+        self, domids: Iterable[int], *, cooperative: bool = True, force: bool = False
+    ) -> list[Result | TorporError]:
         """Resume many domains at once (bounded concurrency); one result or error each."""
         self._check_loop()
-        return await self._bulk(domids, lambda d: self.resume(d, **kw))
+        return await self._bulk(
+            domids, lambda d: self.resume(d, cooperative=cooperative, force=force)
+        )
 
     # -- status and recovery -------------------------------------------------------
 
@@ -2110,7 +2153,7 @@ class Orchestrator:
                     state = await self._observe(ctx)
                     if state.startswith("running, device model"):
                         async with self._phase(ctx, Phase.DEVICE_MODEL_RESUME, timings):
-                            await self._all("torpor_device_model_resume", ctx=ctx)
+                            await self._first("torpor_device_model_resume", ctx=ctx)
                         actions.append("let the stopped device model run again")
                 state = await self._observe(ctx)
         return Result(
@@ -2287,6 +2330,25 @@ async def _drop_watch(ctx: OperationContext, pending: asyncio.Future[Any]) -> No
         await ctx.xenstore.unwatch(watch)
 
 
+#: The capability a guest type must declare for each method a plugin may choose.
+_METHOD_NEEDS = {
+    SuspendMethod.XENSTORE: "xenstore_handshake",
+    SuspendMethod.EVENT_CHANNEL: "event_channel",
+    SuspendMethod.ACPI_S3: "acpi_s3",
+}
+
+
+def _refuse_undeclared_method(gt: GuestType, method: SuspendMethod) -> None:
+    """A method the guest type says it cannot take is refused before the guest is asked."""
+    needs = _METHOD_NEEDS.get(method)
+    if needs is not None and not getattr(gt, needs):
+        raise OperationError(
+            f"the {method} method was chosen for a {gt.name} guest, whose guest type "
+            f"(plugin {gt.plugin!r}) declares {needs}=False; nothing was asked of the guest",
+            phase=Phase.VALIDATE,
+        )
+
+
 def _destroyed_state(hv: Any, domid: int) -> str:
     """After the builder destroyed a domain: ``destroyed`` if the hypervisor no
     longer knows it, else what it says (``dying`` while Xen tears it down)."""
@@ -2321,150 +2383,3 @@ def _refuse_wrappers(pm: pluggy.PluginManager) -> None:
                     f"plugin {impl.plugin_name!r}: torpor hooks take no wrappers "
                     f"({caller.name}); use the lifecycle hooks instead"
                 )
-
-
-class _RemoteOrchestrator:
-    """The destination of a migration when it runs on another Torpor's loop."""
-
-    def __init__(
-        self,
-        host: Host,
-        restore: Callable[..., Awaitable[Result]],
-        domain_named: Callable[[str], Awaitable[int | None]],
-    ) -> None:
-        self.host = host
-        self.restore = restore
-        self.domain_named = domain_named
-
-
-class Torpor:
-    """The synchronous face of :class:`Orchestrator`, for toolstacks without asyncio.
-
-    Runs an orchestrator on a private event-loop thread; every method blocks
-    until its operation ends and returns the same results and raises the same
-    errors.  Thread-safe: operations on different domains may be started from
-    different threads and run concurrently.
-
-    :param host: the host (closed by :meth:`close` if ``own_host``).
-    """
-
-    def __init__(
-        self,
-        host: Host,
-        *,
-        plugin_manager: pluggy.PluginManager | None = None,
-        timeouts: Timeouts | None = None,
-        concurrency: int = 256,
-        own_host: bool = False,
-        record_intent: bool = True,
-    ) -> None:
-        self.host = host
-        self._own_host = own_host
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="torpor", daemon=True)
-        self._thread.start()
-        self.orchestrator = Orchestrator(
-            host,
-            plugin_manager=plugin_manager,
-            timeouts=timeouts,
-            concurrency=concurrency,
-            record_intent=record_intent,
-        )
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result()
-        except KeyboardInterrupt:
-            # Ctrl-C in a program that installed no handler of its own: roll
-            # back what is in flight (as interrupt() does), then let it go on.
-            self.interrupt("SIGINT")
-            with contextlib.suppress(Exception):
-                fut.result()
-            raise
-
-    def interrupt(self, reason: str = "interrupted") -> None:
-        """Stop every operation in flight and refuse new ones; safe from any thread
-        and from a signal handler (see :meth:`Orchestrator.interrupt`).
-
-        Returns at once; each operation's caller then gets
-        :class:`~torpor.errors.Interrupted` once its rollback is done.
-        """
-        with contextlib.suppress(RuntimeError):  # the loop is already closed
-            self.loop.call_soon_threadsafe(self.orchestrator.interrupt, reason)
-
-    def in_flight(self) -> list[tuple[int, str, str]]:
-        """``(domid, operation, phase)`` of every operation now holding a domain."""
-        return self.orchestrator.in_flight()
-
-    def suspend(self, domid: int, **kw: Any) -> Result:
-        return self._run(self.orchestrator.suspend(domid, **kw))
-
-    def resume(self, domid: int, **kw: Any) -> Result:
-        return self._run(self.orchestrator.resume(domid, **kw))
-
-    def checkpoint(
-        self, domid: int, callback: Callable[[Result], Any] | None = None, **kw: Any
-    ) -> Result:
-        return self._run(self.orchestrator.checkpoint(domid, callback, **kw))
-
-    def checkpoints(self, domid: int, count: int, **kw: Any) -> list[Result]:
-        return self._run(self.orchestrator.checkpoints(domid, count, **kw))
-
-    def suspend_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:
-        return self._run(self.orchestrator.suspend_many(domids, **kw))
-
-    def save(self, domid: int, path: str | os.PathLike[str]) -> Result:
-        return self._run(self.orchestrator.save(domid, path))
-
-    def restore(
-        self, source: str | os.PathLike[str] | SavedDomain, *, name: str | None = None
-    ) -> Result:
-        return self._run(self.orchestrator.restore(source, name=name))
-
-    def migrate(self, domid: int, destination: Torpor) -> Result:
-        """Migrate to the host ``destination`` drives (its loop restores there)."""
-
-        async def restore_there(saved: SavedDomain, *, expect_kind: str | None = None) -> Result:
-            fut = asyncio.run_coroutine_threadsafe(
-                destination.orchestrator.restore(saved, expect_kind=expect_kind), destination.loop
-            )
-            return await asyncio.wrap_future(fut)
-
-        async def named_there(name: str) -> int | None:
-            fut = asyncio.run_coroutine_threadsafe(
-                destination.orchestrator.domain_named(name), destination.loop
-            )
-            return await asyncio.wrap_future(fut)
-
-        proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there, named_there)
-        return self._run(self.orchestrator.migrate(domid, proxy))  # type: ignore[arg-type]
-
-    def resume_many(self, domids: Sequence[int], **kw: Any) -> list[Result | TorporError]:
-        return self._run(self.orchestrator.resume_many(domids, **kw))
-
-    def list_domains(self) -> list[dict[str, Any]]:
-        return self._run(self.orchestrator.list_domains())
-
-    def status(self, domid: int) -> dict[str, Any]:
-        return self._run(self.orchestrator.status(domid))
-
-    def recover(self, domid: int) -> Result:
-        return self._run(self.orchestrator.recover(domid))
-
-    def close(self) -> None:
-        """Interrupt what is in flight (it is rolled back), then release everything."""
-        if self._thread.is_alive():
-            with contextlib.suppress(Exception):
-                self._run(self.orchestrator.close())
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
-        if self._own_host:
-            self.host.close()
-
-    def __enter__(self) -> Torpor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

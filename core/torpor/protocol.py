@@ -12,9 +12,12 @@ These are the parts of libxl's ``domain_suspend_callback_common``
 * the **hard shutdown**: ``xc_domain_shutdown(SHUTDOWN_suspend)``, no
   cooperation, for HVM guests without PV drivers or already in S3;
 
-and the generic judgements: a suspend is done when the domain is shut down
-with reason suspend (any other reason is a failure); a resume is done when
-the domain runs again.  Registered first by
+the generic device-model steps for every guest type with ``device_model=True``
+(libxl's ``libxl__qmp_suspend_save``: QMP ``stop`` and
+``xen-save-devices-state``; ``cont`` before the domain resumes), and the
+generic judgements: a suspend is done when the domain is shut down with
+reason suspend (any other reason is a failure); a resume is done when the
+domain runs again.  Registered first by
 :func:`torpor.plugins.get_plugin_manager`, so for every ``firstresult`` hook
 a guest-type plugin is asked before these.
 """
@@ -43,6 +46,8 @@ __all__ = [
     "release_suspend_event_channel",
     "torpor_check_resumed",
     "torpor_check_suspended",
+    "torpor_device_model_resume",
+    "torpor_device_model_suspend",
     "torpor_request_suspend",
 ]
 
@@ -142,6 +147,26 @@ def release_suspend_event_channel(ctx: OperationContext) -> None:
     finally:
         if lock is not None:
             lock.release()
+
+
+@hookimpl(trylast=True)
+async def torpor_device_model_suspend(ctx: OperationContext) -> bool | None:
+    if ctx.guest_type is None or not ctx.guest_type.device_model:
+        return None
+    from torpor.devicemodel import suspend_device_model
+
+    await suspend_device_model(ctx)
+    return True
+
+
+@hookimpl(trylast=True)
+async def torpor_device_model_resume(ctx: OperationContext) -> bool | None:
+    if ctx.guest_type is None or not ctx.guest_type.device_model:
+        return None
+    from torpor.devicemodel import resume_device_model
+
+    await resume_device_model(ctx)
+    return True
 
 
 @hookimpl(trylast=True)

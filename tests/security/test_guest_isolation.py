@@ -28,8 +28,8 @@ import pytest
 import pyxs
 
 from torpor.errors import XenstoreError
+from torpor.facade import Torpor
 from torpor.intent import INTENT_ROOT, IntentLog
-from torpor.orchestrator import Torpor
 from torpor.sim.host import SimHost
 from torpor.xenstore import Xenstore
 

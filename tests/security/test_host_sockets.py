@@ -24,8 +24,8 @@ import pytest
 
 from torpor.cli import main as cli_main
 from torpor.errors import BackendUnavailable, UsageError
+from torpor.facade import Torpor
 from torpor.host import Host, check_private_socket
-from torpor.orchestrator import Torpor
 from torpor.sim.host import SimHost
 
 OTHER_UID = 12345

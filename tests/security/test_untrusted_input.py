@@ -28,9 +28,9 @@ import pytest
 
 from torpor.cli import main as cli_main
 from torpor.errors import UsageError
+from torpor.facade import Torpor
 from torpor.frontends import MAX_FRONTENDS, frontends_verdict
 from torpor.host import DOMID_FIRST_RESERVED, validate_domid
-from torpor.orchestrator import Torpor
 from torpor.sim.guest import Behaviour
 from torpor.sim.host import SimHost
 from torpor.xenstore import Xenstore

@@ -23,9 +23,9 @@ import xenlab
 from xenlab import sh
 
 from torpor.errors import AckTimeout
+from torpor.facade import Torpor
 from torpor.host import Host
 from torpor.model import Timeouts
-from torpor.orchestrator import Torpor
 from torpor.xl_savefile import read_save_file, sniff
 
 MakeGuest = Callable[..., xenlab.Guest]

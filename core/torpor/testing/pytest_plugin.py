@@ -105,7 +105,7 @@ def torpor_misbehaving_guest(torpor_guest_factory: Callable[..., int]) -> Callab
 def torpor_client_with(
     torpor_sim_host: Any, torpor_plugin_manager: Any, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Any]]:
-    from torpor.orchestrator import Torpor
+    from torpor.facade import Torpor
     from torpor.plugins import get_plugin_manager
 
     made: list[Any] = []

@@ -13,9 +13,10 @@ What is HVM-specific:
   already in S3 is hard-suspended too;
 * judging -- asleep = ``ACPI_S_STATE`` 3 or QEMU's run state ``suspended``
   (qemu-xen sets the param before it emits ``SUSPEND``; either is evidence);
-* the device model -- ``stop`` + ``xen-save-devices-state`` after a hard
-  suspend (never for S3: QEMU must stay up to wake the guest), ``cont``
-  before the domain resumes;
+* the device model -- declared (``device_model=True``): torpor's generic
+  steps ``stop`` + ``xen-save-devices-state`` after a hard suspend (never
+  for S3: QEMU must stay up to wake the guest) and ``cont`` it before the
+  domain resumes;
 * waking -- ``system_wakeup`` after the domain resumed, once QEMU says it can
   wake this machine; awake = QEMU ``running`` again (``WAKEUP``).
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 from torpor import hookimpl
 from torpor.context import OperationContext
-from torpor.devicemodel import resume_device_model, suspend_device_model
 from torpor.errors import DeviceModelError, TorporError
 from torpor.host import Host
 from torpor.model import (
@@ -68,6 +68,8 @@ async def torpor_choose_suspend_method(
 ) -> SuspendMethod | None:
     if not _ours(ctx) or ctx.facts.get("s3"):
         return None  # asleep already: libxl's hard suspend
+    if ctx.guest_type is None or not ctx.guest_type.acpi_s3:
+        return None  # the type says it cannot sleep
     if ctx.operation in ("save", "migrate"):
         return None  # a save needs the domain shut down for suspend: the hard way
     if ctx.host.agent_path(ctx.domid) is None:
@@ -124,18 +126,6 @@ async def torpor_check_suspended(ctx: OperationContext) -> Verdict | None:
     if await _asleep(ctx):
         return Verdict.ok("S3", "asleep in ACPI S3")
     return Verdict.pending("running", "not asleep yet")
-
-
-@hookimpl
-async def torpor_device_model_suspend(ctx: OperationContext) -> None:
-    if _ours(ctx) and ctx.method != SuspendMethod.ACPI_S3:
-        await suspend_device_model(ctx)
-
-
-@hookimpl
-async def torpor_device_model_resume(ctx: OperationContext) -> None:
-    if _ours(ctx):
-        await resume_device_model(ctx)
 
 
 @hookimpl

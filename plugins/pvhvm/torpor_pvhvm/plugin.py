@@ -10,8 +10,9 @@ What is PVHVM-specific:
   resume (the toolstack sets eax = 1 because the callback IRQ is set); no
   in-place non-cooperative resume: Linux's ``xen_hvm_post_suspend``
   re-registers vcpu_info, fails with EINVAL and the guest reboots;
-* the device model -- QMP ``stop`` + ``xen-save-devices-state`` once
-  suspended, ``cont`` before the domain resumes;
+* the device model -- declared (``device_model=True``); torpor's generic
+  steps stop and save it once suspended and ``cont`` it before the domain
+  resumes, as libxl does, so there is no code for it here;
 * verification -- after a resume in a new domain, frontends reconnected.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from torpor import hookimpl
 from torpor.context import OperationContext
-from torpor.devicemodel import resume_device_model, suspend_device_model
 from torpor.frontends import frontends_verdict
 from torpor.host import Host
 from torpor.model import (
@@ -50,18 +50,6 @@ def torpor_classify_domain(domain: DomainInfo, host: Host) -> GuestType | None:
         return None
     callback, asleep = params
     return GUEST_TYPE if callback != 0 and asleep == 0 else None
-
-
-@hookimpl
-async def torpor_device_model_suspend(ctx: OperationContext) -> None:
-    if ctx.guest_type is GUEST_TYPE:
-        await suspend_device_model(ctx)
-
-
-@hookimpl
-async def torpor_device_model_resume(ctx: OperationContext) -> None:
-    if ctx.guest_type is GUEST_TYPE:
-        await resume_device_model(ctx)
 
 
 @hookimpl

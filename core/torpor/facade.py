@@ -1,0 +1,294 @@
+"""The synchronous face of torpor: :class:`Torpor`, for toolstacks without asyncio.
+
+It runs one :class:`~torpor.orchestrator.Orchestrator` on a private
+event-loop thread; every method blocks until its operation ends and returns
+the same results and raises the same errors as the orchestrator's.  The
+methods' parameters are the orchestrator's, spelled out (a misspelt keyword
+is a type error, not a silent default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from torpor.orchestrator import Orchestrator
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    import pluggy
+
+    from torpor.errors import TorporError
+    from torpor.host import Host
+    from torpor.image import SavedDomain
+    from torpor.model import Result, Timeouts
+
+__all__ = ["Torpor"]
+
+T = TypeVar("T")
+
+
+class Torpor:
+    """Suspend and resume domains of one host, synchronously.
+
+    Thread-safe: operations on different domains may be started from
+    different threads and run concurrently (on the one loop).  Use it as a
+    context manager, or call :meth:`close`.
+
+    :param host: the host (closed by :meth:`close` if ``own_host``).
+    :param plugin_manager: from :func:`torpor.plugins.get_plugin_manager` (default: a new one).
+    :param timeouts: the deadlines (:class:`~torpor.model.Timeouts`).
+    :param concurrency: at most this many domains in flight in a bulk operation.
+    :param own_host: close ``host`` with this object.
+    :param record_intent: keep intent records in xenstore (see :mod:`torpor.intent`).
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        timeouts: Timeouts | None = None,
+        concurrency: int = 256,
+        own_host: bool = False,
+        record_intent: bool = True,
+    ) -> None:
+        self.host = host
+        self._own_host = own_host
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="torpor", daemon=True)
+        self._thread.start()
+        #: the asyncio orchestrator this object drives (bound to :attr:`loop`)
+        self.orchestrator = Orchestrator(
+            host,
+            plugin_manager=plugin_manager,
+            timeouts=timeouts,
+            concurrency=concurrency,
+            record_intent=record_intent,
+        )
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            # Ctrl-C in a program that installed no handler of its own: roll
+            # back what is in flight (as interrupt() does), then let it go on.
+            self.interrupt("SIGINT")
+            with contextlib.suppress(Exception):
+                fut.result()
+            raise
+
+    # -- operations --------------------------------------------------------------
+
+    def suspend(
+        self,
+        domid: int,
+        *,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> Result:
+        """Suspend a domain: it ends shut down with reason suspend (or asleep in S3).
+
+        :param ack_timeout: / :param suspend_timeout: override
+            :class:`~torpor.model.Timeouts` ``ack`` / ``suspend`` for this call.
+        :raises torpor.errors.OperationError: a subclass saying what failed; its
+            ``state`` is what the domain was observed in afterwards.
+        """
+        return self._run(
+            self.orchestrator.suspend(
+                domid, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout
+            )
+        )
+
+    def resume(self, domid: int, *, cooperative: bool = True, force: bool = False) -> Result:
+        """Resume a suspended domain (or wake one asleep in S3).
+
+        :param cooperative: fast (the guest's hypercall returns 1 and it reuses
+            what it saved); ``False`` is for a guest in a new domain, and is
+            refused in place (UnsafeResume) unless the guest type survives it.
+        :param force: do an unsafe in-place non-cooperative resume anyway; the
+            outcome is reported as seen.
+        """
+        return self._run(self.orchestrator.resume(domid, cooperative=cooperative, force=force))
+
+    def checkpoint(
+        self,
+        domid: int,
+        callback: Callable[[Result], Any] | None = None,
+        *,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> Result:
+        """Suspend, run ``callback(suspend_result)`` while suspended, resume cooperatively.
+
+        The guest is resumed even if the callback fails; the callback's error
+        is then raised as an OperationError in phase ``callback``.
+        """
+        return self._run(
+            self.orchestrator.checkpoint(
+                domid, callback, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout
+            )
+        )
+
+    def checkpoints(
+        self,
+        domid: int,
+        count: int,
+        *,
+        interval: float = 0.0,
+        callback: Callable[[Result], Any] | None = None,
+        on_result: Callable[[Result], None] | None = None,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> list[Result]:
+        """``count`` checkpoints in one session (claimed, classified, bound once).
+
+        :param interval: seconds between checkpoints.
+        :param callback: run while the guest is suspended, each time.
+        :param on_result: sees each checkpoint's result as it comes (on the
+            orchestrator's thread).
+        """
+        return self._run(
+            self.orchestrator.checkpoints(
+                domid,
+                count,
+                interval=interval,
+                callback=callback,
+                on_result=on_result,
+                ack_timeout=ack_timeout,
+                suspend_timeout=suspend_timeout,
+            )
+        )
+
+    def suspend_many(
+        self,
+        domids: Sequence[int],
+        *,
+        ack_timeout: float | None = None,
+        suspend_timeout: float | None = None,
+    ) -> list[Result | TorporError]:
+        """Suspend many domains at once (bounded concurrency); a result or an error each,
+        in the order of ``domids``."""
+        return self._run(
+            self.orchestrator.suspend_many(
+                domids, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout
+            )
+        )
+
+    def resume_many(
+        self, domids: Sequence[int], *, cooperative: bool = True, force: bool = False
+    ) -> list[Result | TorporError]:
+        """Resume many domains at once (bounded concurrency); a result or an error each."""
+        return self._run(
+            self.orchestrator.resume_many(domids, cooperative=cooperative, force=force)
+        )
+
+    def save(self, domid: int, path: str | os.PathLike[str]) -> Result:
+        """Suspend a domain, write its state to ``path``, then destroy it.
+
+        The domain is destroyed only once the file is complete and verified;
+        any earlier failure resumes the guest cooperatively where it was.
+        """
+        return self._run(self.orchestrator.save(domid, path))
+
+    def restore(
+        self, source: str | os.PathLike[str] | SavedDomain, *, name: str | None = None
+    ) -> Result:
+        """Build a new domain from a save image and start it (non-cooperatively).
+
+        :param name: restore a copy under this name (new UUID); without it, a
+            domain already holding the saved guest's name refuses the restore
+            (:class:`~torpor.errors.NameInUse`).
+        """
+        return self._run(self.orchestrator.restore(source, name=name))
+
+    def migrate(self, domid: int, destination: Torpor) -> Result:
+        """Move a domain to the host ``destination`` drives (its loop restores there).
+
+        The source is destroyed only after the guest runs at the destination;
+        any earlier failure resumes the source and destroys a half-built copy.
+        """
+
+        async def restore_there(saved: SavedDomain, *, expect_kind: str | None = None) -> Result:
+            fut = asyncio.run_coroutine_threadsafe(
+                destination.orchestrator.restore(saved, expect_kind=expect_kind), destination.loop
+            )
+            return await asyncio.wrap_future(fut)
+
+        async def named_there(name: str) -> int | None:
+            fut = asyncio.run_coroutine_threadsafe(
+                destination.orchestrator.domain_named(name), destination.loop
+            )
+            return await asyncio.wrap_future(fut)
+
+        proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there, named_there)
+        return self._run(self.orchestrator.migrate(domid, proxy))  # type: ignore[arg-type]
+
+    # -- inspection and recovery ---------------------------------------------------
+
+    def list_domains(self) -> list[dict[str, Any]]:
+        """Every guest domain: ``{"domid", "name", "guest_type", "state"}`` (dom0 left out)."""
+        return self._run(self.orchestrator.list_domains())
+
+    def status(self, domid: int) -> dict[str, Any]:
+        """The truth about a domain, observed, and any torpor intent record
+        (see :meth:`Orchestrator.status <torpor.orchestrator.Orchestrator.status>`)."""
+        return self._run(self.orchestrator.status(domid))
+
+    def recover(self, domid: int) -> Result:
+        """Bring a domain a killed or interrupted torpor left behind back to running."""
+        return self._run(self.orchestrator.recover(domid))
+
+    # -- interruption and life cycle ---------------------------------------------
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Stop every operation in flight and refuse new ones; safe from any thread
+        and from a signal handler (see :meth:`Orchestrator.interrupt
+        <torpor.orchestrator.Orchestrator.interrupt>`).
+
+        Returns at once; each operation's caller then gets
+        :class:`~torpor.errors.Interrupted` once its rollback is done.
+        """
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self.loop.call_soon_threadsafe(self.orchestrator.interrupt, reason)
+
+    def in_flight(self) -> list[tuple[int, str, str]]:
+        """``(domid, operation, phase)`` of every operation now holding a domain."""
+        return self.orchestrator.in_flight()
+
+    def close(self) -> None:
+        """Interrupt what is in flight (it is rolled back), then release everything."""
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self._run(self.orchestrator.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+        if self._own_host:
+            self.host.close()
+
+    def __enter__(self) -> Torpor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _RemoteOrchestrator:
+    """The destination of a migration when it runs on another Torpor's loop."""
+
+    def __init__(
+        self,
+        host: Host,
+        restore: Callable[..., Awaitable[Result]],
+        domain_named: Callable[[str], Awaitable[int | None]],
+    ) -> None:
+        self.host = host
+        self.restore = restore
+        self.domain_named = domain_named
