@@ -205,3 +205,28 @@ def test_ctrl_c_in_a_program_without_a_handler_rolls_back_then_raises(sim_host: 
     assert shutdown_node(sim_host, dom) == ""
     assert sim_host.observed_state(dom) == "running"
     assert node(sim_host, f"{INTENT_ROOT}/{dom}") is None
+
+
+def test_an_interrupted_suspend_of_a_paused_guest_leaves_it_paused_and_clean(
+    sim_host: SimHost,
+) -> None:
+    """A paused guest never acks; interrupted, the request is withdrawn and the
+    guest is back where the suspend found it -- paused -- with no intent record
+    left (as on real Xen, tests/xen/test_signals_real.py)."""
+    dom = sim_host.create_guest("pv")
+    sim_host.xen.pause(dom)
+    t = Torpor(sim_host.toolstack_host(), own_host=True)
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: _capture(outcome, lambda: t.suspend(dom)))
+    worker.start()
+    wait_for_request(sim_host, dom)
+    t.interrupt("SIGINT")
+    worker.join(10)
+    t.close()
+    [err] = outcome
+    assert isinstance(err, Interrupted), err
+    assert err.clean and err.state == "paused" == sim_host.observed_state(dom)
+    assert "run `torpor recover" not in err.message
+    assert shutdown_node(sim_host, dom) == ""
+    assert node(sim_host, f"{INTENT_ROOT}/{dom}") is None
+    sim_host.xen.unpause(dom)

@@ -547,7 +547,9 @@ class Orchestrator:
             except TorporError as e:
                 problem = e
         state = await self._observe(ctx)
-        clean = problem is None and (state == "running" or not touched)
+        # Back where the operation found it (a paused guest stays paused), or running.
+        found = ctx.facts.get("found")
+        clean = problem is None and (state in ("running", found) or not touched)
         if actions:
             done = "; ".join(actions)
         else:
@@ -677,6 +679,7 @@ class Orchestrator:
             self._contexts[domid] = ctx
         ctx.guest_type = await self.classify(info)
         ctx.facts["s3"] = self._in_s3(info)
+        ctx.facts["found"] = "S3" if ctx.facts["s3"] and not info.shutdown else info.state_word()
         return ctx
 
     def _in_s3(self, info: DomainInfo) -> bool:
