@@ -317,3 +317,61 @@ def test_an_instance_that_is_off_does_nothing(host: SimHost) -> None:
     with torpor(host, FsFreeze(enabled=False, avoid_s3=True)) as t:
         assert t.suspend(dom).state == "suspended"  # no agent, yet no veto
         t.resume(dom)
+
+
+@pytest.fixture
+def daemon_host() -> Iterator[str]:
+    """A simulated host in its own process: a PV guest (no agent) and an HVM guest."""
+    from torpor.sim import daemon
+
+    d = tempfile.mkdtemp(prefix="tg", dir="/tmp")
+    try:
+        daemon.start(d, ["pv", "hvm"], qemu=False, timeout=120)
+        yield d
+    finally:
+        daemon.stop(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_torpor_command_with_the_entry_point_configured(daemon_host: str) -> None:
+    """`torpor` as an operator runs it: the entry point's instance, turned on by
+    the environment; a suspend and a resume in two processes."""
+    import contextlib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from torpor.hypervisor.remote import RemoteHypervisor
+
+    env = {**os.environ, "TORPOR_FSFREEZE": "1", "TORPOR_FSFREEZE_AVOID_S3": "1"}
+
+    def torpor_cli(*args: str) -> tuple[int, dict[str, Any]]:
+        cmd = [sys.executable, "-m", "torpor", "--host", f"sim:{daemon_host}", "--json", *args]
+        out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+        (line,) = [ln for ln in out.stdout.splitlines() if ln.strip()]
+        return out.returncode, json.loads(line)
+
+    def report(domid: int) -> Any:  # the simulated host's own view of the guest
+        with contextlib.closing(RemoteHypervisor(f"{daemon_host}/hypervisor.sock")) as hv:
+            return hv.call("sim_guest", domid=domid)
+
+    def status() -> Any:
+        async def ask() -> Any:
+            async with GuestAgent(domid=2) as agent:
+                await agent.connect(f"{daemon_host}/qmp/qga-2", timeout=10)
+                await agent.sync(timeout=10)
+                return await agent.execute("guest-fsfreeze-status", timeout=10)
+
+        return asyncio.run(ask())
+
+    code, out = torpor_cli("suspend", "1")  # a PV guest: no agent, require_agent
+    assert code != 0 and out["error"] == "Vetoed" and out["state"] == "running"
+    assert out["plugin"] == "fsfreeze" and "no guest agent" in out["reason"]
+    code, out = torpor_cli("suspend", "2")
+    assert code == 0 and out["method"] == "hard-shutdown" and out["state"] == "suspended"
+    assert report(2)["counters"]["fs_frozen"] == 1  # the guest's memory: frozen
+    code, out = torpor_cli("resume", "2")  # another process: it finds the guest frozen
+    assert code == 0 and out["state"] == "running"
+    assert status() == "thawed" and report(2)["counters"]["fs_frozen"] == 0
+    assert report(2)["log"][-2:] == ["agent: FIFREEZE", "agent: FITHAW"]
