@@ -8,12 +8,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench bench-xen docs clean fuzz mutation
 
-$(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml
+$(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml examples/torpor-fsfreeze/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,docs]'
-	# the example third-party plugin, installed the way a third party's would be
+	# the example third-party plugins, installed the way a third party's would be
 	$(PY) -m pip install --quiet -e examples/torpor-pvh
+	$(PY) -m pip install --quiet -e examples/torpor-fsfreeze
 	@touch $@
 
 demo: $(STAMP)
@@ -29,11 +30,13 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check $(LINTED)
 
 typecheck: $(STAMP)
-	$(PY) -m mypy --strict core/torpor plugins/pv/torpor_pv plugins/pvhvm/torpor_pvhvm plugins/hvm/torpor_hvm
+	$(PY) -m mypy --strict core/torpor plugins/pv/torpor_pv plugins/pvhvm/torpor_pvhvm plugins/hvm/torpor_hvm \
+		examples/torpor-fsfreeze/src/torpor_fsfreeze
 
 pytest: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m pytest examples/torpor-pvh/tests $(PYTEST_ARGS)
+	$(PY) -m pytest examples/torpor-fsfreeze/tests $(PYTEST_ARGS)
 
 # The documentation (docs/), warnings are errors; -E: every page re-read, so
 # a warning is never hidden by an earlier build.

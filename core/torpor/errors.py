@@ -27,6 +27,8 @@ report *which guest*, *where* and *why* without parsing messages::
           │    ├── AlreadySuspended
           │    └── NotSuspended
           ├── UnsafeResume          in-place non-cooperative resume refused
+          ├── Vetoed                a plugin refused the suspend before the guest was asked
+          │                         (``plugin``, ``reason``; torpor_veto_suspend)
           ├── AckTimeout            the guest never acked; request cancelled, guest running
           ├── SuspendTimeout        acked but never shut down (it probably failed to freeze)
           ├── UnexpectedShutdown    shut down with a reason other than suspend
@@ -82,6 +84,7 @@ __all__ = [
     "UnsafeResume",
     "UnsupportedGuest",
     "UsageError",
+    "Vetoed",
     "WrongEventLoop",
     "XenstoreConnectionLost",
     "XenstoreError",
@@ -328,6 +331,30 @@ class NotSuspended(InvalidState):
 
 class UnsafeResume(OperationError):
     """An in-place non-cooperative resume was refused: the guest would not survive it."""
+
+
+class Vetoed(OperationError):
+    """A plugin refused the suspend (``torpor_veto_suspend``); the guest was not asked.
+
+    Raised at the end of the ``validate`` phase of a suspend, a checkpoint,
+    a save or a migration, before the intent record and the request: the
+    guest runs on as it was (``state`` is what was observed afterwards,
+    ``running``).  A plugin that raised a :class:`TorporError` instead of
+    returning a reason has it as ``cause``.
+
+    :param plugin: the name of the plugin that vetoed.
+    :param reason: the reason it gave (or its error's message).
+    """
+
+    def __init__(self, message: str, *, plugin: str, reason: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.plugin = plugin
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(plugin=self.plugin, reason=self.reason)
+        return out
 
 
 class AckTimeout(OperationError):

@@ -121,6 +121,45 @@ def torpor_choose_suspend_method(
 
 
 @hookspec(firstresult=True)
+def torpor_veto_suspend(ctx: OperationContext) -> str | None:
+    """Refuse a suspend before the guest is asked -- or make the guest ready for it.
+
+    Called once per suspend: of a ``suspend`` (each domain of a bulk
+    suspend), of every checkpoint of a checkpoint session, of a ``save`` and
+    of a ``migrate``.  It runs last in the ``validate`` phase, after
+    classification, the state checks and the choice of method
+    (``ctx.method`` is set), and before anything is asked of the guest: no
+    intent record, no request, no :func:`torpor_before_suspend` yet.  This
+    is where a plugin quiesces what must be quiet before a suspend (qemu-ga
+    ``guest-fsfreeze-freeze``, a database flush) and says no when it cannot.
+    It is called once, not re-asked on events; an ``async def``
+    implementation may take as long as its work takes (an interrupt cancels
+    it like any other wait).
+
+    ``firstresult``: the first implementation to return a reason (a ``str``)
+    vetoes the suspend, and those after it are not asked.  The operation then
+    fails with :class:`~torpor.errors.Vetoed`, which names the plugin
+    (``plugin``) and its ``reason``; nothing is sent to the guest, and the
+    error's ``state`` is the state observed afterwards (``running``).  Raising
+    a :class:`~torpor.errors.TorporError` vetoes it too: ``Vetoed``, the error
+    as its ``cause``.  Any other exception is a plugin bug: an
+    :class:`~torpor.errors.OperationError` naming the plugin and the hook,
+    nothing sent to the guest either.  Return ``None`` to let the suspend go on.
+
+    After a veto :func:`torpor_operation_failed` is called on every plugin,
+    the one that vetoed included, with the ``Vetoed``: a plugin that
+    quiesced something and returned ``None`` undoes it there when a plugin
+    asked after it vetoes (it undoes it there too when the suspend fails
+    later, and in :func:`torpor_after_resume` once the guest is back).
+
+    :param ctx: the operation: ``ctx.operation`` names it (``suspend``,
+        ``checkpoint``, ``save``, ``migrate``), ``ctx.method`` is how the
+        guest will be asked, ``ctx.guest_type`` what it is.
+    :return: why the suspend must not happen, or ``None`` to allow it.
+    """
+
+
+@hookspec(firstresult=True)
 def torpor_request_suspend(ctx: OperationContext, method: SuspendMethod) -> bool | None:
     """Ask the guest to suspend by ``method``; return ``True`` once asked.
 
@@ -255,6 +294,9 @@ def torpor_check_resumed(ctx: OperationContext) -> Verdict | None:
 def torpor_before_suspend(ctx: OperationContext) -> None:
     """A suspend of ``ctx.domid`` is about to start (after validation).
 
+    Not called for a suspend that :func:`torpor_veto_suspend` refused: this
+    comes after the veto, just before the guest is asked.
+
     :param ctx: the operation.
     """
 
@@ -317,6 +359,9 @@ def torpor_operation_failed(ctx: OperationContext, error: TorporError) -> None:
     suspend, resume, checkpoint (its callback's failure included), save,
     migration, recovery, or the start of a restored domain -- after any
     rollback (a cooperative resume after a failed suspend) has been done.
+    A suspend vetoed by :func:`torpor_veto_suspend` is a failure too: every
+    plugin gets the :class:`~torpor.errors.Vetoed`, the one that vetoed
+    included.
     Every :class:`~torpor.errors.TorporError` raised inside the operation (a
     plugin's ``DeviceModelError``, a lost xenstore connection, a failing
     hypervisor call) is made an :class:`~torpor.errors.OperationError` first,

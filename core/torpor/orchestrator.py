@@ -64,6 +64,7 @@ from torpor.errors import (
     UnsafeResume,
     UnsupportedGuest,
     UsageError,
+    Vetoed,
     WrongEventLoop,
 )
 from torpor.host import Host, validate_domid
@@ -847,6 +848,7 @@ class Orchestrator:
                 chosen = await self._first("torpor_choose_suspend_method", ctx=ctx, default=default)
                 ctx.method = SuspendMethod(chosen or default)
                 _refuse_undeclared_method(gt, ctx.method)
+                await self._veto(ctx)  # last: nothing has been asked of the guest yet
             except BaseException:
                 if early_watch is not None:
                     await _drop_watch(ctx, early_watch)
@@ -932,6 +934,45 @@ class Orchestrator:
         )
         await self._notify("torpor_after_suspend", ctx=ctx, result=result)
         return result
+
+    async def _veto(self, ctx: OperationContext) -> None:
+        """``torpor_veto_suspend``: the first plugin to give a reason (or raise a
+        TorporError) refuses the suspend with Vetoed; any other exception is the
+        plugin's bug, an OperationError as in every hook (:meth:`_call_impl`)."""
+        name = "torpor_veto_suspend"
+        kwargs = {"ctx": ctx}
+        for impl in reversed(getattr(self.pm.hook, name).get_hookimpls()):
+            cause: TorporError | None = None
+            try:
+                reason = impl.function(*[kwargs[a] for a in impl.argnames])
+                if inspect.isawaitable(reason):
+                    reason = await reason
+            except Vetoed:
+                raise
+            except TorporError as e:
+                reason, cause = e.message, e
+            except Exception as e:
+                raise OperationError(
+                    f"plugin {impl.plugin_name!r} failed in {name}: {e!r}",
+                    state=ctx.domain.state_word(),
+                    cause=e,
+                ) from e
+            if reason is None:
+                continue
+            if not isinstance(reason, str):
+                raise OperationError(
+                    f"plugin {impl.plugin_name!r} returned {reason!r} from {name}; "
+                    "expected a reason (str) or None",
+                    state=ctx.domain.state_word(),
+                )
+            raise Vetoed(
+                f"plugin {impl.plugin_name!r} vetoed the {ctx.operation}: "
+                f"{reason or 'no reason given'}; the guest was not asked",
+                plugin=impl.plugin_name,
+                reason=reason,
+                state=ctx.domain.state_word(),
+                cause=cause,
+            )
 
     async def _wait_ack(self, ctx: OperationContext, path: str, wake: _Waker) -> bool:
         """The guest acks by leaving anything but ``suspend`` (or removing the node).

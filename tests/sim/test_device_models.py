@@ -592,6 +592,107 @@ def test_guest_agent_suspend_ram(kind: str) -> None:
     with_model(kind, body)
 
 
+def fs_accounted(c: img.GuestCounters) -> bool:
+    """Every tick wrote to the filesystem or blocked on it, once (the handler
+    counts the tick first: read mid-tick, one is not accounted yet)."""
+    return c.ticks - (c.fs_writes + c.fs_blocked) in (0, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_frozen_filesystem_blocks_the_guests_writer(kind: str) -> None:
+    """The guest writes its filesystem each tick; frozen, it writes nothing and
+    its writer blocks; thawed, it writes again.  (Windows of elapsed time
+    measure the tick rate: a tick has no event.)"""
+
+    async def body(dm: DeviceModelBase, qmp: QmpClient) -> None:
+        c0 = dm.read_counters()
+        assert c0.fs_frozen == 0 and c0.fs_blocked == 0 and fs_accounted(c0)
+        await asyncio.sleep(0.2)
+        c1 = dm.read_counters()
+        assert c1.fs_writes - c0.fs_writes >= 5 and c1.fs_blocked == 0
+        dm.write_memory(img.FS_FROZEN_ADDR, b"\x01")  # FIFREEZE
+        f0 = dm.read_counters()
+        await asyncio.sleep(0.3)
+        f1 = dm.read_counters()
+        assert f1.fs_frozen == 1 and fs_accounted(f1)
+        assert f1.ticks - f0.ticks >= 5  # the guest runs on...
+        assert f1.fs_writes - f0.fs_writes <= 1  # ...but writes nothing (a tick in flight)
+        assert f1.fs_blocked - f0.fs_blocked >= f1.ticks - f0.ticks - 1
+        dm.write_memory(img.FS_FROZEN_ADDR, b"\x00")  # FITHAW
+        t0 = dm.read_counters()
+        await asyncio.sleep(0.2)
+        t1 = dm.read_counters()
+        assert t1.fs_writes - t0.fs_writes >= 5 and t1.fs_blocked - t0.fs_blocked <= 1
+        assert fs_accounted(t1)
+
+    with_model(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reboot_mounts_the_filesystem_thawed(kind: str) -> None:
+    async def body(dm: DeviceModelBase, qmp: QmpClient) -> None:
+        dm.write_memory(img.FS_FROZEN_ADDR, b"\x01")
+        mark, line = qmp.event_mark(), dm.serial_mark()
+        await dm.request_crash()
+        await qmp.wait_event("RESET", since=mark, timeout=STEP)
+        await dm.wait_serial(img.LINE_BOOT, since=line, timeout=STEP)
+        c = dm.read_counters()
+        assert c.boots == 2 and c.fs_frozen == 0
+
+    with_model(kind, body, reboot=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_guest_agent_fsfreeze(kind: str) -> None:
+    """qemu-ga 7.2's guest-fsfreeze-*: counts, status, and the frozen agent's
+    allowlist (a second freeze and guest-suspend-ram are disabled)."""
+
+    async def body(dm: DeviceModelBase, qmp: QmpClient) -> None:
+        async with GuestAgentShim(dm, dm_path(dm, "qga.sock")) as shim:
+            async with GuestAgent(domid=1) as agent:
+                await agent.connect(shim.path, timeout=STEP)
+                await agent.sync(timeout=STEP)
+
+                async def run(cmd: str) -> object:
+                    return await agent.execute(cmd, timeout=STEP)
+
+                assert await run("guest-fsfreeze-status") == "thawed"
+                assert await run("guest-fsfreeze-thaw") == 0  # nothing frozen: not an error
+                assert await run("guest-fsfreeze-freeze") == 1
+                assert await run("guest-fsfreeze-status") == "frozen"
+                assert dm.read_counters().fs_frozen == 1
+                info = await run("guest-info")
+                assert isinstance(info, dict)
+                enabled = {c["name"]: c["enabled"] for c in info["supported_commands"]}
+                assert enabled["guest-fsfreeze-thaw"] and enabled["guest-ping"]
+                assert not enabled["guest-fsfreeze-freeze"] and not enabled["guest-suspend-ram"]
+                for cmd in ("guest-fsfreeze-freeze", "guest-suspend-ram"):
+                    with pytest.raises(QmpCommandError) as e:
+                        await run(cmd)
+                    assert e.value.error_class == "CommandNotFound"
+                    assert e.value.desc == (
+                        f"Command {cmd} has been disabled: the agent is in frozen state"
+                    )
+                with pytest.raises(QmpCommandError, match="has not been found"):
+                    await run("guest-nosuch")  # unknown before disabled, as qmp_dispatch
+                await agent.ping(timeout=STEP)
+                # The guest's own S3 (not asked through the agent) is allowed frozen;
+                # the freeze is the kernel's state and outlives the sleep.
+                await enter_s3(dm, qmp)
+                line = dm.serial_mark()
+                await qmp.system_wakeup()
+                await dm.wait_serial(img.LINE_RESUME, since=line, timeout=STEP)
+                await agent.sync(timeout=STEP)
+                assert await run("guest-fsfreeze-status") == "frozen"
+                assert await run("guest-fsfreeze-thaw") == 1
+                assert await run("guest-fsfreeze-status") == "thawed"
+                assert dm.read_counters().fs_frozen == 0
+                assert await run("guest-fsfreeze-freeze") == 1  # and again
+                assert await run("guest-fsfreeze-thaw") == 1
+
+    with_model(kind, body)
+
+
 def test_guest_agent_reports_a_guest_without_s3() -> None:
     async def main() -> None:
         async with running("in-process") as (dm, qmp):

@@ -58,6 +58,9 @@ def test_layout_constants_do_not_overlap() -> None:
         img.FACS_PTR_ADDR,
         img.S3_ENTRIES_ADDR,
         img.LAST_CMD_ADDR,
+        img.FS_FROZEN_ADDR,
+        img.FS_WRITES_ADDR,
+        img.FS_BLOCKED_ADDR,
     ]
     assert all(f in state for f in fields) and len(set(fields)) == len(fields)
     assert img.PIT_DIVISOR == 11932  # 1193182 Hz / 100 Hz
@@ -68,9 +71,14 @@ def test_read_counters_decodes_the_state_block() -> None:
     struct.pack_into(
         "<7IB", mem, img.STATE_ADDR, img.MAGIC, 1234, 2, 3, 0x604, 0x10000, 4, ord("S")
     )
+    struct.pack_into("<B", mem, img.FS_FROZEN_ADDR, 1)
+    struct.pack_into("<II", mem, img.FS_WRITES_ADDR, 1200, 34)
     struct.pack_into("<4sI4xI", mem, 0x10000, b"FACS", 64, img.RESUME_VECTOR)
     c = img.read_counters(lambda a, n: bytes(mem[a : a + n]))
-    assert c == img.GuestCounters(True, 1234, 2, 3, 0x604, 0x10000, 4, ord("S"), img.RESUME_VECTOR)
+    assert c == img.GuestCounters(
+        True, 1234, 2, 3, 0x604, 0x10000, 4, ord("S"), img.RESUME_VECTOR, 1, 1200, 34
+    )
+    assert img.FS_BLOCKED_ADDR == img.FS_WRITES_ADDR + 4  # the writer indexes by fs_frozen
     blank = img.read_counters(lambda a, n: bytes(n))
     assert not blank.valid and blank.waking_vector is None
 

@@ -8,7 +8,8 @@ same guest-physical memory layout: "SeaBIOS" writes ACPI tables (RSDP, RSDT,
 FADT with PM1a_CNT_BLK 0x604, FACS at 0xFE0000, as QEMU 7.2 + SeaBIOS 1.16
 place them for a 16 MiB ``pc`` guest), the guest walks them, sets the FACS
 waking vector, ticks at :data:`~torpor.sim.hvm_image.TICK_HZ` writing its
-ring, and polls its COM1 for the one-byte commands.
+ring and its filesystem (unless frozen), and polls its COM1 for the one-byte
+commands.
 
 Every behaviour below was observed on QEMU 7.2 (Debian 12) with the real
 guest, and the tests run the same checks against both models:
@@ -219,6 +220,7 @@ class _Guest:
         if self._u32(img.STATE_ADDR) != img.MAGIC:  # fresh RAM: clear state and ring
             self.dm.write_memory(img.STATE_ADDR, bytes(0x800))
             self._put32(img.STATE_ADDR, img.MAGIC)
+        self.dm.write_memory(img.FS_FROZEN_ADDR, b"\0")  # a boot mounts its filesystem thawed
         self._put32(img.BOOTS_ADDR, self._u32(img.BOOTS_ADDR) + 1)
         fadt = self._find_fadt()
         if fadt is None:
@@ -250,6 +252,10 @@ class _Guest:
         ticks = self._u32(img.TICKS_ADDR) + 1
         self._put32(img.REGION_ADDR + 4 * (ticks % 256), ticks)
         self._put32(img.TICKS_ADDR, ticks)
+        # The tick's filesystem write; a frozen filesystem blocks the writer instead.
+        frozen = self.dm.read_memory(img.FS_FROZEN_ADDR, 1)[0]
+        counter = img.FS_WRITES_ADDR + 4 * frozen
+        self._put32(counter, self._u32(counter) + 1)
         command = self.dm.uart_take()
         if command is None:
             return

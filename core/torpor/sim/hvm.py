@@ -56,6 +56,15 @@ class _GuestView:
     def read_counters(self) -> GuestCounters:
         return self._dm.read_counters()
 
+    def read_memory(self, addr: int, length: int) -> bytes:
+        return self._dm.read_memory(addr, length)
+
+    def write_memory(self, addr: int, data: bytes) -> None:
+        # The agent runs in the guest: its FIFREEZE / FITHAW are the guest's own writes.
+        self._dm.write_memory(addr, data)
+        if addr == hvm_image.FS_FROZEN_ADDR:
+            self._guest.log.append("agent: FIFREEZE" if any(data) else "agent: FITHAW")
+
     async def wait_run_state(self, states: Iterable[str], *, timeout: float) -> str:
         return await self._dm.wait_run_state(states, timeout=timeout)
 
@@ -281,6 +290,9 @@ class HvmGuest:
             "cooperative_resumes": c.resumes,
             "new_domain_resumes": 0,
             "suspends": c.s3_entries,
+            "fs_frozen": c.fs_frozen,
+            "fs_writes": c.fs_writes,
+            "fs_blocked": c.fs_blocked,
         }
 
     def memory_checksum(self) -> str:

@@ -22,6 +22,14 @@ nothing external (nasm, as) runs, nothing is downloaded.  What it does:
   :data:`REGION_ADDR` (``ring[t % 256] = t``), so the ring's content is a pure
   function of the tick count: :func:`expected_region` lets the host check it.
   Between ticks the vCPU sits in ``sti; hlt``: TCG idles, no host core spins.
+* **A filesystem writer.**  Each tick the guest also writes to its one
+  filesystem (``fs_writes`` += 1) -- unless the filesystem is frozen
+  (``fs_frozen``, set and cleared by the guest agent's
+  ``guest-fsfreeze-freeze`` / ``-thaw``, as Linux's ``FIFREEZE`` / ``FITHAW``
+  set a superblock's freeze level).  A writer to a frozen filesystem blocks
+  in ``sb_start_write()`` until the thaw; here it counts the ticks it spent
+  blocked (``fs_blocked``) and writes nothing.  A boot (not an S3 resume)
+  clears ``fs_frozen``: a new kernel mounts its filesystems thawed.
   On S3 resume QEMU has reset every device (``qemu_system_wakeup()`` ->
   ``qemu_system_reset()``, softmmu/runstate.c) and SeaBIOS's ``pic_setup()``
   masked every IRQ, so the resume path reprograms the PIT and unmasks IRQ0;
@@ -54,6 +62,9 @@ Guest-physical memory layout (all little-endian)::
     0x1014  u32  facs       FACS address read from the FADT
     0x1018  u32  s3_entries times the guest wrote SLP_EN for S3
     0x101c  u8   last_cmd   the last byte taken from COM1
+    0x101d  u8   fs_frozen  1 while the guest's filesystem is frozen (0 or 1 only)
+    0x1020  u32  fs_writes  ticks whose write reached the filesystem
+    0x1024  u32  fs_blocked ticks the writer spent blocked on the frozen filesystem
     0x1400  256 x u32 ring  ring[t % 256] = t for every tick t
 
 The S3 resume stack SeaBIOS uses (``BUILD_S3RESUME_STACK_ADDR`` = 0x1000,
@@ -76,6 +87,9 @@ __all__ = [
     "CMD_POWEROFF",
     "CMD_S3",
     "FACS_PTR_ADDR",
+    "FS_BLOCKED_ADDR",
+    "FS_FROZEN_ADDR",
+    "FS_WRITES_ADDR",
     "LAST_CMD_ADDR",
     "LINE_BOOT",
     "LINE_CRASH",
@@ -109,7 +123,7 @@ __all__ = [
 LOAD_ADDR = 0x7C00
 #: The guest's state block (see the module docstring for the layout).
 STATE_ADDR = 0x1000
-STATE_SIZE = 0x20
+STATE_SIZE = 0x28
 MAGIC = 0x50524F54  # b"TORP" little-endian
 TICKS_ADDR = STATE_ADDR + 0x04
 BOOTS_ADDR = STATE_ADDR + 0x08
@@ -118,6 +132,11 @@ PM1A_CNT_ADDR = STATE_ADDR + 0x10
 FACS_PTR_ADDR = STATE_ADDR + 0x14
 S3_ENTRIES_ADDR = STATE_ADDR + 0x18
 LAST_CMD_ADDR = STATE_ADDR + 0x1C
+#: The filesystem's freeze flag (0 or 1: the writer indexes by it) and the
+#: writer's two counters, adjacent: ``[FS_WRITES_ADDR + 4 * fs_frozen] += 1``.
+FS_FROZEN_ADDR = STATE_ADDR + 0x1D
+FS_WRITES_ADDR = STATE_ADDR + 0x20
+FS_BLOCKED_ADDR = STATE_ADDR + 0x24
 #: The ring the IRQ0 handler writes: 256 dwords, ``ring[t % 256] = t``.
 REGION_ADDR = 0x1400
 REGION_SIZE = 256 * 4
@@ -306,6 +325,7 @@ def _program() -> _Asm:
     a.ins("rep stosw", 0xF3, 0xAB, c="AX is 0")
     a.ins("mov dword [STATE], MAGIC", 0x66, 0xC7, 0x06, _w(st), _d(MAGIC))
     a.label("known")
+    a.ins("mov [FS_FROZEN], al", 0xA2, _w(FS_FROZEN_ADDR), c="AL is 0: a boot mounts thawed")
     a.ins("inc dword [BOOTS]", 0x66, 0xFF, 0x06, _w(boots), c="boots += 1")
 
     # ---- unreal mode: FS gets a flat 4 GiB limit so [fs:esi] reaches the ACPI tables
@@ -327,8 +347,8 @@ def _program() -> _Asm:
     a.ins("je rsdp", 0x74, _rel8("rsdp"))
     a.label("scan_next")
     a.ins("add esi, 16", 0x66, 0x83, 0xC6, 0x10)
-    a.ins("cmp esi, 0x100000", 0x66, 0x81, 0xFE, _d(0x100000))
-    a.ins("jb scan", 0x72, _rel8("scan"))
+    a.ins("bt esi, 20", 0x66, 0x0F, 0xBA, 0xE6, 0x14, c="CF: ESI reached 0x100000")
+    a.ins("jae scan", 0x73, _rel8("scan"), c="CF clear (jnc): still below 1 MiB")
     a.ins("jmp short no_acpi", 0xEB, _rel8("no_acpi"))
     a.label("rsdp")
     a.ins("mov esi, [fs:esi+16]", 0x66, 0x64, 0x67, 0x8B, 0x76, 0x10, c="RsdtAddress")
@@ -369,8 +389,13 @@ def _program() -> _Asm:
     # ---- boot and resume alike: our IRQ0 handler, PIT at TICK_HZ, IRQ0 unmasked, then the
     #      status line (SI), so a host that sees "boot" or "resume" finds the guest ready
     a.label("common")
-    a.ins("mov word [0x20], irq0", 0xC7, 0x06, _w(0x20), _abs16("irq0"), c="IVT 8: IRQ0")
-    a.ins("mov word [0x22], 0", 0xC7, 0x06, _w(0x22), _w(0), c="(SeaBIOS maps IRQ0 to 8)")
+    a.ins(
+        "mov dword [0x20], irq0",
+        *(0x66, 0xC7, 0x06),
+        _w(0x20),
+        _abs32("irq0"),
+        c="IVT 8 (SeaBIOS maps IRQ0 to 8): 0000:irq0",
+    )
     a.ins("mov al, 0x34", 0xB0, 0x34, c="PIT ch0, lo/hi byte, mode 2 (rate generator)")
     a.ins("out 0x43, al", 0xE6, 0x43)
     a.ins(f"mov al, {PIT_DIVISOR & 0xFF:#04x}", 0xB0, PIT_DIVISOR & 0xFF, c="divisor low")
@@ -429,7 +454,7 @@ def _program() -> _Asm:
     a.ins("sti", 0xFB, c="S3 refused (disable_s3) or S5 pending: keep ticking")
     a.ins("jmp short idle", 0xEB, _rel8("idle"))
 
-    # ---- IRQ0: ticks += 1; ring[ticks % 256] = ticks; EOI
+    # ---- IRQ0: ticks += 1; ring[ticks % 256] = ticks; the filesystem write; EOI
     a.label("irq0")
     a.ins("push eax", 0x66, 0x50)
     a.ins("push bx", 0x53)
@@ -442,6 +467,14 @@ def _program() -> _Asm:
     a.ins("shl bx, 2", 0xC1, 0xE3, 0x02)
     a.ins("mov [bx+REGION], eax", 0x66, 0x89, 0x87, _w(REGION_ADDR), c="ring first, then ticks")
     a.ins("mov [TICKS], eax", 0x66, 0xA3, _w(ticks))
+    a.ins(
+        "movzx bx, byte [FS_FROZEN]",
+        *(0x0F, 0xB6, 0x1E),
+        _w(FS_FROZEN_ADDR),
+        c="the tick's filesystem write",
+    )
+    a.ins("shl bx, 2", 0xC1, 0xE3, 0x02, c="thawed: FS_WRITES; frozen: FS_BLOCKED")
+    a.ins("inc dword [bx+FS_WRITES]", 0x66, 0xFF, 0x87, _w(FS_WRITES_ADDR))
     a.ins("mov al, 0x20", 0xB0, 0x20)
     a.ins("out 0x20, al", 0xE6, 0x20, c="non-specific EOI to the master 8259")
     a.ins("pop ds", 0x1F)
@@ -559,6 +592,9 @@ class GuestCounters:
     s3_entries: int
     last_cmd: int
     waking_vector: int | None = None
+    fs_frozen: int = 0
+    fs_writes: int = 0
+    fs_blocked: int = 0
 
 
 #: How a reader fetches guest memory: ``read(guest_physical_addr, length)``.
@@ -568,12 +604,16 @@ MemoryReader = Callable[[int, int], bytes]
 def read_counters(read: MemoryReader) -> GuestCounters:
     """Decode the state block (and the FACS waking vector) through ``read``."""
     raw = read(STATE_ADDR, STATE_SIZE)
-    magic, tk, bt, rs, pm1a, facs, s3, last = struct.unpack("<7IB3x", raw)
+    magic, tk, bt, rs, pm1a, facs, s3, last, frozen, writes, blocked = struct.unpack(
+        "<7IBB2x2I", raw
+    )
     vector = None
     if magic == MAGIC and facs:
         sig, vec = struct.unpack("<4s8xI", read(facs, 16))
         vector = vec if sig == b"FACS" else None
-    return GuestCounters(magic == MAGIC, tk, bt, rs, pm1a, facs, s3, last, vector)
+    return GuestCounters(
+        magic == MAGIC, tk, bt, rs, pm1a, facs, s3, last, vector, frozen, writes, blocked
+    )
 
 
 def expected_region(ticks: int) -> bytes:

@@ -1096,6 +1096,25 @@ class GuestAgentShim:
     it turns it into :meth:`DeviceModelProcess.request_s3`.  A guest that
     found no FADT cannot sleep: that is an error reply, as qemu-ga gives when
     the guest kernel lacks S3.
+
+    Filesystem freeze, as qemu-ga 7.2 on Linux does it (qga/commands-posix.c,
+    qga/main.c); the guest has one filesystem, whose freeze flag lives in
+    guest memory (``fs_frozen``, :mod:`torpor.sim.hvm_image`), so a freeze
+    survives S3, a save and a migration as the guest's kernel state does,
+    and a reboot clears it:
+
+    * ``guest-fsfreeze-freeze`` freezes it (``FIFREEZE``; the guest's writer
+      then blocks) and returns the number of filesystems frozen, 1;
+    * ``guest-fsfreeze-status`` returns ``"frozen"`` or ``"thawed"``;
+    * ``guest-fsfreeze-thaw`` thaws it and returns the number thawed (1, or
+      0 when nothing was frozen: not an error);
+    * while frozen, qemu-ga disables every command but those of its
+      ``ga_freeze_allowlist`` (ping, info, sync, sync-delimited, fsfreeze
+      status and thaw): a second ``guest-fsfreeze-freeze`` and
+      ``guest-suspend-ram`` are refused with ``CommandNotFound`` "Command
+      ... has been disabled: the agent is in frozen state" (qmp-dispatch.c),
+      and ``guest-info`` shows them ``enabled: false``.  A guest can still be
+      suspended without its agent (a hard suspend) with its filesystem frozen.
     """
 
     VERSION = "7.2.0"
@@ -1105,6 +1124,20 @@ class GuestAgentShim:
         "guest-ping",
         "guest-info",
         "guest-suspend-ram",
+        "guest-fsfreeze-status",
+        "guest-fsfreeze-freeze",
+        "guest-fsfreeze-thaw",
+    )
+    #: qga/main.c ``ga_freeze_allowlist``: what still runs while filesystems are frozen.
+    FROZEN_ALLOWED = frozenset(
+        {
+            "guest-ping",
+            "guest-info",
+            "guest-sync",
+            "guest-sync-delimited",
+            "guest-fsfreeze-status",
+            "guest-fsfreeze-thaw",
+        }
     )
 
     def __init__(self, dm: DeviceModelProcess, path: str | os.PathLike[str]) -> None:
@@ -1179,6 +1212,13 @@ class GuestAgentShim:
             return self._error("GenericError", "Invalid JSON syntax")
         cmd: str = msg["execute"]
         args: Any = msg.get("arguments") or {}
+        if cmd not in self.COMMANDS:
+            return self._error("CommandNotFound", f"The command {cmd} has not been found")
+        frozen = self.frozen()
+        if frozen and cmd not in self.FROZEN_ALLOWED:
+            return self._error(
+                "CommandNotFound", f"Command {cmd} has been disabled: the agent is in frozen state"
+            )
         if cmd == "guest-sync-delimited":
             return b"\xff" + self._ok(args.get("id"))
         if cmd == "guest-sync":
@@ -1187,16 +1227,31 @@ class GuestAgentShim:
             return self._ok({})
         if cmd == "guest-info":
             supported = [
-                {"name": c, "enabled": True, "success-response": True} for c in self.COMMANDS
+                {
+                    "name": c,
+                    "enabled": not frozen or c in self.FROZEN_ALLOWED,
+                    "success-response": c != "guest-suspend-ram",
+                }
+                for c in self.COMMANDS
             ]
-            supported[-1]["success-response"] = False
             return self._ok({"version": self.VERSION, "supported_commands": supported})
         if cmd == "guest-suspend-ram":
             if self.dm.read_counters().pm1a_cnt == 0:
                 return self._error("GenericError", "the guest found no ACPI FADT: S3 not supported")
             await self.dm.request_s3()
             return None
-        return self._error("CommandNotFound", f"The command {cmd} has not been found")
+        if cmd == "guest-fsfreeze-status":
+            return self._ok("frozen" if frozen else "thawed")
+        if cmd == "guest-fsfreeze-freeze":
+            self.dm.write_memory(hvm_image.FS_FROZEN_ADDR, b"\x01")
+            return self._ok(1)
+        # guest-fsfreeze-thaw
+        self.dm.write_memory(hvm_image.FS_FROZEN_ADDR, b"\x00")
+        return self._ok(1 if frozen else 0)
+
+    def frozen(self) -> bool:
+        """Whether the guest's filesystem is frozen (read from its memory)."""
+        return self.dm.read_memory(hvm_image.FS_FROZEN_ADDR, 1) != b"\x00"
 
     @staticmethod
     def _ok(value: object) -> bytes:
