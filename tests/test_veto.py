@@ -19,8 +19,8 @@ import pytest
 
 from torpor import hookimpl
 from torpor.errors import Interrupted, OperationError, TorporError, Vetoed
+from torpor.facade import Torpor
 from torpor.model import HVM_PARAM_ACPI_S_STATE, Phase
-from torpor.orchestrator import Torpor
 from torpor.plugins import get_plugin_manager
 from torpor.sim.host import SimHost
 

@@ -61,6 +61,7 @@ __all__ = [
     "torpor_phase_started",
     "torpor_request_suspend",
     "torpor_resume_guest",
+    "torpor_veto_suspend",
 ]
 
 #: Marks a hook specification (torpor's own use).

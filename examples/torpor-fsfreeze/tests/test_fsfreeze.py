@@ -30,8 +30,8 @@ from torpor.errors import (
     UsageError,
     Vetoed,
 )
+from torpor.facade import Torpor
 from torpor.model import SuspendMethod
-from torpor.orchestrator import Torpor
 from torpor.plugins import get_plugin_manager
 from torpor.qmp import GuestAgent
 from torpor.sim.guest import Behaviour
