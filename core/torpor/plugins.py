@@ -43,7 +43,13 @@ import pluggy
 from torpor import hookspecs
 from torpor.errors import UsageError
 
-__all__ = ["ENTRY_POINT_GROUP", "ask_order", "get_plugin_manager", "plugin_names"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ask_order",
+    "get_plugin_manager",
+    "plugin_names",
+    "refuse_wrappers",
+]
 
 ENTRY_POINT_GROUP = "torpor"
 AUTOLOAD_ENV = "TORPOR_DISABLE_PLUGIN_AUTOLOAD"
@@ -130,3 +136,16 @@ def ask_order(pm: pluggy.PluginManager, hook: str) -> list[str]:
     """The plugins implementing ``hook``, in the order they are asked."""
     caller: pluggy.HookCaller = getattr(pm.hook, hook)
     return [impl.plugin_name for impl in reversed(caller.get_hookimpls())]
+
+
+def refuse_wrappers(pm: pluggy.PluginManager) -> None:
+    """torpor calls hooks itself (awaiting coroutines): wrappers cannot work, so refuse them."""
+    for caller in pm.hook.__dict__.values():
+        if not isinstance(caller, pluggy.HookCaller) or not caller.name.startswith("torpor_"):
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.hookwrapper or impl.wrapper:
+                raise UsageError(
+                    f"plugin {impl.plugin_name!r}: torpor hooks take no wrappers "
+                    f"({caller.name}); use the lifecycle hooks instead"
+                )
