@@ -22,6 +22,9 @@ simulator and the orchestrator load then).  Fixtures:
     a :class:`torpor.Torpor` on the host with that plugin manager.
 ``torpor_client_with``
     a factory: ``torpor_client_with(timeouts, extra_plugins=[...])`` -> Torpor.
+    Without ``timeouts``: the test class's ``bounded_timeouts()`` when it has
+    one (every conformance suite class does: short deadlines on every wait),
+    else torpor's defaults.
 """
 
 from __future__ import annotations
@@ -111,6 +114,9 @@ def torpor_client_with(
     made: list[Any] = []
 
     def make(timeouts: Any = None, *, extra_plugins: list[object] | None = None) -> Any:
+        if timeouts is None:
+            bounded = getattr(request.instance, "bounded_timeouts", None)
+            timeouts = bounded() if callable(bounded) else None
         pm = torpor_plugin_manager
         if extra_plugins:
             plugins = [*(getattr(request.cls, "plugins", ()) or ()), *extra_plugins]
