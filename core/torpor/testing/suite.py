@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import functools
 import inspect
@@ -333,6 +334,13 @@ class ConformanceBase:
     def _torpor_conformance_request(self, request: pytest.FixtureRequest) -> None:
         # The end-of-test check finds the test's simulated host through it.
         self._torpor_request = request
+        self._qmp_guard = _QmpGuard()
+
+    def harness_plugins(self) -> list[object]:
+        """The suite's own plugins, added to every client ``torpor_client_with`` makes:
+        a watch on the device model's QMP monitor (a connection the plugin left open
+        is named in the failure and shut, so the test goes on without waiting)."""
+        return [self._qmp_guard]
 
     # helpers ------------------------------------------------------------------
 
@@ -387,14 +395,18 @@ class ConformanceBase:
         return capabilities_of(self.found_guest_type())
 
     def _left_open(self) -> str:
+        guard = getattr(self, "_qmp_guard", None)
+        lines = list(guard.found) if guard is not None else []
         request = getattr(self, "_torpor_request", None)
-        if request is None or "torpor_sim_host" not in request.fixturenames:
-            return ""
-        return _connections_left_open(request.getfixturevalue("torpor_sim_host"))
+        if request is not None and "torpor_sim_host" in request.fixturenames:
+            left = _connections_left_open(request.getfixturevalue("torpor_sim_host"))
+            lines += [left] if left else []
+        return "\n".join(lines)
 
 
-def _socket_peers() -> list[str]:
-    """The paths of the Unix sockets this process's descriptors are connected to."""
+def _unix_peers() -> list[tuple[int, str]]:
+    """``(fd, path)`` for each of this process's descriptors that is a Unix socket
+    connected to a named one (the client end of a connection to ``path``)."""
     peers = []
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -411,28 +423,84 @@ def _socket_peers() -> list[str]:
         with sock:  # closes the duplicate only
             try:
                 peer = sock.getpeername() if sock.family == socket.AF_UNIX else ""
-            except OSError:
+            except OSError:  # not connected (any more)
                 peer = ""
         if isinstance(peer, str) and peer:
-            peers.append(peer)
+            peers.append((int(name), peer))
     return peers
+
+
+def _own_qmp_fd(ctx: Any) -> int | None:
+    """The descriptor of the operation's own QMP connection (``ctx.device_model()``),
+    -1 if it has none, ``None`` if that cannot be told."""
+    if not hasattr(ctx, "_device_model"):
+        return None
+    client = ctx._device_model
+    if client is None:
+        return -1
+    if not hasattr(client, "_sock"):
+        return None
+    sock: socket.socket | None = client._sock
+    return sock.fileno() if sock is not None else -1
+
+
+class _QmpGuard:
+    """The suite's plugin in every client it makes: at each phase boundary, a QMP
+    connection to the domain's device model that is not the operation's own is
+    one the plugin under test left open.  QEMU serves one QMP client at a time, so
+    torpor's own connection would wait for a greeting that never comes: record the
+    connection (the test fails naming it) and shut it, so that the test goes on
+    and fails at once rather than after every device-model deadline."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    @hookimpl
+    def torpor_phase_started(self, ctx: Any, phase: Phase) -> None:
+        self._release(ctx, f"when phase {phase} of a {ctx.operation} started")
+
+    @hookimpl
+    def torpor_phase_finished(self, ctx: Any, phase: Phase, seconds: float, error: Any) -> None:
+        if error is not None:
+            self._release(ctx, f"when phase {phase} of a {ctx.operation} failed")
+
+    def _release(self, ctx: Any, when: str) -> None:
+        own = _own_qmp_fd(ctx)
+        if own is None:  # cannot tell torpor's own: the end-of-test check still names leaks
+            return
+        path = ctx.host.qmp_path(ctx.domid)
+        for fd, peer in _unix_peers():
+            if peer != path or fd == own:
+                continue
+            self.found.append(
+                f"plugin left 1 QMP connection to {path} open (found {when}; "
+                f"{_QMP_ONE_CLIENT}; the suite shut it)"
+            )
+            try:
+                dup = os.dup(fd)
+            except OSError:
+                continue
+            with socket.socket(fileno=dup) as sock, contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the connection, not the plugin's descriptor
+
+
+_QMP_ONE_CLIENT = (
+    "QEMU serves one QMP client at a time, so torpor's next connection waits for a "
+    "greeting that never comes; close it when done, or use ctx.device_model(), which "
+    "torpor closes when the operation ends"
+)
 
 
 def _connections_left_open(sim: Any) -> str:
     """Connections to the simulated host's device models and guest agents that
     are still open in this process once every operation has returned."""
     where = os.path.join(str(sim.dir), "qmp")
-    counts = collections.Counter(p for p in _socket_peers() if os.path.dirname(p) == where)
+    counts = collections.Counter(p for _, p in _unix_peers() if os.path.dirname(p) == where)
     lines = []
     for path, n in sorted(counts.items()):
         base = os.path.basename(path)
         if base.startswith("qmp-libxl-"):
-            what, why = (
-                "QMP connection",
-                "QEMU serves one QMP client at a time, so torpor's next connection waits for "
-                "a greeting that never comes; close it when done, or use ctx.device_model(), "
-                "which torpor closes when the operation ends",
-            )
+            what, why = "QMP connection", _QMP_ONE_CLIENT
         elif base.startswith("qga-"):
             what, why = "guest-agent connection", "close it, or register ctx.on_close()"
         else:
