@@ -536,7 +536,10 @@ class SuspendResumeSuite(ConformanceBase):
         rows = {r["domid"]: r for r in torpor_client.list_domains()}
         found = rows[torpor_guest]["guest_type"]
         assert found == self.expected_guest_type(), (
-            f"a {self.guest_kind} guest is classified as {found!r} ('?': claimed by no plugin), "
+            f"no plugin under test claims a {self.guest_kind} guest: torpor refuses it "
+            "with UnsupportedGuest"
+            if found == "?"
+            else f"a {self.guest_kind} guest is classified as {found!r}, "
             f"expected {self.expected_guest_type()!r}"
         )
 
