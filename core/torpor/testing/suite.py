@@ -29,7 +29,13 @@ methods, of :class:`Capability` members and of the class attributes of
 :class:`ConformanceBase` are API.  They are only removed or renamed in a new
 major version of torpor; new tests and new class attributes (with defaults
 that keep existing subclasses working) may be added in any release, and a
-plugin that conforms to the protocol passes the new tests.
+plugin that conforms to the protocol passes the new tests.  One attribute has
+changed meaning (issue 13): ``capabilities`` left unset used to mean "none",
+skipping every capability test; it now means "what the plugin's GuestType
+says", and a value that is set must agree with the GuestType
+(``test_declared_capabilities_match_the_guest_type``).  ``guest_type``,
+``also_claims``, ``entry_point`` and the ``*_timeout`` deadlines are new, with
+defaults.
 """
 
 from __future__ import annotations
@@ -318,7 +324,7 @@ class ConformanceBase:
     entry_point: ClassVar[str | bool] = True
     ack_timeout: ClassVar[float] = 0.3
     suspend_timeout: ClassVar[float] = 0.6
-    device_model_timeout: ClassVar[float] = 1.0
+    device_model_timeout: ClassVar[float] = 2.0
     wait_timeout: ClassVar[float] = 5.0
     settle_timeout: ClassVar[float] = 1.0
     use_qemu: ClassVar[bool | None] = None
@@ -340,7 +346,8 @@ class ConformanceBase:
         """The suite's own plugins, added to every client ``torpor_client_with`` makes:
         a watch on the device model's QMP monitor (a connection the plugin left open
         is named in the failure and shut, so the test goes on without waiting)."""
-        return [self._qmp_guard]
+        guard = getattr(self, "_qmp_guard", None)
+        return [guard] if guard is not None else []
 
     # helpers ------------------------------------------------------------------
 
