@@ -16,24 +16,22 @@ from torpor.testing import Capability, ConformanceSuite
 class TestPvConformance(ConformanceSuite):
     guest_kind = "pv"
     plugins = (torpor_pv.plugin,)
-    capabilities = frozenset(
-        {Capability.XENSTORE_HANDSHAKE, Capability.EVENT_CHANNEL, Capability.COOPERATIVE_RESUME}
-    )
+    entry_point = "pv"
     suspend_method = SuspendMethod.XENSTORE
 
 
 class TestPvhvmConformance(ConformanceSuite):
     guest_kind = "pvhvm"
     plugins = (torpor_pvhvm.plugin,)
-    capabilities = frozenset(
-        {Capability.XENSTORE_HANDSHAKE, Capability.COOPERATIVE_RESUME, Capability.DEVICE_MODEL}
-    )
+    entry_point = "pvhvm"
     suspend_method = SuspendMethod.XENSTORE
 
 
 class TestHvmConformance(ConformanceSuite):
     guest_kind = "hvm"
     plugins = (torpor_hvm.plugin,)
+    entry_point = "hvm"
+    # Declared as well as read from its GuestType: the two must agree.
     capabilities = frozenset(
         {
             Capability.ACPI_S3,
@@ -55,3 +53,4 @@ class TestHvmConformanceOnQemu(TestHvmConformance):
     """The HVM guest type again, its device model a real QEMU running the boot-sector guest."""
 
     use_qemu = True
+    device_model_timeout = 5.0  # QMP to a QEMU under TCG, on a machine that may be busy

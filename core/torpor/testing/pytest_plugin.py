@@ -22,6 +22,10 @@ simulator and the orchestrator load then).  Fixtures:
     a :class:`torpor.Torpor` on the host with that plugin manager.
 ``torpor_client_with``
     a factory: ``torpor_client_with(timeouts, extra_plugins=[...])`` -> Torpor.
+    Without ``timeouts``: the test class's ``bounded_timeouts()`` when it has
+    one (every conformance suite class does: short deadlines on every wait),
+    else torpor's defaults.  A test class's ``harness_plugins()``, if it has
+    one, are added to every client's plugins (the suite's QMP guard).
 """
 
 from __future__ import annotations
@@ -111,9 +115,14 @@ def torpor_client_with(
     made: list[Any] = []
 
     def make(timeouts: Any = None, *, extra_plugins: list[object] | None = None) -> Any:
+        if timeouts is None:
+            bounded = getattr(request.instance, "bounded_timeouts", None)
+            timeouts = bounded() if callable(bounded) else None
+        harness = getattr(request.instance, "harness_plugins", None)
+        extra = [*(harness() if callable(harness) else ()), *(extra_plugins or ())]
         pm = torpor_plugin_manager
-        if extra_plugins:
-            plugins = [*(getattr(request.cls, "plugins", ()) or ()), *extra_plugins]
+        if extra:
+            plugins = [*(getattr(request.cls, "plugins", ()) or ()), *extra]
             pm = get_plugin_manager(plugins=plugins, autoload=False)
         client = Torpor(
             torpor_sim_host.toolstack_host(), plugin_manager=pm, timeouts=timeouts, own_host=True
