@@ -119,15 +119,21 @@ class WinPvPlugin:
             await qmp.connect(ctx.host.qmp_path(ctx.domid), timeout=ctx.timeouts.device_model)
             self.qemu[ctx.domid] = qmp
 
+    # Its own device-model steps (True: handled, torpor's generic ones skipped).
     @hookimpl
     async def torpor_device_model_suspend(self, ctx):
-        if ctx.guest_type is GUEST_TYPE:
-            await suspend_device_model(ctx)
+        if ctx.guest_type is not GUEST_TYPE:
+            return None
+        await suspend_device_model(ctx)
+        return True
 
     @hookimpl
     async def torpor_device_model_resume(self, ctx):
-        if ctx.guest_type is GUEST_TYPE and MUTANT != "device_model_bug_undeclared":
+        if ctx.guest_type is not GUEST_TYPE:
+            return None
+        if MUTANT != "device_model_bug_undeclared":
             await resume_device_model(ctx)  # the mutant never continues QEMU
+        return True
 
     @hookimpl
     async def torpor_check_resumed(self, ctx):
