@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench bench-xen docs clean fuzz mutation
 
-$(STAMP): pyproject.toml examples/torpor-pvh/pyproject.toml examples/torpor-fsfreeze/pyproject.toml
+$(STAMP): pyproject.toml sim/pyproject.toml examples/torpor-pvh/pyproject.toml examples/torpor-fsfreeze/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,docs]'
+	# the simulated host: its own distribution (torpor[sim]), test and demo equipment
+	$(PY) -m pip install --quiet --no-deps -e sim
 	# the example third-party plugins, installed the way a third party's would be
 	$(PY) -m pip install --quiet -e examples/torpor-pvh
 	$(PY) -m pip install --quiet -e examples/torpor-fsfreeze
@@ -23,7 +25,7 @@ demo: $(STAMP)
 check-system: $(STAMP)
 	$(PY) tools/check_system.py
 
-LINTED := $(wildcard core plugins tests tools bench examples lab docs/conf.py)
+LINTED := $(wildcard core plugins sim tests tools bench examples lab docs/conf.py)
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
@@ -31,7 +33,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict core/torpor plugins/pv/torpor_pv plugins/pvhvm/torpor_pvhvm plugins/hvm/torpor_hvm \
-		examples/torpor-fsfreeze/src/torpor_fsfreeze
+		sim/torpor_sim examples/torpor-fsfreeze/src/torpor_fsfreeze
 
 pytest: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 
 @pytest.fixture

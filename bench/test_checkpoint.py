@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from torpor.facade import Torpor
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 COUNT = 2000
 TARGETS = {"event-channel": 1000.0, "xenstore": 300.0}

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from torpor.sim import daemon
+from torpor_sim import daemon
 
 RUNS = 15
 

@@ -18,7 +18,7 @@ import pytest
 
 from torpor.facade import Torpor
 from torpor.host import Host
-from torpor.sim import daemon
+from torpor_sim import daemon
 
 FREEZE = 0.1
 SIZES = [int(n) for n in os.environ.get("TORPOR_BENCH_SIZES", "10,100,1000").split(",")]

@@ -31,8 +31,8 @@ from typing import Any
 
 from torpor.facade import Torpor
 from torpor.host import Host
-from torpor.sim import daemon
-from torpor.sim.host import SimHost
+from torpor_sim import daemon
+from torpor_sim.host import SimHost
 
 ROUNDS = 30
 CYCLES_PER_ROUND = 20

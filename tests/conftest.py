@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from torpor.facade import Torpor
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 
 @pytest.fixture

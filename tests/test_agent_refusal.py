@@ -21,9 +21,9 @@ from torpor.cli import EXIT_ALL_FAILED, main
 from torpor.errors import OperationError, QmpCommandError
 from torpor.facade import Torpor
 from torpor.model import HVM_PARAM_ACPI_S_STATE, Phase, Timeouts
-from torpor.sim import daemon
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
+from torpor_sim import daemon
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 NOT_FOUND = "The command guest-suspend-ram has not been found"
 

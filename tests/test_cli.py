@@ -27,9 +27,9 @@ import pytest
 from torpor.cli import EXIT_ALL_FAILED, EXIT_BACKEND, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.model import HVM_PARAM_ACPI_S_STATE
-from torpor.sim import daemon
-from torpor.sim.qemu import qemu_binary
 from torpor.xenstore import Xenstore
+from torpor_sim import daemon
+from torpor_sim.qemu import qemu_binary
 
 PV, PVHVM, HVM, MUTE = 1, 2, 3, 4
 FAST = ["--ack-timeout", "0.5"]  # the mute guest is refused quickly

@@ -31,7 +31,7 @@ import torpor
 from torpor.cli import EXIT_BACKEND, EXIT_OK, EXIT_USAGE, SUSPENDING, build_parser, main
 from torpor.errors import BackendUnavailable
 from torpor.host import DOMID_FIRST_RESERVED, Host
-from torpor.sim import daemon
+from torpor_sim import daemon
 
 NOWHERE = "sim:/nonexistent-torpor-host"
 RANGE = f"from 1 to {DOMID_FIRST_RESERVED - 1}"

@@ -41,8 +41,8 @@ import pytest
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.model import Phase, SuspendMethod, Timeouts
 from torpor.progress import Reporter
-from torpor.sim import daemon
 from torpor.xenstore import Xenstore
+from torpor_sim import daemon
 
 FAST, MUTE, MUTE2, HANGS, MUTE3, FAST2, HANGS2 = 1, 2, 3, 4, 5, 6, 7
 DEADLINE = 60.0  # for any one command

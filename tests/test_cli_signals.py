@@ -43,8 +43,8 @@ from torpor.host import Host
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.intent import INTENT_ROOT
 from torpor.model import Timeouts
-from torpor.sim import daemon
 from torpor.xenstore import Xenstore
+from torpor_sim import daemon
 
 HERE = Path(__file__).parent
 ACK_TIMEOUT = 10.0

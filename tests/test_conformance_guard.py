@@ -15,8 +15,8 @@ from torpor.hookspecs import hookimpl
 from torpor.model import Phase, Timeouts
 from torpor.plugins import get_plugin_manager
 from torpor.qmp import QmpClient
-from torpor.sim.host import SimHost
 from torpor.testing.suite import _own_qmp_fd, _QmpGuard, _unix_peers
+from torpor_sim.host import SimHost
 
 
 class _Probe:

@@ -34,7 +34,7 @@ import torpor_pv.plugin
 from torpor.facade import Torpor
 from torpor.hookspecs import hookimpl
 from torpor.plugins import get_plugin_manager
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 AFFECTED = (3, 11) <= sys.version_info < (3, 11, 8) or (3, 12) <= sys.version_info < (3, 12, 2)
 

@@ -57,7 +57,7 @@ def doc_files() -> list[Path]:
 def not_hooks() -> set[str]:
     """``torpor_*`` names that are not hooks: packages, modules, pytest fixtures."""
     names = set(pytest_plugin.__all__)
-    for top in ("core", "plugins", "examples", "lab", "tests"):
+    for top in ("core", "plugins", "sim", "examples", "lab", "tests"):
         for here, dirs, files in os.walk(ROOT / top):
             # not into caches (lab/cache may hold a dom0 image) or build output
             dirs[:] = [d for d in dirs if "cache" not in d and not d.endswith(".egg-info")]

@@ -35,9 +35,9 @@ from torpor.errors import (
 from torpor.facade import Torpor
 from torpor.model import Phase, SuspendMethod, Timeouts
 from torpor.plugins import get_plugin_manager
-from torpor.sim.guest import MISBEHAVIOURS, Behaviour
-from torpor.sim.host import SimHost
 from torpor.testing.suite import expected_failure
+from torpor_sim.guest import MISBEHAVIOURS, Behaviour
+from torpor_sim.host import SimHost
 
 try:
     import torpor_pvh.plugin  # noqa: F401  (the example third-party plugin)
@@ -110,7 +110,7 @@ def _leak_state(host: SimHost, conns: int | None = None) -> tuple[int, int, int,
     the simulated xenstored is back to that many connections and every QMP proxy
     has closed its ends of the connections torpor closed (they live in this
     process, and a hang-up reaches them asynchronously)."""
-    from torpor.sim.qemu import running_qemu_pids
+    from torpor_sim.qemu import running_qemu_pids
 
     async def watches() -> int:
         assert host.xenstored is not None

@@ -22,8 +22,8 @@ from torpor.intent import INTENT_ROOT
 from torpor.model import Timeouts
 from torpor.orchestrator import Orchestrator
 from torpor.plugins import get_plugin_manager
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 
 def node(host: SimHost, path: str) -> str | None:

@@ -20,8 +20,8 @@ from torpor.errors import ImageError, MigrationFailed, UnexpectedShutdown
 from torpor.facade import Torpor
 from torpor.image import encode, read_image
 from torpor.model import Phase, Timeouts
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 KINDS = ("pv", "pvhvm", "pvh")
 NEEDS_QEMU = pytest.mark.skipif(
@@ -337,7 +337,7 @@ def test_source_guest_crashes_mid_save(sim_host: SimHost, torpor: Torpor, short_
 def test_migration_over_the_control_socket(short_dir: str) -> None:
     """Two `torpor sim` daemons: the image crosses hypervisor.sock in chunks."""
     from torpor.host import Host
-    from torpor.sim import daemon
+    from torpor_sim import daemon
 
     a, b = os.path.join(short_dir, "a"), os.path.join(short_dir, "b")
     daemon.start(a, ["pvhvm"])

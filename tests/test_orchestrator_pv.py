@@ -29,8 +29,8 @@ from torpor.errors import (
 from torpor.facade import Torpor
 from torpor.model import Phase, ShutdownReason, SuspendMethod, Timeouts
 from torpor.plugins import get_plugin_manager
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 
 def report(host: SimHost, domid: int) -> dict[str, Any]:

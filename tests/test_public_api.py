@@ -29,7 +29,7 @@ from torpor.cli import EXIT_OK, main
 from torpor.errors import OperationError
 from torpor.model import SuspendMethod
 from torpor.plugins import ask_order, get_plugin_manager, plugin_names
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 
 def counters(host: SimHost, domid: int) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def test_a_method_the_type_does_not_declare_is_refused_before_the_guest_is_asked
 
 
 def sim_host_behaviour(**kw: Any) -> Any:
-    from torpor.sim.guest import Behaviour
+    from torpor_sim.guest import Behaviour
 
     return Behaviour(**kw)
 

@@ -21,8 +21,8 @@ import pytest
 from torpor.facade import Torpor
 from torpor.host import Host
 from torpor.model import Timeouts
-from torpor.sim import daemon
 from torpor.xenstore import Xenstore
+from torpor_sim import daemon
 
 HERE = Path(__file__).parent
 SUSPEND_POINTS = [

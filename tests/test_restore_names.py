@@ -32,7 +32,7 @@ from torpor.errors import HypervisorError, NameInUse, UsageError
 from torpor.facade import Torpor
 from torpor.image import read_image
 from torpor.model import Phase
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 #: counters a restore next to the guest must leave alone (ticks go on by themselves)
 UNTOUCHED = ("boots", "cooperative_resumes", "new_domain_resumes", "suspends")

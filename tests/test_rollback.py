@@ -19,7 +19,7 @@ from torpor.errors import DeviceModelError, OperationError
 from torpor.facade import Torpor
 from torpor.model import Timeouts
 from torpor.plugins import get_plugin_manager
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 
 def counters(host: SimHost, domid: int) -> dict[str, Any]:

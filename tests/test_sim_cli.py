@@ -39,8 +39,8 @@ from sim.facts_fixtures import (
 from torpor.errors import HypervisorError, Timeout
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.model import ShutdownReason
-from torpor.sim.qemu import qemu_binary, running_qemu_pids
 from torpor.xenstore import Xenstore
+from torpor_sim.qemu import qemu_binary, running_qemu_pids
 
 HAVE_QEMU = qemu_binary() is not None
 GUESTS = "pv:2,pvhvm:1,hvm:1"

@@ -18,8 +18,8 @@ import pytest
 
 from torpor.facade import Torpor
 from torpor.host import Host
-from torpor.sim import daemon
-from torpor.sim.guest import Behaviour
+from torpor_sim import daemon
+from torpor_sim.guest import Behaviour
 
 CYCLES = int(os.environ.get("TORPOR_SOAK_CYCLES", "2000"))
 SAMPLES = 10
@@ -90,7 +90,7 @@ def test_soak_suspend_resume_cycles(soak_host: str) -> None:
 
 def test_soak_daemon_side_stays_bounded(short_dir: str) -> None:
     """The simulator itself must not grow with cycles either (its guests' logs are bounded)."""
-    from torpor.sim.host import SimHost
+    from torpor_sim.host import SimHost
 
     host = SimHost(short_dir, qemu=False)
     host.start()

@@ -22,7 +22,7 @@ from torpor.errors import Interrupted, OperationError, TorporError, Vetoed
 from torpor.facade import Torpor
 from torpor.model import HVM_PARAM_ACPI_S_STATE, Phase
 from torpor.plugins import get_plugin_manager
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 
 class Recorder:

@@ -44,8 +44,6 @@ from torpor.errors import (
 from torpor.facade import Torpor
 from torpor.image import decode, encode
 from torpor.model import Timeouts
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
 from torpor.xl import XlBuilder
 from torpor.xl_savefile import (
     XL_MAGIC,
@@ -61,6 +59,8 @@ from torpor.xl_savefile import (
     xenstore_data,
     xl_header,
 )
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 GCC = shutil.which("gcc")
 HEADERS = ("libxl.h", "libxl_event.h", "xenctrl.h", "xenguest.h")

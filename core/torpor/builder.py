@@ -6,7 +6,6 @@ backends, the device model): torpor's orchestrator drives the protocol
 around it (suspend first, resume after, destroy the source last), a
 :class:`DomainBuilder` does the host-specific work.
 
-* :class:`SimBuilder` -- a simulated host in this process;
 * :class:`RemoteSimBuilder` -- a ``torpor sim`` daemon, through its
   ``hypervisor.sock`` (the image is streamed in chunks);
 * :class:`torpor.xl.XlBuilder` -- real Xen: a :class:`FileSaver` that writes
@@ -22,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torpor.image import SavedDomain, decode, encode
 
-__all__ = ["CHUNK", "DomainBuilder", "FileSaver", "RemoteSimBuilder", "SimBuilder"]
+__all__ = ["CHUNK", "DomainBuilder", "FileSaver", "RemoteSimBuilder"]
 
 #: Bytes per chunk when an image crosses a control socket.
 CHUNK = 512 * 1024
@@ -103,28 +102,6 @@ class FileSaver(Protocol):
     def destroy(self, domid: int) -> None:
         """The domain, its xenstore tree, backends and device model."""
         ...
-
-
-class SimBuilder:
-    """A :class:`torpor.sim.host.SimHost` in this process."""
-
-    def __init__(self, host: Any) -> None:
-        self.host = host
-        self.name = f"sim:{host.dir}"
-
-    def save(self, domid: int) -> SavedDomain:
-        saved: SavedDomain = self.host.save_guest(domid)
-        return saved
-
-    def restore(self, saved: SavedDomain) -> int:
-        domid: int = self.host.restore_guest(saved)
-        return domid
-
-    def start(self, domid: int) -> None:
-        self.host.start_restored(domid)
-
-    def destroy(self, domid: int) -> None:
-        self.host.destroy_guest(domid)
 
 
 class RemoteSimBuilder:

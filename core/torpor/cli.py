@@ -76,6 +76,13 @@ MAX_INTERVAL_MS = 86_400_000.0  # a day, in milliseconds
 SUSPENDING = ("suspend", "checkpoint", "save", "migrate")
 
 
+def _sim_daemon() -> Any:
+    """torpor_sim.daemon, or BackendUnavailable saying how to install the simulator."""
+    from torpor.host import sim_module
+
+    return sim_module("daemon")
+
+
 class _Stop(BaseException):
     """A signal arrived before any operation began: nothing to roll back."""
 
@@ -270,7 +277,8 @@ def _sim_dir(text: str) -> str:
 
 def _sim_start_dir(text: str) -> str:
     from torpor.errors import UsageError
-    from torpor.sim.daemon import check_directory
+
+    check_directory = _sim_daemon().check_directory
 
     try:
         check_directory(text)
@@ -281,17 +289,20 @@ def _sim_start_dir(text: str) -> str:
 
 def _guests(text: str) -> list[str]:
     from torpor.errors import UsageError
-    from torpor.sim.daemon import parse_guests
+
+    parse_guests = _sim_daemon().parse_guests
 
     try:
-        return parse_guests(text)
+        kinds: list[str] = parse_guests(text)
+        return kinds
     except UsageError as e:
         raise argparse.ArgumentTypeError(e.message) from None
 
 
 def _misbehaviour(text: str) -> str:
     from torpor.errors import UsageError
-    from torpor.sim.daemon import parse_misbehaviour
+
+    parse_misbehaviour = _sim_daemon().parse_misbehaviour
 
     try:
         parse_misbehaviour(text)
@@ -301,7 +312,7 @@ def _misbehaviour(text: str) -> str:
 
 
 def _freeze_time(text: str) -> float:
-    from torpor.sim.daemon import MAX_GUEST_SECONDS
+    MAX_GUEST_SECONDS = _sim_daemon().MAX_GUEST_SECONDS
 
     return _number(text, "a time in seconds", 0, MAX_GUEST_SECONDS, low_ok=True)
 
@@ -372,7 +383,7 @@ def _check_migrate(args: argparse.Namespace) -> None:
 
 
 def _check_sim_start(args: argparse.Namespace) -> None:
-    from torpor.sim.daemon import parse_misbehaviours
+    parse_misbehaviours = _sim_daemon().parse_misbehaviours
 
     args.misbehaviours = parse_misbehaviours(args.misbehave or [], len(args.guests))
 
@@ -669,7 +680,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _sim_start(args: argparse.Namespace) -> int:
-    from torpor.sim import daemon
+    daemon = _sim_daemon()
 
     guests = daemon.start(
         args.dir, args.guests, args.misbehaviours, qemu=args.qemu, freeze_time=args.freeze_time
@@ -700,7 +711,7 @@ def _sim_status(args: argparse.Namespace) -> int:
 
 
 def _sim_stop(args: argparse.Namespace) -> int:
-    from torpor.sim import daemon
+    daemon = _sim_daemon()
 
     if daemon.stop(args.dir):
         if args.json:
@@ -1100,6 +1111,9 @@ def _main(argv: Sequence[str] | None) -> int:
         args, extras = parser.parse_known_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except BackendUnavailable as e:  # `torpor sim ...` without the simulator installed
+        print(f"torpor: {e}", file=sys.stderr)
+        return EXIT_BACKEND
     prog: str = args.prog
     try:
         _check_common(args, extras)

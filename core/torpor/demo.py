@@ -86,8 +86,10 @@ class _Row:
 
 def run_demo(*, json_output: bool = False, qemu: bool | None = None) -> int:
     """Run the demo; 0 if every integrity check held."""
-    from torpor.sim.host import SimHost
-    from torpor.sim.qemu import qemu_binary
+    from torpor.host import sim_module
+
+    SimHost = sim_module("host").SimHost
+    qemu_binary = sim_module("qemu").qemu_binary
 
     out = sys.stdout
 

@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torpor.errors import BackendUnavailable, UsageError, XenstoreConnectionLost
 from torpor.hypervisor import Hypervisor
@@ -24,6 +24,7 @@ __all__ = [
     "DOMID_FIRST_RESERVED",
     "Host",
     "check_private_socket",
+    "sim_module",
     "validate_domain_name",
     "validate_domid",
 ]
@@ -79,6 +80,22 @@ def validate_domain_name(value: object) -> str:
     if value.isdigit():
         raise UsageError(f"invalid domain name {value!r}: all digits reads as a domid")
     return value
+
+
+def sim_module(name: str) -> Any:
+    """``torpor_sim.<name>``: the simulated host (test and demo equipment, its own
+    distribution).  BackendUnavailable, saying how to install it, where it is not."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"torpor_sim.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("torpor_sim", f"torpor_sim.{name}"):
+            raise
+        raise BackendUnavailable(
+            "the simulated Xen host is not installed (it is test and demo equipment, "
+            "its own distribution): pip install 'torpor[sim]'"
+        ) from None
 
 
 def _check_directories(directory: str, what: str) -> None:

@@ -129,8 +129,11 @@ EXAMPLES = (("examples/torpor-pvh", "examples/torpor-pvh/src"),)
 
 
 def source_roots(repo: Path) -> list[Path]:
-    """core/ and every plugins/<name>/ directory: torpor's import roots."""
+    """core/, every plugins/<name>/ directory and sim/ (the simulated host,
+    its own distribution): torpor's import roots."""
     roots = [repo / "core"]
+    if (repo / "sim").is_dir():
+        roots.append(repo / "sim")
     plugins = repo / "plugins"
     if plugins.is_dir():
         roots += sorted(p for p in plugins.iterdir() if p.is_dir())

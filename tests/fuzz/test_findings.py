@@ -355,7 +355,7 @@ def test_remote_hypervisor_recovers_from_a_late_reply(sock_path: str) -> None:
 
 @pytest.fixture
 def control_host() -> Iterator[object]:
-    from torpor.sim.host import SimHost
+    from torpor_sim.host import SimHost
 
     d = tempfile.mkdtemp(prefix="fzh", dir="/tmp")
     h = SimHost(d, qemu=False)

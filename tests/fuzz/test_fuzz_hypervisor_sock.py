@@ -9,8 +9,8 @@ shape.  Every call returns the right type or raises a
 :class:`~torpor.errors.TorporError` within its deadline (the deadline is the
 whole call's, not each recv()'s).
 
-Server side: :class:`torpor.sim.control.ControlServer` on a real
-:class:`~torpor.sim.host.SimHost`, fed random and mutated request lines by
+Server side: :class:`torpor_sim.control.ControlServer` on a real
+:class:`~torpor_sim.host.SimHost`, fed random and mutated request lines by
 several clients at once while a bystander keeps making correct calls: no
 handler may die with an unhandled exception, every well-framed line gets one
 reply, the bystander is answered correctly throughout, and nothing a client
@@ -38,8 +38,8 @@ from xs_hostile import HostileServer
 from torpor.errors import TorporError
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.model import DomainInfo
-from torpor.sim.control import MAX_LINE
-from torpor.sim.host import SimHost
+from torpor_sim.control import MAX_LINE
+from torpor_sim.host import SimHost
 
 from . import budget
 

@@ -28,8 +28,8 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
-from torpor.sim.xenstored import Xenstored
 from torpor.xs_wire import HEADER, Op
+from torpor_sim.xenstored import Xenstored
 
 from . import budget
 from .xs_rig import CONN_DEADLINE, Rig, no_internal_errors, read_all

@@ -16,9 +16,9 @@ from typing import Any
 
 from sim.xs_helpers import FakeHypervisor, RawXs, WireError
 
-from torpor.sim.xenstore_tree import PERM_IGNORE, RECORD_HEADER_SIZE, get_parent
-from torpor.sim.xenstored import Xenstored, XenstoredThread
 from torpor.xs_wire import HEADER, PAYLOAD_MAX, Op
+from torpor_sim.xenstore_tree import PERM_IGNORE, RECORD_HEADER_SIZE, get_parent
+from torpor_sim.xenstored import Xenstored, XenstoredThread
 
 #: A fuzzed connection must be answered and hung up on within this (seconds).
 CONN_DEADLINE = 5.0
@@ -224,7 +224,7 @@ def read_all(
 def no_internal_errors(caplog: Any) -> Iterator[None]:
     """xenstored logs every bug it catches (EIO) and every corruption it finds."""
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="torpor.sim.xenstored"):
+    with caplog.at_level(logging.ERROR, logger="torpor_sim.xenstored"):
         yield
     bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not bad, bad

@@ -30,8 +30,8 @@ import pyxs
 from torpor.errors import XenstoreError
 from torpor.facade import Torpor
 from torpor.intent import INTENT_ROOT, IntentLog
-from torpor.sim.host import SimHost
 from torpor.xenstore import Xenstore
+from torpor_sim.host import SimHost
 
 HOSTILE, OTHER = 1, 2
 

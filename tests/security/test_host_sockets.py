@@ -26,7 +26,7 @@ from torpor.cli import main as cli_main
 from torpor.errors import BackendUnavailable, UsageError
 from torpor.facade import Torpor
 from torpor.host import Host, check_private_socket
-from torpor.sim.host import SimHost
+from torpor_sim.host import SimHost
 
 OTHER_UID = 12345
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")

@@ -31,9 +31,9 @@ from torpor.errors import UsageError
 from torpor.facade import Torpor
 from torpor.frontends import MAX_FRONTENDS, frontends_verdict
 from torpor.host import DOMID_FIRST_RESERVED, validate_domid
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
 from torpor.xenstore import Xenstore
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -360,7 +360,7 @@ def test_the_scan_would_catch_a_shell(tmp_path: Path) -> None:
 def test_shell_metacharacters_reach_the_sim_daemon_literally() -> None:
     """`torpor sim start` runs its daemon with an argv list: a directory name full
     of shell syntax is a directory name, and nothing it spells is run."""
-    from torpor.sim import daemon
+    from torpor_sim import daemon
 
     short = Path(tempfile.mkdtemp(prefix="sh", dir="/tmp"))
     marker = short / "p"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pyxs
 
-from torpor.sim.xenstored import XenstoredThread
+from torpor_sim.xenstored import XenstoredThread
 
 from .xs_helpers import FakeHypervisor, LoopSim, RawXs
 

@@ -32,9 +32,9 @@ import pytest
 from torpor.errors import HypervisorError
 from torpor.hypervisor.remote import RemoteHypervisor
 from torpor.model import DomainInfo, ShutdownReason
-from torpor.sim.host import SimHost
-from torpor.sim.qemu import running_qemu_pids
 from torpor.xenstore import Xenstore
+from torpor_sim.host import SimHost
+from torpor_sim.qemu import running_qemu_pids
 
 from .dm_fixtures import KINDS
 
@@ -44,7 +44,7 @@ T = TypeVar("T")
 STEP = 10.0
 #: How long a test listens for something that must not happen and has no event.
 QUIET = 0.25
-#: Guest work: one tick per 10 ms of vCPU time (torpor.sim.guest.TICK_NS).
+#: Guest work: one tick per 10 ms of vCPU time (torpor_sim.guest.TICK_NS).
 TICK = 0.01
 
 

@@ -21,9 +21,9 @@ import pytest
 
 from torpor.errors import DeviceModelError, Timeout
 from torpor.qmp import GuestAgent, QmpClient, QmpCommandError
-from torpor.sim import hvm_image as img
-from torpor.sim.fake_qemu import FakeDeviceModel
-from torpor.sim.qemu import (
+from torpor_sim import hvm_image as img
+from torpor_sim.fake_qemu import FakeDeviceModel
+from torpor_sim.qemu import (
     DeviceModelBase,
     DeviceModelProcess,
     GuestAgentShim,
@@ -440,7 +440,7 @@ def test_qemu_dies_with_a_parent_that_never_stopped_it(tmp_path: Path) -> None:
     """PR_SET_PDEATHSIG: a test process that crashes leaves no QEMU behind."""
     code = (
         "import asyncio, os, sys\n"
-        "from torpor.sim.qemu import QemuDeviceModel\n"
+        "from torpor_sim.qemu import QemuDeviceModel\n"
         "async def main():\n"
         f"    dm = QemuDeviceModel(run_dir={str(tmp_path)!r})\n"
         "    await dm.start(timeout=10)\n"

@@ -23,10 +23,10 @@ import pytest
 
 from torpor.errors import DeviceModelError
 from torpor.qmp import QmpClient, QmpEvent
-from torpor.sim import hvm_image as img
-from torpor.sim.fake_qemu import FakeDeviceModel
-from torpor.sim.hvm_image import GuestCounters
-from torpor.sim.qemu import (
+from torpor_sim import hvm_image as img
+from torpor_sim.fake_qemu import FakeDeviceModel
+from torpor_sim.hvm_image import GuestCounters
+from torpor_sim.qemu import (
     DeviceModelProcess,
     QemuDeviceModel,
     make_device_model,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from torpor.sim import hvm_image as img
-from torpor.sim.hvm_image import _Line  # the assembler's listing lines
+from torpor_sim import hvm_image as img
+from torpor_sim.hvm_image import _Line  # the assembler's listing lines
 
 
 def test_boot_sector_shape() -> None:

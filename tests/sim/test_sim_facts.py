@@ -21,12 +21,12 @@ import pytest
 from torpor.errors import HypervisorError, Timeout, XenstoreError
 from torpor.model import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, ShutdownReason
 from torpor.qmp import GuestAgent, QmpClient
-from torpor.sim import hvm_image as img
-from torpor.sim.guest import CALLBACK_VIA_VECTOR, Behaviour, XenbusState
-from torpor.sim.host import SimHost
-from torpor.sim.xen import START_INFO_PFN
-from torpor.sim.xenstored import RingClient
 from torpor.xenstore import Xenstore
+from torpor_sim import hvm_image as img
+from torpor_sim.guest import CALLBACK_VIA_VECTOR, Behaviour, XenbusState
+from torpor_sim.host import SimHost
+from torpor_sim.xen import START_INFO_PFN
+from torpor_sim.xenstored import RingClient
 
 from .dm_fixtures import arun
 from .facts_fixtures import (

@@ -3,7 +3,7 @@
 Driven by hand, as a toolstack would (no orchestrator): for PV and PVHVM the
 xenstore handshake (``control/shutdown``) and ``@releaseDomain``; for plain HVM
 the guest agent's ``guest-suspend-ram`` and the device model's QMP, where
-:mod:`torpor.sim.hvm` makes the same misbehaviours act (the agent stands for
+:mod:`torpor_sim.hvm` makes the same misbehaviours act (the agent stands for
 the guest there).
 
 Waits are on events; what a misbehaving guest *fails* to do has no event, and
@@ -22,9 +22,9 @@ import pytest
 from torpor.errors import DeviceModelError, HypervisorError, Timeout
 from torpor.model import HVM_PARAM_ACPI_S_STATE, ShutdownReason
 from torpor.qmp import GuestAgent, QmpClient, QmpCommandError
-from torpor.sim.guest import MISBEHAVIOURS, Behaviour
-from torpor.sim.host import SimHost
 from torpor.xenstore import Xenstore
+from torpor_sim.guest import MISBEHAVIOURS, Behaviour
+from torpor_sim.host import SimHost
 
 from .dm_fixtures import arun
 from .facts_fixtures import (
@@ -249,7 +249,7 @@ def test_lose_xenstore(
 
 
 # ---------------------------------------------------------------------------
-# HVM: the same names, acted by the guest agent (torpor.sim.hvm)
+# HVM: the same names, acted by the guest agent (torpor_sim.hvm)
 # ---------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""``python -m torpor.sim.xenstored``: foreground daemon, one readiness line, clean exit."""
+"""``python -m torpor_sim.xenstored``: foreground daemon, one readiness line, clean exit."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_runs_in_foreground_and_exits_cleanly(sockdir: str, sig: int) -> None:
     sock = os.path.join(sockdir, "xs")
     guest = os.path.join(sockdir, "g3")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torpor.sim.xenstored", "--socket", sock, "--guest-socket",
+        [sys.executable, "-m", "torpor_sim.xenstored", "--socket", sock, "--guest-socket",
          f"3:{guest}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -8,8 +8,8 @@ import pytest
 
 from torpor.errors import XenstoreConnectionLost, XenstoreError
 from torpor.model import ShutdownReason
-from torpor.sim.xenstored import Quotas, WatchRecord
 from torpor.xs_wire import Op
+from torpor_sim.xenstored import Quotas, WatchRecord
 
 from .xs_helpers import FakeHypervisor, LoopSim, SyncRing
 

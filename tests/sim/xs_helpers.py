@@ -11,8 +11,8 @@ from typing import Any
 
 from torpor.errors import XenstoreError
 from torpor.model import DomainInfo
-from torpor.sim.xenstored import Quotas, RingClient, Xenstored
 from torpor.xs_wire import Op, decode_error
+from torpor_sim.xenstored import Quotas, RingClient, Xenstored
 
 HDR = struct.Struct("<IIII")
 

@@ -208,7 +208,7 @@ def run_scenario(
 
 def sim_trace() -> list[dict[str, Any]]:
     """The scenario on a fresh simulated host (one PV guest)."""
-    from torpor.sim.host import SimHost
+    from torpor_sim.host import SimHost
 
     with tempfile.TemporaryDirectory(prefix="torpor-diff-") as tmp:
         sim = SimHost(tmp, qemu=False).start()

@@ -7,7 +7,7 @@ cooperative resume; a suspend and a forced in-place non-cooperative resume
 :class:`difftrace.Recorder` plugged in; the traces (xenstore nodes written, their
 values at settled points, @releaseDomain events, domain states, how each
 operation ended) must be equal.  Real Xen is right by definition: a
-difference is a simulator bug, fixed in torpor.sim (docs/sim.md lists them).
+difference is a simulator bug, fixed in torpor_sim (docs/sim.md lists them).
 
 The real trace is also written to the results (``sim-vs-real-trace.json``):
 tests/sim/test_sim_matches_real_xen.py replays the scenario on the simulator

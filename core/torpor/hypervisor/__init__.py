@@ -7,7 +7,7 @@ backends implement it:
 
 * ``torpor.hypervisor.xenctrl`` -- libxenctrl / libxenguest / libxenevtchn
   through cffi, on a real dom0;
-* ``torpor.sim`` -- the simulated host's hypervisor model (in process, or
+* ``torpor_sim`` -- the simulated host's hypervisor model (in process, or
   over ``DIR/hypervisor.sock`` with :mod:`torpor.hypervisor.remote`).
 
 The orchestrator cannot tell them apart.  Every failure is a

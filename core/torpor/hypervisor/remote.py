@@ -1,5 +1,5 @@
 """The :class:`~torpor.hypervisor.Hypervisor` Protocol over a simulated host's
-``DIR/hypervisor.sock`` (see :mod:`torpor.sim.control` for the protocol).
+``DIR/hypervisor.sock`` (see :mod:`torpor_sim.control` for the protocol).
 
 This is what torpor's CLI uses with ``--host sim:DIR``: another process owns
 the simulated hypervisor, as Xen owns the real one.  Every call has a

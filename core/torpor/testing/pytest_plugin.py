@@ -5,7 +5,7 @@ but its package and hook markers until a fixture is used (the suite, the
 simulator and the orchestrator load then).  Fixtures:
 
 ``torpor_sim_host``
-    a fresh simulated Xen host (:class:`torpor.sim.host.SimHost`), stopped
+    a fresh simulated Xen host (:class:`torpor_sim.host.SimHost`), stopped
     afterwards.  The test class's ``use_qemu`` (None: when installed) picks
     HVM device models.
 ``torpor_plugin_manager``
@@ -15,7 +15,7 @@ simulator and the orchestrator load then).  Fixtures:
     the domid of a well-behaved guest of the class's ``guest_kind``.
 ``torpor_guest_factory``
     a factory: ``torpor_guest_factory("never_ack", suspend_evtchn=True)`` -> domid
-    (a misbehaviour, and :class:`torpor.sim.guest.Behaviour` options).
+    (a misbehaviour, and :class:`torpor_sim.guest.Behaviour` options).
 ``torpor_misbehaving_guest``
     a factory: ``torpor_misbehaving_guest("never_ack")`` -> domid.
 ``torpor_client``
@@ -50,7 +50,9 @@ __all__ = [
 
 @pytest.fixture
 def torpor_sim_host(request: pytest.FixtureRequest) -> Iterator[Any]:
-    from torpor.sim.host import SimHost
+    from torpor.host import sim_module
+
+    SimHost = sim_module("host").SimHost
 
     # AF_UNIX paths are limited to 108 bytes: keep the directory short.
     d = tempfile.mkdtemp(prefix="tps", dir="/tmp")
@@ -86,7 +88,9 @@ def torpor_guest(request: pytest.FixtureRequest, torpor_sim_host: Any) -> int:
 def torpor_guest_factory(
     request: pytest.FixtureRequest, torpor_sim_host: Any
 ) -> Callable[..., int]:
-    from torpor.sim.guest import Behaviour
+    from torpor.host import sim_module
+
+    Behaviour = sim_module("guest").Behaviour
 
     kind = _kind(request)
 

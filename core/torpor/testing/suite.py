@@ -264,7 +264,9 @@ def _claims(
 def _find_guest_type(cls: type[ConformanceBase]) -> _Found:
     """Build a guest of ``cls.guest_kind`` on a simulated host of its own and
     classify it through ``cls.plugins``: the GuestType torpor would use."""
-    from torpor.sim.host import SimHost
+    from torpor.host import sim_module
+
+    SimHost = sim_module("host").SimHost
 
     d = tempfile.mkdtemp(prefix="tpc", dir="/tmp")  # AF_UNIX paths: keep it short
     sim = SimHost(d, qemu=cls.use_qemu, name="conformance-classify")
@@ -289,7 +291,7 @@ class ConformanceBase:
     """What every suite class needs; set these in your subclass.
 
     :cvar guest_kind: the guest the simulated host builds for each test: one of
-        :data:`torpor.sim.host.GUEST_KINDS` (``pv``, ``pvhvm``, ``hvm``, ``pvh``).
+        :data:`torpor_sim.host.GUEST_KINDS` (``pv``, ``pvhvm``, ``hvm``, ``pvh``).
     :cvar guest_type: the name the plugin's :class:`~torpor.model.GuestType` must
         have (``winpv`` for a Windows-PV-drivers type on ``pvhvm`` guests);
         default: ``guest_kind``.
@@ -973,7 +975,7 @@ class LeakSuite(ConformanceBase):
 class _Resources:
     """What this process holds that a plugin could leak, at one moment."""
 
-    watches: tuple[Any, ...]  # torpor.sim.xenstored.WatchRecord
+    watches: tuple[Any, ...]  # torpor_sim.xenstored.WatchRecord
     threads: dict[int, str]  # ident -> name
     fds: dict[int, str]  # fd -> what it is
 
@@ -1006,7 +1008,9 @@ class DeclarationSuite(ConformanceBase):
     and how torpor finds it."""
 
     def test_declines_guests_of_other_kinds(self, torpor_sim_host: Any) -> None:
-        from torpor.sim.host import GUEST_KINDS
+        from torpor.host import sim_module
+
+        GUEST_KINDS = sim_module("host").GUEST_KINDS
 
         also = set(self.also_claims)
         if unknown := also - set(GUEST_KINDS):

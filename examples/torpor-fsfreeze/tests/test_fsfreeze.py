@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torpor_fsfreeze.plugin
-from torpor_fsfreeze import FsFreeze
 
+import torpor_fsfreeze.plugin
 from torpor import hookimpl
 from torpor.errors import (
     DeviceModelError,
@@ -34,8 +33,9 @@ from torpor.facade import Torpor
 from torpor.model import SuspendMethod
 from torpor.plugins import get_plugin_manager
 from torpor.qmp import GuestAgent
-from torpor.sim.guest import Behaviour
-from torpor.sim.host import SimHost
+from torpor_fsfreeze import FsFreeze
+from torpor_sim.guest import Behaviour
+from torpor_sim.host import SimHost
 
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 
@@ -322,7 +322,7 @@ def test_an_instance_that_is_off_does_nothing(host: SimHost) -> None:
 @pytest.fixture
 def daemon_host() -> Iterator[str]:
     """A simulated host in its own process: a PV guest (no agent) and an HVM guest."""
-    from torpor.sim import daemon
+    from torpor_sim import daemon
 
     d = tempfile.mkdtemp(prefix="tg", dir="/tmp")
     try:

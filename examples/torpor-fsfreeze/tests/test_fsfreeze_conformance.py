@@ -12,11 +12,10 @@ promises, every thaw check after every resume included.
 
 from __future__ import annotations
 
-from torpor_fsfreeze import FsFreeze
-
 import torpor_hvm.plugin
 from torpor.model import SuspendMethod
 from torpor.testing import ConformanceSuite
+from torpor_fsfreeze import FsFreeze
 
 
 class TestHvmWithFsfreezeConformance(ConformanceSuite):

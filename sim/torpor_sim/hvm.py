@@ -2,7 +2,7 @@
 
 An HVM guest without PV drivers has no kernel actor talking xenstore: its
 "kernel" is the boot sector running in its device model
-(:mod:`torpor.sim.hvm_image` on :mod:`torpor.sim.qemu`).  :class:`HvmGuest`
+(:mod:`torpor_sim.hvm_image` on :mod:`torpor_sim.qemu`).  :class:`HvmGuest`
 ties that device model to the hypervisor model the way qemu-xen and Xen are
 tied:
 
@@ -18,7 +18,7 @@ tied:
   torpor sends before ``xc_domain_resume``, as libxl does) lets the guest run
   a few milliseconds before the domain is resumed.
 
-The guest agent (qemu-ga) is :class:`~torpor.sim.qemu.GuestAgentShim`; the
+The guest agent (qemu-ga) is :class:`~torpor_sim.qemu.GuestAgentShim`; the
 misbehaviours act there, where a real guest would misbehave.
 """
 
@@ -35,15 +35,15 @@ from typing import Any
 
 from torpor.model import HVM_PARAM_ACPI_S_STATE, ShutdownReason
 from torpor.qmp import QmpEvent
-from torpor.sim import hvm_image
-from torpor.sim.guest import Behaviour
-from torpor.sim.hvm_image import GuestCounters
-from torpor.sim.qemu import DeviceModelProcess, GuestAgentShim
-from torpor.sim.xen import SimXen
+from torpor_sim import hvm_image
+from torpor_sim.guest import Behaviour
+from torpor_sim.hvm_image import GuestCounters
+from torpor_sim.qemu import DeviceModelProcess, GuestAgentShim
+from torpor_sim.xen import SimXen
 
 __all__ = ["HvmGuest"]
 
-log = logging.getLogger("torpor.sim.hvm")
+log = logging.getLogger("torpor_sim.hvm")
 
 
 class _GuestView:

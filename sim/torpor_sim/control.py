@@ -39,14 +39,14 @@ import attrs
 from torpor.errors import HypervisorError, TorporError, UsageError
 from torpor.image import decode, encode
 from torpor.model import ShutdownReason
-from torpor.sim.xen import EvtchnHandle
+from torpor_sim.xen import EvtchnHandle
 
 if TYPE_CHECKING:
-    from torpor.sim.host import SimHost
+    from torpor_sim.host import SimHost
 
 __all__ = ["MAX_LINE", "ControlServer"]
 
-log = logging.getLogger("torpor.sim.control")
+log = logging.getLogger("torpor_sim.control")
 #: A request line longer than this is refused and the client dropped
 #: (an image chunk, base64, is the longest legitimate one).
 MAX_LINE = 1024 * 1024

@@ -8,7 +8,7 @@ touched, ``<transaction generation>/<path>``; each value is a node record
 the same shape keeps the same semantics -- conflict detection by generation
 count, per-domain accounting of record sizes -- without re-deriving them.
 
-Nothing here does I/O; :mod:`torpor.sim.xenstored` drives it.
+Nothing here does I/O; :mod:`torpor_sim.xenstored` drives it.
 """
 
 from __future__ import annotations

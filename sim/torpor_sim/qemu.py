@@ -3,8 +3,8 @@
 An HVM domain's device model on Xen is a QEMU process (qemu-xen) that torpor
 reaches over QMP.  In the simulated host it is a real ``qemu-system-x86_64``
 (TCG, i440fx ``-machine pc``, SeaBIOS) running the boot sector of
-:mod:`torpor.sim.hvm_image`; where QEMU is not installed,
-:class:`torpor.sim.fake_qemu.FakeDeviceModel` stands in with the same
+:mod:`torpor_sim.hvm_image`; where QEMU is not installed,
+:class:`torpor_sim.fake_qemu.FakeDeviceModel` stands in with the same
 observable behaviour over a real QMP socket.  Both implement
 :class:`DeviceModelProcess`; :func:`make_device_model` picks one.
 
@@ -113,8 +113,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from torpor.errors import DeviceModelError, Timeout
 from torpor.qmp import QmpClient, QmpEvent
-from torpor.sim import hvm_image
-from torpor.sim.hvm_image import GuestCounters
+from torpor_sim import hvm_image
+from torpor_sim.hvm_image import GuestCounters
 
 __all__ = [
     "RAM_BYTES",
@@ -136,7 +136,7 @@ _NAME_TAG = "torpor-sim"
 _instances = itertools.count(1)
 #: The first bytes of a QEMU migration stream (migration/savevm.c ``QEMU_VM_FILE_MAGIC``).
 QEMU_VM_FILE_MAGIC = b"QEVM"
-#: The first bytes of a VM state saved by the in-process model (:mod:`torpor.sim.fake_qemu`).
+#: The first bytes of a VM state saved by the in-process model (:mod:`torpor_sim.fake_qemu`).
 INPROC_VM_MAGIC = b"TORPORVM"
 #: The run states :meth:`DeviceModelProcess.unpause_vcpus` continues from: a pause, and
 #: a source whose state was saved (QEMU 7.2 lets ``cont`` run it again: ``qmp_cont``).
@@ -229,7 +229,7 @@ class DeviceModelProcess(Protocol):
         ...
 
     def read_counters(self) -> GuestCounters:
-        """The guest's tick, boot and resume counters (:mod:`torpor.sim.hvm_image`)."""
+        """The guest's tick, boot and resume counters (:mod:`torpor_sim.hvm_image`)."""
         ...
 
     def memory_checksum(self) -> str:
@@ -320,7 +320,7 @@ def make_device_model(
         return QemuDeviceModel(
             domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
         )
-    from torpor.sim.fake_qemu import FakeDeviceModel
+    from torpor_sim.fake_qemu import FakeDeviceModel
 
     return FakeDeviceModel(
         domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
@@ -1099,7 +1099,7 @@ class GuestAgentShim:
 
     Filesystem freeze, as qemu-ga 7.2 on Linux does it (qga/commands-posix.c,
     qga/main.c); the guest has one filesystem, whose freeze flag lives in
-    guest memory (``fs_frozen``, :mod:`torpor.sim.hvm_image`), so a freeze
+    guest memory (``fs_frozen``, :mod:`torpor_sim.hvm_image`), so a freeze
     survives S3, a save and a migration as the guest's kernel state does,
     and a reboot clears it:
 

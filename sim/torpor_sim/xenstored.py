@@ -16,7 +16,7 @@ serves connections that act exactly like domain N's ring (unprivileged,
 relative paths under ``/local/domain/N``, its quotas), so that real client
 tools can be run *as a guest*.
 
-Run it alone with ``python -m torpor.sim.xenstored --socket PATH``.
+Run it alone with ``python -m torpor_sim.xenstored --socket PATH``.
 
 Knowingly left out (each is timing or resource policing, not semantics):
 write rate limiting (wrl_*), the outstanding-request limit and the stall of a
@@ -48,7 +48,8 @@ import attrs
 
 from torpor.errors import XenstoreConnectionLost, XenstoreError
 from torpor.model import DomainInfo
-from torpor.sim.xenstore_tree import (
+from torpor.xs_wire import HEADER, PAYLOAD_MAX, REL_PATH_MAX, Op, decode_error, encode_error
+from torpor_sim.xenstore_tree import (
     NO_GENERATION,
     PERM_IGNORE,
     PERM_NONE,
@@ -68,7 +69,6 @@ from torpor.sim.xenstore_tree import (
     is_valid_nodename,
     parse_perm,
 )
-from torpor.xs_wire import HEADER, PAYLOAD_MAX, REL_PATH_MAX, Op, decode_error, encode_error
 
 __all__ = [
     "DOMID_SELF",
@@ -2006,7 +2006,7 @@ def _guest_socket(text: str) -> tuple[int, str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m torpor.sim.xenstored",
+        prog="python -m torpor_sim.xenstored",
         description="Simulated Xen 4.17 xenstored on a Unix socket (foreground).",
     )
     p.add_argument("--socket", required=True, help="dom0's socket (XENSTORED_PATH)")
@@ -2051,7 +2051,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m torpor.sim.xenstored --socket PATH``: serve until SIGTERM/SIGINT."""
+    """``python -m torpor_sim.xenstored --socket PATH``: serve until SIGTERM/SIGINT."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(_serve(args))

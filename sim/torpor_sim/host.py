@@ -3,7 +3,7 @@
 :class:`SimHost` runs one simulated host in an event loop on a background
 thread: the simulated xenstored (dom0's socket at ``DIR/xenstored/socket``,
 one socket per guest domain at ``DIR/xenstored/domain-<domid>.sock`` so real
-clients can act *as* a guest), the hypervisor model (:mod:`torpor.sim.xen`,
+clients can act *as* a guest), the hypervisor model (:mod:`torpor_sim.xen`,
 served to other processes at ``DIR/hypervisor.sock``), dom0's netback and
 blkback, and the guests.  It builds domains the way libxl does
 (libxl_create.c / libxl_dom.c / libxl_device.c): the xenstore tree with
@@ -36,14 +36,14 @@ from torpor.model import (
     X86_EMU_LAPIC,
     DomainInfo,
 )
-from torpor.sim.backends import BackendDriver
-from torpor.sim.guest import Behaviour, GuestXenstore, LinuxGuest
-from torpor.sim.xen import SimHypervisor, SimXen
-from torpor.sim.xenstored import RingClient, Xenstored
+from torpor_sim.backends import BackendDriver
+from torpor_sim.guest import Behaviour, GuestXenstore, LinuxGuest
+from torpor_sim.xen import SimHypervisor, SimXen
+from torpor_sim.xenstored import RingClient, Xenstored
 
 __all__ = ["GUEST_KINDS", "GuestStatus", "SimHost"]
 
-log = logging.getLogger("torpor.sim.host")
+log = logging.getLogger("torpor_sim.host")
 T = TypeVar("T")
 
 #: Guest types the simulated host can build.
@@ -162,7 +162,7 @@ class SimHost:
         await dom0.write("/local/domain/0/name", "Domain-0")
         await dom0.write("/local/domain/0/domid", "0")
         await self.backends.start(dom0)
-        from torpor.sim.control import ControlServer
+        from torpor_sim.control import ControlServer
 
         self.control = ControlServer(self, on_stop=self._on_control_stop)
         await self.control.start(self.hypervisor_socket)
@@ -234,7 +234,6 @@ class SimHost:
 
     def toolstack_host(self) -> Any:
         """A :class:`torpor.host.Host` on this simulated host, in process."""
-        from torpor.builder import SimBuilder
         from torpor.host import Host
 
         return Host.for_sim_dir(
@@ -392,7 +391,7 @@ class SimHost:
         return "qemu" if self.qemu else "auto"
 
     async def _start_device_model(self, domid: int, kind: str) -> Any:
-        from torpor.sim.qemu import make_device_model
+        from torpor_sim.qemu import make_device_model
 
         run_dir = self.dir / "qmp" / f"dm-{domid}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -409,7 +408,7 @@ class SimHost:
 
     async def _create_hvm(self, *, name: str | None, behaviour: Behaviour | None) -> int:
         """An HVM guest without PV drivers: its device model runs the guest."""
-        from torpor.sim.hvm import HvmGuest
+        from torpor_sim.hvm import HvmGuest
 
         behaviour = attrs.evolve(behaviour or Behaviour(), frontends=())
         dom = self.xen.create_domain(
@@ -607,8 +606,8 @@ class SimHost:
     async def _restore_hvm(self, saved: Any, behaviour: Behaviour) -> int:
         """A new HVM domain whose device model starts from the saved VM state
         (qemu-xen is started with ``-incoming`` the same way)."""
-        from torpor.sim.hvm import HvmGuest
-        from torpor.sim.qemu import make_device_model, saved_vm_state_kind
+        from torpor_sim.hvm import HvmGuest
+        from torpor_sim.qemu import make_device_model, saved_vm_state_kind
 
         if saved.device_model is None:
             raise UsageError("the image of an HVM guest carries no device-model state")
@@ -810,3 +809,25 @@ async def _maybe_await(value: Any) -> Any:
     if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
         return await value
     return value
+
+
+class SimBuilder:
+    """The domain builder of a :class:`SimHost` in this process (save, restore, start, destroy)."""
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self.name = f"sim:{host.dir}"
+
+    def save(self, domid: int) -> Any:
+        saved: Any = self.host.save_guest(domid)
+        return saved
+
+    def restore(self, saved: Any) -> int:
+        domid: int = self.host.restore_guest(saved)
+        return domid
+
+    def start(self, domid: int) -> None:
+        self.host.start_restored(domid)
+
+    def destroy(self, domid: int) -> None:
+        self.host.destroy_guest(domid)

@@ -1,6 +1,6 @@
 """``torpor sim start``'s daemon: one simulated host in its own process.
 
-The parent (:func:`start`) spawns ``python -m torpor.sim.daemon`` in a new
+The parent (:func:`start`) spawns ``python -m torpor_sim.daemon`` in a new
 session, hands it the write end of a pipe, and waits on the read end: the
 daemon writes one JSON line (its guests) once every guest has booted, or the
 reason it could not start.  No polling, no sleeps.  The daemon holds an
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from torpor.errors import BackendUnavailable, TorporError, UsageError
-from torpor.sim.guest import Behaviour
+from torpor_sim.guest import Behaviour
 
 __all__ = [
     "MAX_GUESTS",
@@ -60,7 +60,7 @@ def parse_guests(spec: str) -> list[str]:
     :raises UsageError: an unknown type, a malformed count, or more than
         :data:`MAX_GUESTS` guests in all.
     """
-    from torpor.sim.host import GUEST_KINDS
+    from torpor_sim.host import GUEST_KINDS
 
     kinds: list[str] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -102,7 +102,7 @@ def parse_seconds(text: str, what: str, *, zero: bool, limit: float = MAX_GUEST_
 
 def parse_misbehaviour(item: str) -> tuple[int, str]:
     """``"3=slow_ack=1.5"`` -> ``(3, "slow_ack=1.5")``; the name must be known."""
-    from torpor.sim.guest import MISBEHAVIOURS
+    from torpor_sim.guest import MISBEHAVIOURS
 
     domid_s, sep, what = item.partition("=")
     if not sep or not (domid_s.isascii() and domid_s.isdigit() and len(domid_s) <= 5):
@@ -234,7 +234,7 @@ def start(
     argv = [
         sys.executable,
         "-m",
-        "torpor.sim.daemon",
+        "torpor_sim.daemon",
         "--dir",
         str(d),
         "--ready-fd",
@@ -321,7 +321,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m torpor.sim.daemon")
+    ap = argparse.ArgumentParser(prog="python -m torpor_sim.daemon")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--ready-fd", type=int, required=True)
     ap.add_argument("--guests", default="")
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return fail(str(e))
     (d / PIDFILE).write_text(f"{os.getpid()}\n")
-    from torpor.sim.host import SimHost
+    from torpor_sim.host import SimHost
 
     host = SimHost(d, qemu=args.qemu, name=d.name)
     stop_now = threading.Event()

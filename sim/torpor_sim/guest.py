@@ -53,7 +53,7 @@ import attrs
 
 from torpor.errors import HypervisorError, TorporError, XenstoreError
 from torpor.model import HVM_PARAM_CALLBACK_IRQ, ShutdownReason
-from torpor.sim.xen import PAGE_SIZE, SimXen
+from torpor_sim.xen import PAGE_SIZE, SimXen
 
 __all__ = [
     "MISBEHAVIOURS",
@@ -63,7 +63,7 @@ __all__ = [
     "XenbusState",
 ]
 
-log = logging.getLogger("torpor.sim.guest")
+log = logging.getLogger("torpor_sim.guest")
 
 #: How many lines of its kernel log a simulated guest keeps.
 LOG_LINES = 200

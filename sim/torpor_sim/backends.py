@@ -30,11 +30,11 @@ import logging
 from typing import Any
 
 from torpor.errors import TorporError, XenstoreError
-from torpor.sim.guest import GuestXenstore, XenbusState
+from torpor_sim.guest import GuestXenstore, XenbusState
 
 __all__ = ["BackendDriver"]
 
-log = logging.getLogger("torpor.sim.backends")
+log = logging.getLogger("torpor_sim.backends")
 BACKEND_ROOT = "/local/domain/0/backend"
 #: xen-netback set_backend_state(): the way from each state to InitWait.
 _NETBACK_TO_INITWAIT = {

@@ -1,13 +1,13 @@
 """The in-process HVM device model: QEMU's observable behaviour without QEMU.
 
 Where ``qemu-system-x86_64`` is not installed, :class:`FakeDeviceModel` stands
-in for :class:`torpor.sim.qemu.QemuDeviceModel`.  It serves real QMP on a real
+in for :class:`torpor_sim.qemu.QemuDeviceModel`.  It serves real QMP on a real
 Unix socket (asyncio, on the caller's event loop) and runs a simulated guest
-that does what the boot sector of :mod:`torpor.sim.hvm_image` does, on the
+that does what the boot sector of :mod:`torpor_sim.hvm_image` does, on the
 same guest-physical memory layout: "SeaBIOS" writes ACPI tables (RSDP, RSDT,
 FADT with PM1a_CNT_BLK 0x604, FACS at 0xFE0000, as QEMU 7.2 + SeaBIOS 1.16
 place them for a 16 MiB ``pc`` guest), the guest walks them, sets the FACS
-waking vector, ticks at :data:`~torpor.sim.hvm_image.TICK_HZ` writing its
+waking vector, ticks at :data:`~torpor_sim.hvm_image.TICK_HZ` writing its
 ring and its filesystem (unless frozen), and polls its COM1 for the one-byte
 commands.
 
@@ -81,7 +81,7 @@ The saved VM state format (version 1, big-endian)::
               are left out, as QEMU leaves out zero pages' contents)
 
 A QEMU migration stream (``QEVM``) is refused with a clear error, as QEMU
-refuses this format (:class:`torpor.sim.qemu.QemuDeviceModel`).
+refuses this format (:class:`torpor_sim.qemu.QemuDeviceModel`).
 
 Not modelled: out-of-band execution, QEMU's exact wording of JSON syntax
 errors, and every command not listed by ``query-commands`` here.
@@ -107,8 +107,8 @@ from typing import Any, Literal
 
 from torpor.errors import DeviceModelError
 from torpor.qmp import QmpEvent
-from torpor.sim import hvm_image as img
-from torpor.sim.qemu import (
+from torpor_sim import hvm_image as img
+from torpor_sim.qemu import (
     _CONTINUABLE,
     INPROC_VM_MAGIC,
     QEMU_VM_FILE_MAGIC,
@@ -356,7 +356,7 @@ class _Connection:
 class FakeDeviceModel(DeviceModelBase):
     """An in-process device model with QEMU 7.2's observable QMP behaviour.
 
-    Same constructor arguments as :class:`~torpor.sim.qemu.QemuDeviceModel`
+    Same constructor arguments as :class:`~torpor_sim.qemu.QemuDeviceModel`
     (``incoming``: a VM state saved by this model's :meth:`save_vm_state`),
     plus ``flavour``: which QEMU to mirror where they differ
     (``xen-load-devices-state``, see the module docstring).
