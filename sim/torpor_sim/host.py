@@ -391,7 +391,7 @@ class SimHost:
         return "qemu" if self.qemu else "auto"
 
     async def _start_device_model(self, domid: int, kind: str) -> Any:
-        from torpor_sim.qemu import make_device_model
+        from torpor_sim.hvm import make_device_model
 
         run_dir = self.dir / "qmp" / f"dm-{domid}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -606,8 +606,8 @@ class SimHost:
     async def _restore_hvm(self, saved: Any, behaviour: Behaviour) -> int:
         """A new HVM domain whose device model starts from the saved VM state
         (qemu-xen is started with ``-incoming`` the same way)."""
-        from torpor_sim.hvm import HvmGuest
-        from torpor_sim.qemu import make_device_model, saved_vm_state_kind
+        from torpor_sim.devicemodel import saved_vm_state_kind
+        from torpor_sim.hvm import HvmGuest, make_device_model
 
         if saved.device_model is None:
             raise UsageError("the image of an HVM guest carries no device-model state")

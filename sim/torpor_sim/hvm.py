@@ -2,9 +2,10 @@
 
 An HVM guest without PV drivers has no kernel actor talking xenstore: its
 "kernel" is the boot sector running in its device model
-(:mod:`torpor_sim.hvm_image` on :mod:`torpor_sim.qemu`).  :class:`HvmGuest`
-ties that device model to the hypervisor model the way qemu-xen and Xen are
-tied:
+(:mod:`torpor_sim.hvm_image` on :mod:`torpor_sim.qemu`, or on the in-process
+:mod:`torpor_sim.fake_qemu` where QEMU is not installed;
+:func:`make_device_model` picks one).  :class:`HvmGuest` ties that device
+model to the hypervisor model the way qemu-xen and Xen are tied:
 
 * QEMU's ``SUSPEND`` / ``WAKEUP`` set ``HVM_PARAM_ACPI_S_STATE`` to 3 / 0
   (qemu-xen's suspend and wakeup notifiers call ``xc_hvm_param_set``); Xen
@@ -18,7 +19,7 @@ tied:
   torpor sends before ``xc_domain_resume``, as libxl does) lets the guest run
   a few milliseconds before the domain is resumed.
 
-The guest agent (qemu-ga) is :class:`~torpor_sim.qemu.GuestAgentShim`; the
+The guest agent (qemu-ga) is :class:`~torpor_sim.guest_agent.GuestAgentShim`; the
 misbehaviours act there, where a real guest would misbehave.
 """
 
@@ -31,19 +32,50 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torpor.model import HVM_PARAM_ACPI_S_STATE, ShutdownReason
 from torpor.qmp import QmpEvent
 from torpor_sim import hvm_image
+from torpor_sim.devicemodel import DeviceModelProcess
+from torpor_sim.fake_qemu import FakeDeviceModel
 from torpor_sim.guest import Behaviour
+from torpor_sim.guest_agent import GuestAgentShim
 from torpor_sim.hvm_image import GuestCounters
-from torpor_sim.qemu import DeviceModelProcess, GuestAgentShim
+from torpor_sim.qemu import QemuDeviceModel, qemu_binary
+from torpor_sim.qmp_server import UnixServer
 from torpor_sim.xen import SimXen
 
-__all__ = ["HvmGuest"]
+__all__ = ["HvmGuest", "make_device_model"]
 
 log = logging.getLogger("torpor_sim.hvm")
+
+
+def make_device_model(
+    *,
+    domid: int | None = None,
+    prefer: Literal["auto", "qemu", "in-process"] = "auto",
+    run_dir: str | os.PathLike[str] | None = None,
+    qmp_path: str | os.PathLike[str] | None = None,
+    reboot: bool = False,
+    incoming: str | os.PathLike[str] | None = None,
+) -> DeviceModelProcess:
+    """Real QEMU when ``qemu-system-x86_64`` is installed (or ``prefer="qemu"``),
+    else the in-process model; ``kind`` on the result says which.
+
+    ``incoming``: start from a VM state saved by
+    :meth:`DeviceModelProcess.save_vm_state` instead of booting the guest.
+    Only the kind of model that saved a state can load it
+    (:func:`torpor_sim.devicemodel.saved_vm_state_kind` tells which); the
+    other refuses it in :meth:`~DeviceModelProcess.start`.
+    """
+    if prefer == "qemu" or (prefer == "auto" and qemu_binary() is not None):
+        return QemuDeviceModel(
+            domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
+        )
+    return FakeDeviceModel(
+        domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
+    )
 
 
 class _GuestView:
@@ -121,11 +153,8 @@ class QmpOrderingProxy:
         self.public = public
         self.private = private
         self.on_event = on_event
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        #: One handler per connected client; it ends once both ends are closed.
-        self._clients: set[asyncio.Task[Any]] = set()
+        # One handler per connected client; it ends once both ends are closed.
+        self._server = UnixServer(public, self._client, backlog=100)
 
     async def idle(self) -> None:
         """Return once every client that has hung up is fully closed here too.
@@ -133,27 +162,16 @@ class QmpOrderingProxy:
         A client's hang-up reaches this proxy asynchronously; a leak check that
         counts file descriptors right after closing its own must wait for that.
         """
-        while self._clients:
-            await asyncio.wait(set(self._clients))
+        await self._server.idle()
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.public)
-        self._server = await asyncio.start_unix_server(self._client, path=self.public)
+        await self._server.start()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        me = asyncio.current_task()
-        if me is not None:
-            self._clients.add(me)
-            me.add_done_callback(self._clients.discard)
-        self._writers.add(writer)
         try:
             up_r, up_w = await asyncio.open_unix_connection(self.private, limit=1 << 20)
         except OSError:
-            writer.close()
-            self._writers.discard(writer)
             return
-        self._writers.add(up_w)
 
         async def down() -> None:  # client -> QEMU, as is
             while chunk := await reader.read(65536):
@@ -162,8 +180,6 @@ class QmpOrderingProxy:
             up_w.close()
 
         task = asyncio.ensure_future(down())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         try:
             while line := await up_r.readline():  # QEMU ends each message with CRLF
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -172,26 +188,16 @@ class QmpOrderingProxy:
                         self.on_event(msg["event"], msg.get("data") or {})
                 writer.write(line)
                 await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
         finally:
             task.cancel()
             for w in (writer, up_w):
                 w.close()
-                self._writers.discard(w)
             for w in (writer, up_w):
                 with contextlib.suppress(OSError):
                     await w.wait_closed()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in list(self._writers):
-            w.close()
-        for t in list(self._tasks):
-            t.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.public)
+        self._server.close()
 
 
 class HvmGuest:

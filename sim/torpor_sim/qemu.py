@@ -1,12 +1,12 @@
-"""HVM device models for the simulated Xen host: real QEMU, and what they share.
+"""The simulated host's HVM device model as a real QEMU process.
 
 An HVM domain's device model on Xen is a QEMU process (qemu-xen) that torpor
 reaches over QMP.  In the simulated host it is a real ``qemu-system-x86_64``
 (TCG, i440fx ``-machine pc``, SeaBIOS) running the boot sector of
-:mod:`torpor_sim.hvm_image`; where QEMU is not installed,
-:class:`torpor_sim.fake_qemu.FakeDeviceModel` stands in with the same
-observable behaviour over a real QMP socket.  Both implement
-:class:`DeviceModelProcess`; :func:`make_device_model` picks one.
+:mod:`torpor_sim.hvm_image`: :class:`QemuDeviceModel`.  What it shares with
+the in-process model (:mod:`torpor_sim.fake_qemu`) is in
+:mod:`torpor_sim.devicemodel`; this module is what is QEMU's own: launching
+it, talking to it, and moving its VM state with QEMU's own migration.
 
 How :class:`QemuDeviceModel` runs QEMU, and why:
 
@@ -49,7 +49,7 @@ Saving and restoring a whole VM (torpor's save / restore / migration): in the
 sim QEMU runs the guest's vCPUs as well as its devices, so the guest's complete
 state (RAM, CPU, devices) is QEMU's VM state, moved with QEMU's own migration:
 
-* :meth:`~DeviceModelProcess.save_vm_state` stops the guest (``stop`` on the
+* :meth:`~QemuDeviceModel.save_vm_state` stops the guest (``stop`` on the
   model's own monitor, never on :attr:`qmp_path`) and runs ``migrate`` to an
   ``exec:`` URI (``cat > FILE``), waiting on ``MIGRATION`` events (capability
   ``events``), through ``pre-switchover`` (capability
@@ -99,7 +99,6 @@ import atexit
 import contextlib
 import ctypes
 import itertools
-import json
 import mmap
 import os
 import shlex
@@ -107,402 +106,27 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
 
 from torpor.errors import DeviceModelError, Timeout
 from torpor.qmp import QmpClient, QmpEvent
 from torpor_sim import hvm_image
-from torpor_sim.hvm_image import GuestCounters
+from torpor_sim.devicemodel import RAM_BYTES, DeviceModelBase, Kind
+from torpor_sim.qmp_server import listening_socket
 
-__all__ = [
-    "RAM_BYTES",
-    "DeviceModelBase",
-    "DeviceModelProcess",
-    "GuestAgentShim",
-    "QemuDeviceModel",
-    "make_device_model",
-    "qemu_binary",
-    "running_qemu_pids",
-    "saved_vm_state_kind",
-]
+__all__ = ["QemuDeviceModel", "qemu_binary", "running_qemu_pids"]
 
-#: Guest RAM of a simulated HVM guest (QEMU ``-m``).
-RAM_BYTES = 16 * 1024 * 1024
 QEMU_BINARY = "qemu-system-x86_64"
 #: The ``-name`` every QEMU started here carries: it names the owning process.
 _NAME_TAG = "torpor-sim"
 _instances = itertools.count(1)
-#: The first bytes of a QEMU migration stream (migration/savevm.c ``QEMU_VM_FILE_MAGIC``).
-QEMU_VM_FILE_MAGIC = b"QEVM"
-#: The first bytes of a VM state saved by the in-process model (:mod:`torpor_sim.fake_qemu`).
-INPROC_VM_MAGIC = b"TORPORVM"
-#: The run states :meth:`DeviceModelProcess.unpause_vcpus` continues from: a pause, and
-#: a source whose state was saved (QEMU 7.2 lets ``cont`` run it again: ``qmp_cont``).
-_CONTINUABLE = frozenset({"paused", "postmigrate"})
-
-Kind = Literal["qemu", "in-process"]
-
-
-@runtime_checkable
-class DeviceModelProcess(Protocol):
-    """An HVM guest's device model: a QEMU process (or its in-process stand-in).
-
-    QMP is on :attr:`qmp_path`; the guest's COM1 lines come through
-    :meth:`wait_serial` / :meth:`on_serial`; guest memory is read and
-    written like a foreign mapping.  Not to be confused with QMP ``stop``:
-    :meth:`stop` destroys the device model.
-    """
-
-    #: ``"qemu"`` or ``"in-process"``: which one ran.
-    kind: Kind
-    #: The domain this device model serves (``None`` outside a simulated host).
-    domid: int | None
-
-    @property
-    def qmp_path(self) -> str:
-        """The QMP socket torpor connects to (bound before the model starts)."""
-        ...
-
-    @property
-    def pid(self) -> int | None:
-        """QEMU's process id; ``None`` for the in-process model or before start."""
-        ...
-
-    @property
-    def alive(self) -> bool:
-        """True from :meth:`start` until the model exits or is stopped."""
-        ...
-
-    @property
-    def run_state(self) -> str:
-        """The QEMU run state as last seen: ``running``, ``paused``, ``suspended``,
-        ``shutdown``; ``prelaunch`` before start, ``exited`` after."""
-        ...
-
-    async def start(self, *, timeout: float = 10.0) -> None:
-        """Start the device model and wait for the guest's ``torpor-hvm boot`` line.
-
-        A model made with ``incoming=FILE`` does not boot the guest: it loads
-        the VM state saved by :meth:`save_vm_state` and returns once it is
-        loaded, the guest paused (run state ``paused``) where it was saved;
-        :meth:`unpause_vcpus` continues it.  A missing, truncated, foreign or
-        corrupt file is a :class:`DeviceModelError` (nothing is left running).
-        """
-        ...
-
-    async def save_vm_state(self, path: str | os.PathLike[str], *, timeout: float) -> None:
-        """Write the whole VM state (RAM, vCPU, devices) to ``path``.
-
-        A running guest is stopped first (``STOP``); the model stays stopped
-        afterwards, in run state ``postmigrate`` (:meth:`unpause_vcpus` may
-        continue it: a checkpoint).  The file appears whole or not at all.
-        A model made with ``incoming=path`` restores it.  A guest in S3 is
-        woken by the save (QEMU 7.2; see the module docstring).  Failures are
-        :class:`DeviceModelError`, the deadline :class:`Timeout`.
-        """
-        ...
-
-    async def stop(self) -> None:
-        """Destroy the device model (kill QEMU); idempotent."""
-        ...
-
-    async def request_s3(self) -> None:
-        """Ask the guest to enter S3 (sends ``S`` on its COM1): the sim guest agent."""
-        ...
-
-    async def request_poweroff(self) -> None:
-        """Ask the guest to power off (ACPI S5)."""
-        ...
-
-    async def request_crash(self) -> None:
-        """Make the guest crash (triple fault)."""
-        ...
-
-    def read_memory(self, addr: int, length: int) -> bytes:
-        """Read guest-physical memory."""
-        ...
-
-    def write_memory(self, addr: int, data: bytes) -> None:
-        """Write guest-physical memory (for tests of misbehaving guests)."""
-        ...
-
-    def read_counters(self) -> GuestCounters:
-        """The guest's tick, boot and resume counters (:mod:`torpor_sim.hvm_image`)."""
-        ...
-
-    def memory_checksum(self) -> str:
-        """SHA-256 of the guest's work ring."""
-        ...
-
-    @property
-    def serial_lines(self) -> Sequence[str]:
-        """Every COM1 line so far, CR LF stripped."""
-        ...
-
-    def serial_mark(self) -> int:
-        """Index of the next COM1 line: ``since=`` for :meth:`wait_serial`."""
-        ...
-
-    async def wait_serial(self, text: str, *, timeout: float, since: int | None = None) -> str:
-        """Wait for a COM1 line containing ``text`` (from line ``since``, or a new one)."""
-        ...
-
-    def on_serial(self, callback: Callable[[str], None]) -> Callable[[], None]:
-        """Call ``callback(line)`` for each new COM1 line; returns an unsubscribe."""
-        ...
-
-    def on_event(self, callback: Callable[[QmpEvent], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for each QMP event the model emits."""
-        ...
-
-    async def wait_run_state(self, states: Iterable[str], *, timeout: float) -> str:
-        """Wait until :attr:`run_state` is one of ``states``."""
-        ...
-
-    async def pause_vcpus(self) -> None:
-        """The hypervisor stops running the guest (a pause, a shutdown).
-
-        In the sim QEMU plays the domain's vCPUs as well as its device model,
-        so this is QMP ``stop`` on the model's own monitor.  No-op unless running.
-        """
-        ...
-
-    async def unpause_vcpus(self) -> None:
-        """The hypervisor runs the guest again: ``cont``, only if paused (or, after
-        :meth:`save_vm_state`, ``postmigrate``)."""
-        ...
+_live_pids: set[int] = set()
 
 
 def qemu_binary() -> str | None:
     """Path of ``qemu-system-x86_64`` on ``PATH``, or ``None``."""
     return shutil.which(QEMU_BINARY)
-
-
-def saved_vm_state_kind(path: str | os.PathLike[str]) -> Kind | None:
-    """Which device model wrote the VM state at ``path``: ``"qemu"`` (a QEMU
-    migration stream), ``"in-process"``, or ``None`` (neither).
-
-    An unreadable file is a :class:`DeviceModelError`.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(INPROC_VM_MAGIC))
-    except OSError as e:
-        raise DeviceModelError(f"saved VM state {os.fspath(path)}: {e.strerror}", cause=e) from e
-    if head.startswith(QEMU_VM_FILE_MAGIC):
-        return "qemu"
-    if head == INPROC_VM_MAGIC:
-        return "in-process"
-    return None
-
-
-def make_device_model(
-    *,
-    domid: int | None = None,
-    prefer: Literal["auto", "qemu", "in-process"] = "auto",
-    run_dir: str | os.PathLike[str] | None = None,
-    qmp_path: str | os.PathLike[str] | None = None,
-    reboot: bool = False,
-    incoming: str | os.PathLike[str] | None = None,
-) -> DeviceModelProcess:
-    """Real QEMU when ``qemu-system-x86_64`` is installed (or ``prefer="qemu"``),
-    else the in-process model; ``kind`` on the result says which.
-
-    ``incoming``: start from a VM state saved by
-    :meth:`DeviceModelProcess.save_vm_state` instead of booting the guest.
-    Only the kind of model that saved a state can load it
-    (:func:`saved_vm_state_kind` tells which); the other refuses it in
-    :meth:`~DeviceModelProcess.start`.
-    """
-    if prefer == "qemu" or (prefer == "auto" and qemu_binary() is not None):
-        return QemuDeviceModel(
-            domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
-        )
-    from torpor_sim.fake_qemu import FakeDeviceModel
-
-    return FakeDeviceModel(
-        domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
-    )
-
-
-# ---------------------------------------------------------------------------
-# What both models share: serial lines, events and run state, guest memory.
-# ---------------------------------------------------------------------------
-
-
-class DeviceModelBase:
-    """Serial-line, event and memory plumbing shared by both device models."""
-
-    kind: Kind
-
-    def __init__(self, *, domid: int | None, reboot: bool) -> None:
-        self.domid = domid
-        self.reboot = reboot
-        self._lines: list[str] = []
-        self._partial = b""
-        self._line_waiters: list[tuple[str, int, asyncio.Future[str]]] = []
-        self._serial_cbs: dict[int, Callable[[str], None]] = {}
-        self._event_cbs: dict[int, Callable[[QmpEvent], None]] = {}
-        self._keys = itertools.count()
-        self._state = "prelaunch"
-        self._state_waiters: list[tuple[frozenset[str], asyncio.Future[str]]] = []
-        self._dead: DeviceModelError | None = None
-
-    # serial
-
-    @property
-    def serial_lines(self) -> Sequence[str]:
-        return tuple(self._lines)
-
-    def serial_mark(self) -> int:
-        return len(self._lines)
-
-    def _feed_serial(self, data: bytes) -> None:
-        buf = self._partial + data
-        *complete, self._partial = buf.split(b"\n")
-        for raw in complete:
-            line = raw.rstrip(b"\r").decode("latin-1")
-            self._lines.append(line)
-            index = len(self._lines) - 1
-            for text, since, fut in self._line_waiters:
-                if not fut.done() and index >= since and text in line:
-                    fut.set_result(line)
-            for cb in list(self._serial_cbs.values()):
-                cb(line)
-
-    async def wait_serial(self, text: str, *, timeout: float, since: int | None = None) -> str:
-        start = len(self._lines) if since is None else since
-        for line in self._lines[start:]:
-            if text in line:
-                return line
-        if self._dead is not None:
-            raise self._dead
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        entry = (text, start, fut)
-        self._line_waiters.append(entry)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError as e:
-            raise Timeout(
-                f"guest COM1 line {text!r}: not seen within {timeout:g} s",
-                deadline=timeout,
-                domid=self.domid,
-            ) from e
-        finally:
-            self._line_waiters.remove(entry)
-
-    def on_serial(self, callback: Callable[[str], None]) -> Callable[[], None]:
-        key = next(self._keys)
-        self._serial_cbs[key] = callback
-
-        def unsubscribe() -> None:
-            self._serial_cbs.pop(key, None)
-
-        return unsubscribe
-
-    # events and run state
-
-    @property
-    def run_state(self) -> str:
-        return self._state
-
-    def _set_state(self, state: str) -> None:
-        self._state = state
-        for states, fut in self._state_waiters:
-            if not fut.done() and state in states:
-                fut.set_result(state)
-
-    def _note_event(self, ev: QmpEvent) -> None:
-        """Follow QEMU's run state from its events (softmmu/runstate.c)."""
-        if ev.name == "STOP" and self._state != "shutdown":
-            self._set_state("paused")
-        elif ev.name in ("RESUME", "WAKEUP"):
-            self._set_state("running")
-        elif ev.name == "SUSPEND":
-            self._set_state("suspended")
-        elif ev.name == "SHUTDOWN":
-            self._set_state("shutdown")
-        for cb in list(self._event_cbs.values()):
-            cb(ev)
-
-    def on_event(self, callback: Callable[[QmpEvent], None]) -> Callable[[], None]:
-        key = next(self._keys)
-        self._event_cbs[key] = callback
-
-        def unsubscribe() -> None:
-            self._event_cbs.pop(key, None)
-
-        return unsubscribe
-
-    async def wait_run_state(self, states: Iterable[str], *, timeout: float) -> str:
-        wanted = frozenset(states)
-        if self._state in wanted:
-            return self._state
-        if self._dead is not None:
-            raise self._dead
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        entry = (wanted, fut)
-        self._state_waiters.append(entry)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError as e:
-            raise Timeout(
-                f"device model run state {'/'.join(sorted(wanted))}: still {self._state} "
-                f"after {timeout:g} s",
-                deadline=timeout,
-                domid=self.domid,
-            ) from e
-        finally:
-            self._state_waiters.remove(entry)
-
-    def _died(self, err: DeviceModelError) -> None:
-        """The model is gone: every waiter fails with ``err``."""
-        self._dead = err
-        self._set_state("exited")
-        for _, _, fut in self._line_waiters:
-            if not fut.done():
-                fut.set_exception(err)
-        for _, sfut in self._state_waiters:
-            if not sfut.done():
-                sfut.set_exception(err)
-
-    # guest memory
-
-    def _ram(self) -> mmap.mmap:
-        raise NotImplementedError
-
-    def read_memory(self, addr: int, length: int) -> bytes:
-        ram = self._ram()
-        if addr < 0 or length < 0 or addr + length > len(ram):
-            raise DeviceModelError(
-                f"guest memory {addr:#x}+{length:#x} is outside RAM", domid=self.domid
-            )
-        return ram[addr : addr + length]
-
-    def write_memory(self, addr: int, data: bytes) -> None:
-        ram = self._ram()
-        if addr < 0 or addr + len(data) > len(ram):
-            raise DeviceModelError(
-                f"guest memory {addr:#x}+{len(data):#x} is outside RAM", domid=self.domid
-            )
-        ram[addr : addr + len(data)] = data
-
-    def read_counters(self) -> GuestCounters:
-        return hvm_image.read_counters(self.read_memory)
-
-    def memory_checksum(self) -> str:
-        return hvm_image.region_checksum(
-            self.read_memory(hvm_image.REGION_ADDR, hvm_image.REGION_SIZE)
-        )
-
-
-# ---------------------------------------------------------------------------
-# Real QEMU
-# ---------------------------------------------------------------------------
-
-_live_pids: set[int] = set()
 
 
 def running_qemu_pids(owner: int | None = None) -> list[int]:
@@ -537,19 +161,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _listening_socket(path: Path) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        sock.listen(4)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class QemuDeviceModel(DeviceModelBase):
     """A real ``qemu-system-x86_64`` running the boot sector guest.
 
@@ -564,6 +175,7 @@ class QemuDeviceModel(DeviceModelBase):
     """
 
     kind: Kind = "qemu"
+    what = "QEMU device model"
 
     def __init__(
         self,
@@ -575,14 +187,9 @@ class QemuDeviceModel(DeviceModelBase):
         qemu: str | None = None,
         incoming: str | os.PathLike[str] | None = None,
     ) -> None:
-        super().__init__(domid=domid, reboot=reboot)
-        self.incoming = None if incoming is None else Path(os.path.abspath(incoming))
-        self._own_dir = run_dir is None
-        self.run_dir = Path(
-            run_dir if run_dir is not None else tempfile.mkdtemp(prefix="torpor-dm-")
+        super().__init__(
+            domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
         )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._qmp_path = Path(qmp_path) if qmp_path is not None else self.run_dir / "qmp.sock"
         self._aux_path = self.run_dir / "qmp-aux.sock"
         self._serial_path = self.run_dir / "serial.sock"
         self._image = self.run_dir / "guest.img"
@@ -594,15 +201,9 @@ class QemuDeviceModel(DeviceModelBase):
         self._serial_writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._aux: QmpClient | None = None
-        self._mem: mmap.mmap | None = None
-        self._stopped = False
         self._save_lock = asyncio.Lock()
         self._migration_set_up = False
         self.name = f"{_NAME_TAG}.{os.getpid()}.{next(_instances)}"
-
-    @property
-    def qmp_path(self) -> str:
-        return str(self._qmp_path)
 
     @property
     def pid(self) -> int | None:
@@ -650,15 +251,7 @@ class QemuDeviceModel(DeviceModelBase):
             args += ["-S", "-incoming", "defer"]
         return args
 
-    async def start(self, *, timeout: float = 10.0) -> None:
-        if self._proc is not None:
-            raise DeviceModelError("device model already started", domid=self.domid)
-        if self.incoming is not None:
-            try:
-                self._check_incoming(self.incoming)
-            except DeviceModelError:
-                await self.stop()
-                raise
+    async def _launch(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         hvm_image.write_image(self._image)
@@ -669,9 +262,9 @@ class QemuDeviceModel(DeviceModelBase):
             self._mem = mmap.mmap(fd, RAM_BYTES, mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        qmp = _listening_socket(self._qmp_path)
-        aux = _listening_socket(self._aux_path)
-        ser = _listening_socket(self._serial_path)
+        qmp = listening_socket(self._qmp_path)
+        aux = listening_socket(self._aux_path)
+        ser = listening_socket(self._serial_path)
         self._listeners = [qmp, aux, ser]
         # Our end of COM1, queued in the backlog before QEMU exists (wait=on accepts it).
         com1 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -696,22 +289,16 @@ class QemuDeviceModel(DeviceModelBase):
             loop.create_task(self._read_serial(reader), name=f"{self.name}-com1"),
             loop.create_task(self._reap(), name=f"{self.name}-reap"),
         ]
-        try:
-            aux_client = QmpClient(domid=self.domid, name=f"{self.name}-aux")
-            await aux_client.connect(self._aux_path, timeout=timeout)
-            self._aux = aux_client
-            aux_client.subscribe(self._note_event)
-            if self.incoming is None:
-                await self.wait_serial(hvm_image.LINE_BOOT, timeout=timeout, since=0)
-            else:
-                await self._load_incoming(aux_client, self.incoming, deadline)
-        except BaseException as e:
-            detail = self._log_tail()
-            await self.stop()
-            if isinstance(e, DeviceModelError | Timeout) and detail:
-                e.message = f"{e.message}; QEMU said: {detail}"
-                e.args = (e.message,)
-            raise
+        aux_client = QmpClient(domid=self.domid, name=f"{self.name}-aux")
+        await aux_client.connect(self._aux_path, timeout=timeout)
+        self._aux = aux_client
+        aux_client.subscribe(self._note_event)
+        if self.incoming is not None:
+            await self._load_incoming(aux_client, self.incoming, deadline)
+
+    def _last_words(self) -> str:
+        tail = self._log_tail() if self._proc is not None else ""
+        return f"QEMU said: {tail}" if tail else ""
 
     async def _read_serial(self, reader: asyncio.StreamReader) -> None:
         while chunk := await reader.read(4096):
@@ -738,31 +325,6 @@ class QemuDeviceModel(DeviceModelBase):
         return " | ".join(lines[-3:])
 
     # ------------------------------------------------------------ save / restore
-
-    def _check_incoming(self, path: Path) -> None:
-        """Refuse, before QEMU starts, a file that is not a QEMU migration stream.
-
-        A stream with the right start and anything wrong after it is QEMU's to
-        refuse (it exits).  An empty one it would never notice: QEMU 7.2 waits
-        for it with a ``G_IO_IN`` watch on the pipe (``exec_start_incoming_migration()``,
-        migration/exec.c), and a bare hang-up never fires it (seen: it waits forever).
-        """
-        try:
-            kind = saved_vm_state_kind(path)
-        except DeviceModelError as e:
-            raise DeviceModelError(e.message, domid=self.domid, cause=e.cause) from e
-        if kind == "in-process":
-            raise DeviceModelError(
-                f"saved VM state {path} was written by the in-process device model, "
-                "not by QEMU: QEMU cannot load it",
-                domid=self.domid,
-            )
-        if kind is None:
-            raise DeviceModelError(
-                f"saved VM state {path} is not a QEMU migration stream "
-                f"(no {QEMU_VM_FILE_MAGIC.decode()} magic)",
-                domid=self.domid,
-            )
 
     async def _load_incoming(self, aux: QmpClient, path: Path, deadline: float) -> None:
         """``migrate-incoming exec:cat PATH`` and wait for its ``MIGRATION`` outcome."""
@@ -798,13 +360,10 @@ class QemuDeviceModel(DeviceModelBase):
             )
         self._set_state(await aux.query_status(timeout=left()))
 
-    async def save_vm_state(self, path: str | os.PathLike[str], *, timeout: float) -> None:
+    async def _save(self, target: Path, part: Path, *, timeout: float) -> None:
         aux = self._aux
-        if aux is None or not self.alive:
-            raise DeviceModelError("device model is not running", domid=self.domid)
-        target = _save_target(path, self.domid)
-        if self._state == "postmigrate":
-            raise _saved_already(target, self.domid)
+        if aux is None:
+            raise self._not_running()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
 
@@ -824,7 +383,6 @@ class QemuDeviceModel(DeviceModelBase):
                 )
                 self._migration_set_up = True
             await self._set_capabilities(aux, left(), events=True, pause=True)
-            part = target.with_name(f".{target.name}.{os.getpid()}.part")
             with _WriterStatus() as status:
                 try:
                     await self._migrate_to(aux, target, part, status, wakes=wakes, left=left)
@@ -929,10 +487,7 @@ class QemuDeviceModel(DeviceModelBase):
                 domid=self.domid,
             )
 
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+    async def _shut_down(self) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -949,77 +504,29 @@ class QemuDeviceModel(DeviceModelBase):
                 await asyncio.wait_for(task, 2.0)
         for s in self._listeners:
             s.close()
-        if self._mem is not None:
-            with contextlib.suppress(BufferError):
-                self._mem.close()
-        for p in (self._qmp_path, self._aux_path, self._serial_path):
+        for p in (self._aux_path, self._serial_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-        if self._own_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self._dead is None:
-            self._died(DeviceModelError("QEMU device model was stopped", domid=self.domid))
 
-    async def __aenter__(self) -> QemuDeviceModel:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def pause_vcpus(self) -> None:
-        if self._aux is not None and self._state == "running":
+    async def _stop_vcpus(self) -> None:
+        if self._aux is not None:
             await self._aux.stop()
 
-    async def unpause_vcpus(self) -> None:
-        if self._aux is not None and self._state in _CONTINUABLE:
+    async def _run_vcpus(self) -> None:
+        if self._aux is not None:
             await self._aux.cont()
             if self._state == "postmigrate":  # no event says so: QEMU now runs it
                 self._set_state(await self._aux.query_status())
 
     async def _send_serial(self, command: bytes) -> None:
-        if self._serial_writer is None or not self.alive:
-            raise DeviceModelError("device model is not running", domid=self.domid)
+        writer = self._serial_writer
+        if writer is None:
+            raise self._not_running()
         try:
-            self._serial_writer.write(command)
-            await self._serial_writer.drain()
+            writer.write(command)
+            await writer.drain()
         except OSError as e:
             raise DeviceModelError(f"guest COM1: {e}", domid=self.domid, cause=e) from e
-
-    async def request_s3(self) -> None:
-        await self._send_serial(hvm_image.CMD_S3)
-
-    async def request_poweroff(self) -> None:
-        await self._send_serial(hvm_image.CMD_POWEROFF)
-
-    async def request_crash(self) -> None:
-        await self._send_serial(hvm_image.CMD_CRASH)
-
-    def _ram(self) -> mmap.mmap:
-        if self._mem is None or self._mem.closed:
-            raise DeviceModelError("guest memory is not mapped", domid=self.domid)
-        return self._mem
-
-
-def _save_target(path: str | os.PathLike[str], domid: int | None) -> Path:
-    """The absolute path a VM state is saved to, refused early where it cannot be."""
-    target = Path(os.path.abspath(path))
-    if not target.parent.is_dir():
-        raise DeviceModelError(
-            f"saving the VM state to {target}: no directory {target.parent}", domid=domid
-        )
-    if target.is_dir():
-        raise DeviceModelError(f"saving the VM state to {target}: Is a directory", domid=domid)
-    return target
-
-
-def _saved_already(target: Path, domid: int | None) -> DeviceModelError:
-    # QEMU 7.2 migrate_prepare(): a postmigrate VM cannot be migrated again until it ran.
-    return DeviceModelError(
-        f"saving the VM state to {target}: QEMU refuses (\"Can't migrate the vm that was "
-        'paused due to previous migration"): its state was saved already and it has not '
-        "run since; continue it first (unpause_vcpus), or use the file saved before",
-        domid=domid,
-    )
 
 
 def _migration_over(ev: QmpEvent) -> bool:
@@ -1078,185 +585,3 @@ class _WriterStatus:
         shutil.rmtree(self._dir, ignore_errors=True)
         if not self._done.done():
             self._done.cancel()
-
-
-# ---------------------------------------------------------------------------
-# The sim's guest agent
-# ---------------------------------------------------------------------------
-
-
-class GuestAgentShim:
-    """Serves the qemu-ga protocol on a Unix socket for a boot-sector guest.
-
-    A guest agent cannot fit in a boot sector; this stands for the in-guest
-    agent.  Like qemu-ga it answers only while the guest runs (a paused or
-    sleeping guest's agent is silent), discards its parser state on a 0xFF
-    byte, answers ``guest-sync-delimited`` after a 0xFF sentinel, and sends
-    **no reply** to a successful ``guest-suspend-ram`` (qga/qapi-schema.json):
-    it turns it into :meth:`DeviceModelProcess.request_s3`.  A guest that
-    found no FADT cannot sleep: that is an error reply, as qemu-ga gives when
-    the guest kernel lacks S3.
-
-    Filesystem freeze, as qemu-ga 7.2 on Linux does it (qga/commands-posix.c,
-    qga/main.c); the guest has one filesystem, whose freeze flag lives in
-    guest memory (``fs_frozen``, :mod:`torpor_sim.hvm_image`), so a freeze
-    survives S3, a save and a migration as the guest's kernel state does,
-    and a reboot clears it:
-
-    * ``guest-fsfreeze-freeze`` freezes it (``FIFREEZE``; the guest's writer
-      then blocks) and returns the number of filesystems frozen, 1;
-    * ``guest-fsfreeze-status`` returns ``"frozen"`` or ``"thawed"``;
-    * ``guest-fsfreeze-thaw`` thaws it and returns the number thawed (1, or
-      0 when nothing was frozen: not an error);
-    * while frozen, qemu-ga disables every command but those of its
-      ``ga_freeze_allowlist`` (ping, info, sync, sync-delimited, fsfreeze
-      status and thaw): a second ``guest-fsfreeze-freeze`` and
-      ``guest-suspend-ram`` are refused with ``CommandNotFound`` "Command
-      ... has been disabled: the agent is in frozen state" (qmp-dispatch.c),
-      and ``guest-info`` shows them ``enabled: false``.  A guest can still be
-      suspended without its agent (a hard suspend) with its filesystem frozen.
-    """
-
-    VERSION = "7.2.0"
-    COMMANDS = (
-        "guest-sync-delimited",
-        "guest-sync",
-        "guest-ping",
-        "guest-info",
-        "guest-suspend-ram",
-        "guest-fsfreeze-status",
-        "guest-fsfreeze-freeze",
-        "guest-fsfreeze-thaw",
-    )
-    #: qga/main.c ``ga_freeze_allowlist``: what still runs while filesystems are frozen.
-    FROZEN_ALLOWED = frozenset(
-        {
-            "guest-ping",
-            "guest-info",
-            "guest-sync",
-            "guest-sync-delimited",
-            "guest-fsfreeze-status",
-            "guest-fsfreeze-thaw",
-        }
-    )
-
-    def __init__(self, dm: DeviceModelProcess, path: str | os.PathLike[str]) -> None:
-        self.dm = dm
-        self.path = Path(path)
-        self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> None:
-        """Bind and listen (the socket exists when this returns)."""
-        sock = _listening_socket(self.path)
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
-
-    async def stop(self) -> None:
-        """Stop listening and drop every connection."""
-        if self._server is not None:
-            self._server.close()
-        for w in list(self._conns):
-            w.close()
-        for t in list(self._handlers):
-            t.cancel()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    async def __aenter__(self) -> GuestAgentShim:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._conns.add(writer)
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        try:
-            while line := await reader.readline():
-                # 0xFF is invalid JSON: qemu-ga's lexer drops what it had and starts afresh.
-                text = line.rsplit(b"\xff", 1)[-1].strip()
-                if not text:
-                    continue
-                # The agent runs inside the guest: nothing is answered while it is not running.
-                await self.dm.wait_run_state({"running"}, timeout=3600.0)
-                reply = await self._handle(text)
-                if reply is not None:
-                    writer.write(reply)
-                    await writer.drain()
-        except (OSError, DeviceModelError, Timeout):
-            pass
-        except asyncio.CancelledError:
-            # Only stop() cancels a connection; end it quietly (asyncio's stream server
-            # would log a cancelled handler as an error in Python 3.11).
-            pass
-        finally:
-            self._conns.discard(writer)
-            if task is not None:
-                self._handlers.discard(task)
-            writer.close()
-
-    async def _handle(self, text: bytes) -> bytes | None:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            return self._error("GenericError", "JSON parse error")
-        if not isinstance(msg, dict) or not isinstance(msg.get("execute"), str):
-            return self._error("GenericError", "Invalid JSON syntax")
-        cmd: str = msg["execute"]
-        args: Any = msg.get("arguments") or {}
-        if cmd not in self.COMMANDS:
-            return self._error("CommandNotFound", f"The command {cmd} has not been found")
-        frozen = self.frozen()
-        if frozen and cmd not in self.FROZEN_ALLOWED:
-            return self._error(
-                "CommandNotFound", f"Command {cmd} has been disabled: the agent is in frozen state"
-            )
-        if cmd == "guest-sync-delimited":
-            return b"\xff" + self._ok(args.get("id"))
-        if cmd == "guest-sync":
-            return self._ok(args.get("id"))
-        if cmd == "guest-ping":
-            return self._ok({})
-        if cmd == "guest-info":
-            supported = [
-                {
-                    "name": c,
-                    "enabled": not frozen or c in self.FROZEN_ALLOWED,
-                    "success-response": c != "guest-suspend-ram",
-                }
-                for c in self.COMMANDS
-            ]
-            return self._ok({"version": self.VERSION, "supported_commands": supported})
-        if cmd == "guest-suspend-ram":
-            if self.dm.read_counters().pm1a_cnt == 0:
-                return self._error("GenericError", "the guest found no ACPI FADT: S3 not supported")
-            await self.dm.request_s3()
-            return None
-        if cmd == "guest-fsfreeze-status":
-            return self._ok("frozen" if frozen else "thawed")
-        if cmd == "guest-fsfreeze-freeze":
-            self.dm.write_memory(hvm_image.FS_FROZEN_ADDR, b"\x01")
-            return self._ok(1)
-        # guest-fsfreeze-thaw
-        self.dm.write_memory(hvm_image.FS_FROZEN_ADDR, b"\x00")
-        return self._ok(1 if frozen else 0)
-
-    def frozen(self) -> bool:
-        """Whether the guest's filesystem is frozen (read from its memory)."""
-        return self.dm.read_memory(hvm_image.FS_FROZEN_ADDR, 1) != b"\x00"
-
-    @staticmethod
-    def _ok(value: object) -> bytes:
-        return json.dumps({"return": value}).encode() + b"\n"
-
-    @staticmethod
-    def _error(error_class: str, desc: str) -> bytes:
-        return json.dumps({"error": {"class": error_class, "desc": desc}}).encode() + b"\n"

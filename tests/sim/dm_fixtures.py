@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 import pytest
 
 from torpor.qmp import QmpClient
+from torpor_sim.devicemodel import DeviceModelBase
 from torpor_sim.fake_qemu import FakeDeviceModel
-from torpor_sim.qemu import DeviceModelBase, QemuDeviceModel, qemu_binary, running_qemu_pids
+from torpor_sim.qemu import QemuDeviceModel, qemu_binary, running_qemu_pids
 
 T = TypeVar("T")
 

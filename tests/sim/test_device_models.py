@@ -22,15 +22,11 @@ import pytest
 from torpor.errors import DeviceModelError, Timeout
 from torpor.qmp import GuestAgent, QmpClient, QmpCommandError
 from torpor_sim import hvm_image as img
+from torpor_sim.devicemodel import DeviceModelBase, DeviceModelProcess
 from torpor_sim.fake_qemu import FakeDeviceModel
-from torpor_sim.qemu import (
-    DeviceModelBase,
-    DeviceModelProcess,
-    GuestAgentShim,
-    QemuDeviceModel,
-    make_device_model,
-    running_qemu_pids,
-)
+from torpor_sim.guest_agent import GuestAgentShim
+from torpor_sim.hvm import make_device_model
+from torpor_sim.qemu import QemuDeviceModel, running_qemu_pids
 
 from .dm_fixtures import (
     HAVE_QEMU,

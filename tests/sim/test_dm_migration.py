@@ -24,15 +24,11 @@ import pytest
 from torpor.errors import DeviceModelError
 from torpor.qmp import QmpClient, QmpEvent
 from torpor_sim import hvm_image as img
+from torpor_sim.devicemodel import DeviceModelProcess, saved_vm_state_kind
 from torpor_sim.fake_qemu import FakeDeviceModel
+from torpor_sim.hvm import make_device_model
 from torpor_sim.hvm_image import GuestCounters
-from torpor_sim.qemu import (
-    DeviceModelProcess,
-    QemuDeviceModel,
-    make_device_model,
-    running_qemu_pids,
-    saved_vm_state_kind,
-)
+from torpor_sim.qemu import QemuDeviceModel, running_qemu_pids
 
 from .dm_fixtures import HAVE_QEMU, KINDS, QEMU_MARKS, STEP, arun, no_leaked_qemu
 
