@@ -96,7 +96,13 @@ from typing import Any, Literal
 from torpor.errors import DeviceModelError
 from torpor.qmp import QmpEvent
 from torpor_sim import hvm_image as img
-from torpor_sim.devicemodel import CONTINUABLE, RAM_BYTES, DeviceModelBase, Kind
+from torpor_sim.devicemodel import (
+    CONTINUABLE,
+    QEMU_VM_FILE_MAGIC,
+    RAM_BYTES,
+    DeviceModelBase,
+    Kind,
+)
 from torpor_sim.fake_machine import (
     CMOS_S3_RESUME,
     FACS_ADDR,
@@ -210,7 +216,6 @@ class FakeDeviceModel(DeviceModelBase):
         if self._state == "suspended":
             # migration_completion(): qemu_system_wakeup_request(), then the VM stops; the
             # main loop's wake-up resets the machine (the vCPU to the reset vector).
-            self._set_state("running")
             self._emit("STOP")
             self._emit("WAKEUP")
             self._cpu_at_reset = True
@@ -439,23 +444,19 @@ class FakeDeviceModel(DeviceModelBase):
 
     def _save_devices_state(self, filename: str) -> Any:
         was_running = self._state == "running"
-        if was_running:  # vm_stop(RUN_STATE_SAVE_VM)
-            self._disarm()
-            self._set_state("save-vm")
-            self._emit("STOP")
+        if was_running:  # vm_stop(RUN_STATE_SAVE_VM), then vm_start()
+            self._vm_stop()
         try:
             blob = json.dumps(self._devices()).encode()
             with open(filename, "wb") as f:
-                f.write(b"QEVM" + struct.pack(">I", 3) + blob)
+                f.write(QEMU_VM_FILE_MAGIC + struct.pack(">I", 3) + blob)
         except OSError as e:
             raise QmpErrorReply(
                 "GenericError", f"Unable to open {filename}: {os.strerror(e.errno or errno.EIO)}"
             ) from e
         finally:
             if was_running:
-                self._set_state("running")
-                self._arm()
-                self._emit("RESUME")
+                self._continue()
         return {}
 
     def _load_devices_state(self, filename: str) -> Any:
@@ -479,7 +480,7 @@ class FakeDeviceModel(DeviceModelBase):
                 ),
             )
             return NO_REPLY
-        if raw[:4] != b"QEVM":
+        if not raw.startswith(QEMU_VM_FILE_MAGIC):
             raise QmpErrorReply("GenericError", "An IO error has occurred")
         try:
             self._set_devices(json.loads(raw[8:]))
