@@ -40,7 +40,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import Literal, Protocol, Self, TypeVar, runtime_checkable
 
 from torpor.errors import DeviceModelError, Timeout
 from torpor.qmp import QmpEvent
@@ -69,6 +69,7 @@ INPROC_VM_MAGIC = b"TORPORVM"
 CONTINUABLE = frozenset({"paused", "postmigrate"})
 
 Kind = Literal["qemu", "in-process"]
+_T = TypeVar("_T")
 
 #: What a saved state of each kind is, for the errors of a model that cannot load it.
 _FORMAT = {
@@ -264,12 +265,12 @@ class DeviceModelBase(abc.ABC):
         self._stopped = False
         self._lines: list[str] = []
         self._partial = b""
-        self._line_waiters: list[tuple[str, int, asyncio.Future[str]]] = []
+        self._line_waiters = _Waiters()
         self._serial_cbs: dict[int, Callable[[str], None]] = {}
         self._event_cbs: dict[int, Callable[[QmpEvent], None]] = {}
         self._keys = itertools.count()
         self._state = "prelaunch"
-        self._state_waiters: list[tuple[frozenset[str], asyncio.Future[str]]] = []
+        self._state_waiters = _Waiters()
         self._dead: DeviceModelError | None = None
 
     # what each model does its own way
@@ -449,10 +450,7 @@ class DeviceModelBase(abc.ABC):
         for raw in complete:
             line = raw.rstrip(b"\r").decode("latin-1")
             self._lines.append(line)
-            index = len(self._lines) - 1
-            for text, since, fut in self._line_waiters:
-                if not fut.done() and index >= since and text in line:
-                    fut.set_result(line)
+            self._line_waiters.offer(line)
             for cb in list(self._serial_cbs.values()):
                 cb(line)
 
@@ -463,26 +461,29 @@ class DeviceModelBase(abc.ABC):
                 return line
         if self._dead is not None:
             raise self._dead
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        entry = (text, start, fut)
-        self._line_waiters.append(entry)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            # A line is offered once appended: its index is len - 1.
+            return await self._line_waiters.wait(
+                lambda line: len(self._lines) > start and text in line, timeout
+            )
         except TimeoutError as e:
             raise Timeout(
                 f"guest COM1 line {text!r}: not seen within {timeout:g} s",
                 deadline=timeout,
                 domid=self.domid,
             ) from e
-        finally:
-            self._line_waiters.remove(entry)
 
     def on_serial(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        return self._subscribe(self._serial_cbs, callback)
+
+    def _subscribe(
+        self, table: dict[int, Callable[[_T], None]], callback: Callable[[_T], None]
+    ) -> Callable[[], None]:
         key = next(self._keys)
-        self._serial_cbs[key] = callback
+        table[key] = callback
 
         def unsubscribe() -> None:
-            self._serial_cbs.pop(key, None)
+            table.pop(key, None)
 
         return unsubscribe
 
@@ -494,9 +495,7 @@ class DeviceModelBase(abc.ABC):
 
     def _set_state(self, state: str) -> None:
         self._state = state
-        for states, fut in self._state_waiters:
-            if not fut.done() and state in states:
-                fut.set_result(state)
+        self._state_waiters.offer(state)
 
     def _note_event(self, ev: QmpEvent) -> None:
         """Follow QEMU's run state from its events (softmmu/runstate.c)."""
@@ -512,13 +511,7 @@ class DeviceModelBase(abc.ABC):
             cb(ev)
 
     def on_event(self, callback: Callable[[QmpEvent], None]) -> Callable[[], None]:
-        key = next(self._keys)
-        self._event_cbs[key] = callback
-
-        def unsubscribe() -> None:
-            self._event_cbs.pop(key, None)
-
-        return unsubscribe
+        return self._subscribe(self._event_cbs, callback)
 
     async def wait_run_state(self, states: Iterable[str], *, timeout: float) -> str:
         wanted = frozenset(states)
@@ -526,11 +519,8 @@ class DeviceModelBase(abc.ABC):
             return self._state
         if self._dead is not None:
             raise self._dead
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        entry = (wanted, fut)
-        self._state_waiters.append(entry)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return await self._state_waiters.wait(wanted.__contains__, timeout)
         except TimeoutError as e:
             raise Timeout(
                 f"device model run state {'/'.join(sorted(wanted))}: still {self._state} "
@@ -538,19 +528,13 @@ class DeviceModelBase(abc.ABC):
                 deadline=timeout,
                 domid=self.domid,
             ) from e
-        finally:
-            self._state_waiters.remove(entry)
 
     def _died(self, err: DeviceModelError) -> None:
         """The model is gone: every waiter fails with ``err``."""
         self._dead = err
         self._set_state("exited")
-        for _, _, fut in self._line_waiters:
-            if not fut.done():
-                fut.set_exception(err)
-        for _, sfut in self._state_waiters:
-            if not sfut.done():
-                sfut.set_exception(err)
+        self._line_waiters.fail(err)
+        self._state_waiters.fail(err)
 
     # guest memory
 
@@ -582,3 +566,29 @@ class DeviceModelBase(abc.ABC):
         return hvm_image.region_checksum(
             self.read_memory(hvm_image.REGION_ADDR, hvm_image.REGION_SIZE)
         )
+
+
+class _Waiters:
+    """Futures each waiting for the first value offered that passes its test."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[Callable[[str], bool], asyncio.Future[str]]] = []
+
+    def offer(self, value: str) -> None:
+        for test, fut in self._entries:
+            if not fut.done() and test(value):
+                fut.set_result(value)
+
+    def fail(self, err: BaseException) -> None:
+        for _, fut in self._entries:
+            if not fut.done():
+                fut.set_exception(err)
+
+    async def wait(self, test: Callable[[str], bool], timeout: float) -> str:
+        """The first value offered from now on that passes ``test`` (``TimeoutError``)."""
+        entry = (test, asyncio.get_running_loop().create_future())
+        self._entries.append(entry)
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry[1]), timeout)
+        finally:
+            self._entries.remove(entry)
