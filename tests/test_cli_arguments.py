@@ -389,7 +389,15 @@ def test_subprocess_rows_are_all_in_the_table() -> None:
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["--version"], capsys)
     assert code == EXIT_OK and err == ""
-    assert out == f"torpor {torpor.__version__}\n"
+    lines = out.splitlines()
+    assert lines[0].startswith(f"torpor {torpor.__version__} (Python ")
+    # Then the Xen libraries it finds, and the hypervisor (tests/test_packaging.py).
+    assert [x.split(":")[0] for x in lines[1:]] == [
+        "libxenctrl.so.4.17",
+        "libxenguest.so.4.17",
+        "libxenlight.so.4.17",
+        "Xen hypervisor",
+    ]
     # One source: the installed distribution's metadata says the same.
     assert torpor.__version__ == importlib.metadata.version("torpor")
 
