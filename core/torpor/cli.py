@@ -71,7 +71,7 @@ MAX_COUNT = 1_000_000  # checkpoints in one session
 MAX_INTERVAL_MS = 86_400_000.0  # a day, in milliseconds
 
 #: The commands that suspend a guest: the only ones the suspend deadlines apply to.
-SUSPENDING = ("suspend", "checkpoint", "save", "migrate")
+SUSPENDING = ("suspend", "checkpoint", "save", "migrate", "host save-all")
 
 
 def _sim_daemon() -> Any:
