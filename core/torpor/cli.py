@@ -820,10 +820,103 @@ def _outcome_line(o: Any, progress: Any = None) -> str:
     return line
 
 
+def _yes(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("yes", "true", "1", "on"):
+        return True
+    if low in ("no", "false", "0", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid value {text!r}: yes or no")
+
+
+#: /etc/default/torpor-host (contrib/default/torpor-host): setting -> (option dest, type)
+HOST_CONFIG: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "TORPOR_HOST_SAVE_DIR": ("dir", str),
+    "TORPOR_HOST_CONCURRENCY": ("concurrency", _concurrency),
+    "TORPOR_HOST_MAX_RATE": ("max_rate", _rate),
+    "TORPOR_HOST_SHUTDOWN_FALLBACK": ("shutdown_fallback", _yes),
+    "TORPOR_HOST_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _timeout),
+    "TORPOR_HOST_ACK_TIMEOUT": ("ack_timeout", _timeout),
+    "TORPOR_HOST_ONLY": ("only", lambda v: [_selection(x) for x in v.split()]),
+    "TORPOR_HOST_EXCEPT": ("exclude", lambda v: [_selection(x) for x in v.split()]),
+    "TORPOR_HOST_RESTORE": ("restore", _yes),
+}
+
+
+def read_host_config(path: str) -> dict[str, Any]:
+    """A config file in the xendomains style (``/etc/default/torpor-host``): shell
+    ``NAME=value`` lines, ``#`` comments, values optionally quoted; the settings
+    of :data:`HOST_CONFIG`, checked as the options they stand for (UsageError)."""
+    import shlex
+
+    from torpor.errors import UsageError
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read --config {path}: {e.strerror or e}") from None
+    out: dict[str, Any] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, eq, value = line.partition("=")
+        name = name.strip().removeprefix("export ").strip()
+        if not eq or name not in HOST_CONFIG:
+            known = ", ".join(HOST_CONFIG)
+            raise UsageError(f"{path}:{n}: unknown setting {line!r} (known: {known})")
+        try:
+            words = shlex.split(value, comments=True)
+        except ValueError as e:
+            raise UsageError(f"{path}:{n}: {e}") from None
+        dest, kind = HOST_CONFIG[name]
+        joined = " ".join(words)
+        if not joined and dest not in ("only", "exclude", "shutdown_fallback", "restore"):
+            continue  # empty: the default
+        try:
+            out[dest] = kind(joined)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{path}:{n}: {name}: {e}") from None
+    return out
+
+
+def _apply_host_config(args: argparse.Namespace) -> None:
+    """``--config FILE``: its settings, where the command line gave none."""
+    from torpor.errors import UsageError
+
+    config = read_host_config(args.config) if args.config else {}
+    for dest, value in config.items():
+        if dest == "restore":
+            args.restore = value
+        elif dest in ("only", "exclude"):
+            if not getattr(args, dest, None):
+                setattr(args, dest, value)
+        elif hasattr(args, dest) and getattr(args, dest) in (None, False):
+            setattr(args, dest, value)
+    if not args.dir:
+        raise UsageError("no save directory: give --dir DIR (or TORPOR_HOST_SAVE_DIR in --config)")
+    _save_dir_checked(args.dir)
+
+
+def _save_dir_checked(text: str) -> None:
+    from torpor.errors import UsageError
+
+    try:
+        _save_dir(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(str(e)) from None
+
+
 def _host_command(args: argparse.Namespace, operation: str) -> int:
-    from torpor.operations.hostwide import GuestFilter
+    from torpor.operations.hostwide import DEFAULT_SHUTDOWN_TIMEOUT, GuestFilter
     from torpor.progress import Reporter
 
+    if operation == "restore-all" and getattr(args, "restore", True) is False:
+        print("restore-all: TORPOR_HOST_RESTORE=no in the config: nothing restored", flush=True)
+        return EXIT_OK
+    if operation == "save-all" and args.shutdown_timeout is None:
+        args.shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
     select = GuestFilter.parse(args.only or [], args.exclude or [])
     printed: set[tuple[str, object]] = set()
 
@@ -913,13 +1006,18 @@ def _add_host_commands(
     ) -> argparse.ArgumentParser:
         c: argparse.ArgumentParser = hostsub.add_parser(name, help=helptext, description=helptext)
         common(c, groups)
-        c.set_defaults(func=func, check=None, groups=groups, prog=c.prog)
+        c.set_defaults(func=func, check=_apply_host_config, groups=groups, prog=c.prog)
         c.add_argument(
             "--dir",
-            required=True,
             type=_save_dir,
             metavar="DIR",
             help="the save directory: images and manifest.json (xendomains: XENDOMAINS_SAVE)",
+        )
+        c.add_argument(
+            "--config",
+            metavar="FILE",
+            help="settings in the xendomains style (/etc/default/torpor-host: "
+            "TORPOR_HOST_SAVE_DIR=...); the command line's options win",
         )
         c.add_argument(
             "--only",
@@ -970,9 +1068,9 @@ def _add_host_commands(
     c.add_argument(
         "--shutdown-timeout",
         type=_timeout,
-        default=300.0,
+        default=None,
         metavar="SECONDS",
-        help="how long a guest asked to power off may take (default %(default)g; "
+        help="how long a guest asked to power off may take (default 300; "
         "xendomains: XENDOMAINS_STOP_MAXWAIT)",
     )
     hostcmd(
