@@ -207,3 +207,22 @@ def test_the_example_plugins_conformance_suite_passes_from_the_wheels(
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "error" not in r.stdout.splitlines()[-1]
+
+
+def test_version_says_which_xen_libraries_it_found_and_prints_nothing_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from torpor import versions
+
+    monkeypatch.setattr(
+        versions, "XEN_LIBRARIES", ("libxenctrl.so.4.17", "libxen-no-such-thing.so.9")
+    )
+    libs = versions.xen_libraries()
+    assert libs["libxen-no-such-thing.so.9"] == "not found"
+    # libxen-dev (check_system) brings the runtime libraries: the file loaded is named.
+    assert os.path.basename(libs["libxenctrl.so.4.17"]).startswith("libxenctrl.so.4.17")
+    text = versions.version_text()
+    assert text.splitlines()[0].startswith(f"torpor {torpor.__version__} (Python ")
+    if not any(os.path.exists(p) for p in ("/dev/xen/privcmd", "/proc/xen/privcmd")):
+        assert "Xen hypervisor: not found (no Xen hypervisor here" in text
+    assert capfd.readouterr().err == ""
