@@ -324,7 +324,8 @@ def _host_lifecycle(results: dict[str, Any]) -> list[str]:
             f"save-all` / `restore-all` run; concurrency {runs[0]['concurrency']}, manifest "
             "fsynced after each guest, each image's SHA-256 computed and checked) against a "
             "loop of `Torpor.save` then one of `Torpor.restore`, one guest after another, as "
-            "xendomains runs `xl save` / `xl restore` (`bench/test_host_lifecycle.py`).",
+            "xendomains runs `xl save` / `xl restore` (`bench/test_host_lifecycle.py`; "
+            f"measured {runs[0].get('measured', 'with the rest of this report')}).",
             "",
             "| N | save-all s | restore-all s | one by one: save s | restore s | "
             "speedup (both ways) | image bytes |",
@@ -342,7 +343,7 @@ def _host_lifecycle(results: dict[str, Any]) -> list[str]:
     if sweep or disk:
         out += ["### Choosing the default concurrency", ""]
     if sweep:
-        cols = list(sweep["save_all_s"])
+        cols = sorted(sweep["save_all_s"], key=int)
         out += [
             f"save-all of {sweep['guests']} simulated guests at each concurrency (s):",
             "",
@@ -352,7 +353,7 @@ def _host_lifecycle(results: dict[str, Any]) -> list[str]:
             "",
         ]
     if disk:
-        cols = list(disk["mib_per_s"])
+        cols = sorted(disk["mib_per_s"], key=int)
         out += [
             f"This machine's disk: {disk['files']} files of {disk['mib_each']} MiB, each "
             "written and fsynced, by that many writers at a time (MiB/s):",
@@ -377,8 +378,8 @@ def _host_lifecycle(results: dict[str, Any]) -> list[str]:
                 f"{round(row['save'] + row['restore'], 1)} |"
             )
         out += [""]
-        out += [str(n) for n in real.get("notes", [])]
-        out += [""]
+        for note in real.get("notes", []):
+            out += [str(note), ""]
     if sweep or disk or real:
         out += [str(results.get("host_lifecycle_choice", "")), ""]
     return out

@@ -29,6 +29,18 @@ FREEZE = 0.1
 SIZES = [int(n) for n in os.environ.get("TORPOR_BENCH_HOST_SIZES", "10,100").split(",")]
 
 
+def _when() -> str:
+    """When and on what: this section may be measured apart from the rest of the report."""
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"{stamp} on {cpu}, {os.cpu_count()} cores"
+
+
 @pytest.mark.parametrize("n", SIZES)
 def test_host_save_all_vs_sequential(short_dir: str, record: Any, n: int) -> None:
     d = os.path.join(short_dir, f"h{n}")
@@ -66,6 +78,7 @@ def test_host_save_all_vs_sequential(short_dir: str, record: Any, n: int) -> Non
             "sequential_save_s": round(t4 - t3, 3),
             "sequential_restore_s": round(t5 - t4, 3),
             "speedup": round(seq / bulk, 1),
+            "measured": _when(),
         },
     )
 
