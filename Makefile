@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: soak reliability demo test lint typecheck pytest check-system test-xen bench bench-xen docs clean fuzz mutation
+.PHONY: dist soak reliability demo test lint typecheck pytest check-system test-xen bench bench-xen docs clean fuzz mutation
 
 $(STAMP): pyproject.toml sim/pyproject.toml examples/torpor-pvh/pyproject.toml examples/torpor-fsfreeze/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,16 @@ $(STAMP): pyproject.toml sim/pyproject.toml examples/torpor-pvh/pyproject.toml e
 	$(PY) -m pip install --quiet -e examples/torpor-pvh
 	$(PY) -m pip install --quiet -e examples/torpor-fsfreeze
 	@touch $@
+
+# An sdist and a wheel of torpor and of the simulated host (torpor-sim), into dist/:
+# `python -m build` (the sdist, then the wheel from it) with the test extra's
+# setuptools, nothing downloaded.  tests/test_packaging.py installs such wheels
+# into a fresh venv and runs torpor from there; the lab's dom0 installs them.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+	$(PY) -m build --no-isolation --outdir dist sim
+	@ls -l dist
 
 demo: $(STAMP)
 	$(VENV)/bin/torpor demo

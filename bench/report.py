@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -297,10 +298,91 @@ def render(results: dict[str, Any]) -> str:
                 f"{ms['torpor']['median'] - torpor_sum:.1f} | - |",
                 "",
             ]
+    out += _host_lifecycle(results)
     notes = results.get("notes")
     if notes:
         out += ["## Findings", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
+
+
+def _host_lifecycle(results: dict[str, Any]) -> list[str]:
+    """`torpor host save-all` / `restore-all`: the sim bench, the concurrency
+    measurements, and the lab's real-Xen run (key host_lifecycle_real)."""
+    out: list[str] = []
+    runs = sorted(
+        (v for k, v in results.items() if re.fullmatch(r"host_lifecycle_\d+", k)),
+        key=lambda v: v["guests"],
+    )
+    real = results.get("host_lifecycle_real")
+    if not runs and not real:
+        return out
+    out += ["## Host-wide save and restore", ""]
+    if runs:
+        out += [
+            f"N simulated PV guests ({runs[0]['freeze_s'] * 1000:.0f} ms to freeze each) in a "
+            "`torpor sim` daemon: `Torpor.save_all` / `restore_all` (what `torpor host "
+            f"save-all` / `restore-all` run; concurrency {runs[0]['concurrency']}, manifest "
+            "fsynced after each guest, each image's SHA-256 computed and checked) against a "
+            "loop of `Torpor.save` then one of `Torpor.restore`, one guest after another, as "
+            "xendomains runs `xl save` / `xl restore` (`bench/test_host_lifecycle.py`; "
+            f"measured {runs[0].get('measured', 'with the rest of this report')}).",
+            "",
+            "| N | save-all s | restore-all s | one by one: save s | restore s | "
+            "speedup (both ways) | image bytes |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            out.append(
+                f"| {r['guests']} | {r['save_all_s']} | {r['restore_all_s']} | "
+                f"{r['sequential_save_s']} | {r['sequential_restore_s']} | {r['speedup']} | "
+                f"{r['bytes']:,} |"
+            )
+        out.append("")
+    sweep = results.get("host_lifecycle_sweep")
+    disk = results.get("host_lifecycle_disk")
+    if sweep or disk:
+        out += ["### Choosing the default concurrency", ""]
+    if sweep:
+        cols = sorted(sweep["save_all_s"], key=int)
+        out += [
+            f"save-all of {sweep['guests']} simulated guests at each concurrency (s):",
+            "",
+            "| concurrency | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+            "| save-all s | " + " | ".join(str(sweep["save_all_s"][c]) for c in cols) + " |",
+            "",
+        ]
+    if disk:
+        cols = sorted(disk["mib_per_s"], key=int)
+        out += [
+            f"This machine's disk: {disk['files']} files of {disk['mib_each']} MiB, each "
+            "written and fsynced, by that many writers at a time (MiB/s):",
+            "",
+            "| writers | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+            "| MiB/s | " + " | ".join(str(disk["mib_per_s"][c]) for c in cols) + " |",
+            "",
+        ]
+    if real:
+        out += [
+            "### Real Xen (the lab, under TCG)",
+            "",
+            real["how"],
+            "",
+            "| | save, wall s | restore, wall s | total s |",
+            "|---|---|---|---|",
+        ]
+        for label, row in real["rows"].items():
+            out.append(
+                f"| {label} | {row['save']} | {row['restore']} | "
+                f"{round(row['save'] + row['restore'], 1)} |"
+            )
+        out += [""]
+        for note in real.get("notes", []):
+            out += [str(note), ""]
+    if sweep or disk or real:
+        out += [str(results.get("host_lifecycle_choice", "")), ""]
+    return out
 
 
 def main() -> int:

@@ -63,7 +63,8 @@ def _rows() -> Iterator[tuple[str, list[str], str]]:
     # Deadlines, on every command that suspends, before and after the command.
     for name in SUSPENDING:
         argv = {"save": ["save", "1", "{dir}/new.img"], "migrate": ["migrate", "1", "--to",
-                "sim:/tmp/elsewhere"]}.get(name, [name, "1"])  # fmt: skip
+                "sim:/tmp/elsewhere"], "host save-all": ["host", "save-all", "--dir", "{dir}"],
+                }.get(name, [name, "1"])  # fmt: skip
         for opt in ("--ack-timeout", "--suspend-timeout"):
             for bad in ("nan", "inf", "-5", "0", "-0", "abc", "1e999", "86401"):
                 yield f"{name}{opt}={bad}", [*argv, opt, bad], TIMEOUT_RANGE
@@ -389,7 +390,15 @@ def test_subprocess_rows_are_all_in_the_table() -> None:
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["--version"], capsys)
     assert code == EXIT_OK and err == ""
-    assert out == f"torpor {torpor.__version__}\n"
+    lines = out.splitlines()
+    assert lines[0].startswith(f"torpor {torpor.__version__} (Python ")
+    # Then the Xen libraries it finds, and the hypervisor (tests/test_packaging.py).
+    assert [x.split(":")[0] for x in lines[1:]] == [
+        "libxenctrl.so.4.17",
+        "libxenguest.so.4.17",
+        "libxenlight.so.4.17",
+        "Xen hypervisor",
+    ]
     # One source: the installed distribution's metadata says the same.
     assert torpor.__version__ == importlib.metadata.version("torpor")
 
@@ -432,7 +441,7 @@ def test_common_options_are_shown_only_where_they_apply() -> None:
     options = {path: {o for a in p._actions for o in a.option_strings} for path, p in _parsers()}
     for path, opts in options.items():
         command = path.removeprefix("torpor").strip()
-        if not command or command == "sim":
+        if not command or command in ("sim", "host"):
             continue
         assert ("--ack-timeout" in opts) == (command in SUSPENDING), path
         assert ("--suspend-timeout" in opts) == (command in SUSPENDING), path

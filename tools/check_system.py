@@ -21,6 +21,7 @@ REQUIRED: list[tuple[str, str, str]] = [
     ("libxen-dev", "file:/usr/include/xenctrl.h", "the cffi xenctrl backend is checked against it"),
     ("gcc", "bin:gcc", "cffi compiles the backend's declarations against libxen-dev's headers"),
     ("python3-dev", "pyinclude:Python.h", "cffi's API mode builds a CPython extension"),
+    ("systemd", "bin:systemd-analyze", "systemd-analyze verify checks contrib's torpor-host unit"),
 ]
 
 

@@ -43,8 +43,6 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from torpor import __version__
-
 if TYPE_CHECKING:
     from torpor.errors import TorporError
     from torpor.facade import Torpor
@@ -73,7 +71,7 @@ MAX_COUNT = 1_000_000  # checkpoints in one session
 MAX_INTERVAL_MS = 86_400_000.0  # a day, in milliseconds
 
 #: The commands that suspend a guest: the only ones the suspend deadlines apply to.
-SUSPENDING = ("suspend", "checkpoint", "save", "migrate")
+SUSPENDING = ("suspend", "checkpoint", "save", "migrate", "host save-all")
 
 
 def _sim_daemon() -> Any:
@@ -738,6 +736,353 @@ def _print_status(rows: Sequence[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------
+# torpor host save-all / restore-all: the host's lifecycle (issue 16), all here
+
+MAX_CONCURRENCY = 1024
+MAX_RATE = 1 << 50  # bytes per second: beyond it a typo
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _concurrency(text: str) -> int:
+    expected = f"a concurrency is a whole number from 1 to {MAX_CONCURRENCY}"
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"invalid concurrency {text!r}: {expected}")
+    return int(text)
+
+
+def _rate(text: str) -> float:
+    """``--max-rate``: bytes per second, with an optional K/M/G/T suffix (powers of
+    1024), ``B`` and ``/s`` allowed: ``200M``, ``1.5GiB/s``, ``50000000``."""
+    import re
+
+    expected = "a rate is a positive number of bytes per second, e.g. 200M or 1.5G (1024^n)"
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?(?:/s)?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: {expected}")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not 0 < value <= MAX_RATE:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: {expected}")
+    return value
+
+
+def _save_dir(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("--dir is empty: give the save directory")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return text
+
+
+def _selection(text: str) -> str:
+    import re
+
+    for item in text.split(","):
+        if item.strip().startswith("re:"):
+            try:
+                re.compile(item.strip()[3:])
+            except re.error as e:
+                raise argparse.ArgumentTypeError(
+                    f"invalid regular expression {item.strip()!r}: {e}"
+                ) from None
+    return text
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _outcome_line(o: Any, progress: Any = None) -> str:
+    who = f"{o.name or '(no name)'}"
+    where = f"domain {o.domid}" if o.domid is not None else "no domain"
+    head = f"{who} ({where}, {o.guest_type})"
+    if progress is not None:
+        head = f"[{progress.done}/{progress.total}] {head}"
+    if o.outcome == "saved":
+        text = f"saved -> {o.image}, {_size(o.bytes or 0)} in {o.seconds:.2f} s; now {o.state}"
+    elif o.outcome == "restored":
+        text = (
+            f"restored from {o.image} as domain {o.new_domid} in {o.seconds:.2f} s; now "
+            f"{o.state}; image removed"
+        )
+    else:
+        text = o.outcome.upper() if not o.ok else o.outcome
+        if o.detail:
+            text += f": {o.detail}"
+        if o.outcome not in ("excluded",):
+            text += f" (state: {o.state})"
+    line = f"{head}: {text}"
+    if progress is not None and progress.bytes:
+        line += f" [{_size(progress.bytes)} at {_size(progress.rate)}/s]"
+    return line
+
+
+def _yes(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("yes", "true", "1", "on"):
+        return True
+    if low in ("no", "false", "0", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid value {text!r}: yes or no")
+
+
+#: /etc/default/torpor-host (contrib/default/torpor-host): setting -> (option dest, type)
+HOST_CONFIG: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "TORPOR_HOST_SAVE_DIR": ("dir", str),
+    "TORPOR_HOST_CONCURRENCY": ("concurrency", _concurrency),
+    "TORPOR_HOST_MAX_RATE": ("max_rate", _rate),
+    "TORPOR_HOST_SHUTDOWN_FALLBACK": ("shutdown_fallback", _yes),
+    "TORPOR_HOST_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _timeout),
+    "TORPOR_HOST_ACK_TIMEOUT": ("ack_timeout", _timeout),
+    "TORPOR_HOST_ONLY": ("only", lambda v: [_selection(x) for x in v.split()]),
+    "TORPOR_HOST_EXCEPT": ("exclude", lambda v: [_selection(x) for x in v.split()]),
+    "TORPOR_HOST_RESTORE": ("restore", _yes),
+}
+
+
+def read_host_config(path: str) -> dict[str, Any]:
+    """A config file in the xendomains style (``/etc/default/torpor-host``): shell
+    ``NAME=value`` lines, ``#`` comments, values optionally quoted; the settings
+    of :data:`HOST_CONFIG`, checked as the options they stand for (UsageError)."""
+    import shlex
+
+    from torpor.errors import UsageError
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read --config {path}: {e.strerror or e}") from None
+    out: dict[str, Any] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, eq, value = line.partition("=")
+        name = name.strip().removeprefix("export ").strip()
+        if not eq or name not in HOST_CONFIG:
+            known = ", ".join(HOST_CONFIG)
+            raise UsageError(f"{path}:{n}: unknown setting {line!r} (known: {known})")
+        try:
+            words = shlex.split(value, comments=True)
+        except ValueError as e:
+            raise UsageError(f"{path}:{n}: {e}") from None
+        dest, kind = HOST_CONFIG[name]
+        joined = " ".join(words)
+        if not joined and dest not in ("only", "exclude", "shutdown_fallback", "restore"):
+            continue  # empty: the default
+        try:
+            out[dest] = kind(joined)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{path}:{n}: {name}: {e}") from None
+    return out
+
+
+def _apply_host_config(args: argparse.Namespace) -> None:
+    """``--config FILE``: its settings, where the command line gave none."""
+    from torpor.errors import UsageError
+
+    config = read_host_config(args.config) if args.config else {}
+    for dest, value in config.items():
+        if dest == "restore":
+            args.restore = value
+        elif dest in ("only", "exclude"):
+            if not getattr(args, dest, None):
+                setattr(args, dest, value)
+        elif hasattr(args, dest) and getattr(args, dest) in (None, False):
+            setattr(args, dest, value)
+    if not args.dir:
+        raise UsageError("no save directory: give --dir DIR (or TORPOR_HOST_SAVE_DIR in --config)")
+    _save_dir_checked(args.dir)
+
+
+def _save_dir_checked(text: str) -> None:
+    from torpor.errors import UsageError
+
+    try:
+        _save_dir(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(str(e)) from None
+
+
+def _host_command(args: argparse.Namespace, operation: str) -> int:
+    from torpor.operations.hostwide import DEFAULT_SHUTDOWN_TIMEOUT, GuestFilter
+    from torpor.progress import Reporter
+
+    if operation == "restore-all" and getattr(args, "restore", True) is False:
+        print("restore-all: TORPOR_HOST_RESTORE=no in the config: nothing restored", flush=True)
+        return EXIT_OK
+    if operation == "save-all" and args.shutdown_timeout is None:
+        args.shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
+    select = GuestFilter.parse(args.only or [], args.exclude or [])
+    printed: set[tuple[str, object]] = set()
+
+    def show(o: Any, progress: Any) -> None:
+        printed.add((o.name, o.domid))
+        if args.json:
+            obj = {"operation": operation, **o.to_dict()}
+            obj["progress"] = {
+                "done": progress.done,
+                "total": progress.total,
+                "bytes": progress.bytes,
+                "seconds": round(progress.seconds, 3),
+                "bytes_per_second": round(progress.rate, 1),
+            }
+            print(json.dumps(obj), flush=True)
+        else:
+            print(_outcome_line(o, progress), flush=True)
+
+    # Progress only ("waiting up to 30s for the guest to acknowledge..."): the
+    # results are printed by ``show`` as each guest completes.
+    reporter = Reporter(json=args.json)
+    with _open(args, reporter) as t, reporter.showing([]):
+        if operation == "save-all":
+            report = t.save_all(
+                args.dir,
+                select=select,
+                concurrency=args.concurrency,
+                max_rate=args.max_rate,
+                shutdown_fallback=args.shutdown_fallback,
+                shutdown_timeout=args.shutdown_timeout,
+                on_guest=show,
+            )
+        else:
+            report = t.restore_all(
+                args.dir, select=select, concurrency=args.concurrency, on_guest=show
+            )
+    for o in report.guests:  # the rest: excluded, not running, not saved...
+        if (o.name, o.domid) in printed and o.outcome not in ("unlisted",):
+            continue
+        line = json.dumps({"operation": operation, **o.to_dict()}) if args.json else None
+        print(line or _outcome_line(o), flush=True)
+    summary = report.to_dict()
+    if args.json:
+        print(json.dumps({**summary, "summary": True}), flush=True)
+    else:
+        counts = ", ".join(f"{n} {what}" for what, n in summary["counts"].items()) or "no guest"
+        print(
+            f"{operation}: {counts}; {_size(report.bytes)} in {report.seconds:.2f} s "
+            f"({_size(report.rate)}/s), concurrency {report.concurrency}; "
+            f"manifest {os.path.join(report.directory, 'manifest.json')}",
+            flush=True,
+        )
+        for w in report.warnings:
+            print(f"{operation}: WARNING: {w}", flush=True)
+        for n in report.notes:
+            print(f"{operation}: {n}", flush=True)
+    attempted = report.attempted
+    good = sum(1 for o in attempted if o.ok)
+    if good == len(attempted) and not report.warnings:
+        return EXIT_OK
+    return EXIT_PARTIAL if good or report.warnings else EXIT_ALL_FAILED
+
+
+def _cmd_host_save_all(args: argparse.Namespace) -> int:
+    return _host_command(args, "save-all")
+
+
+def _cmd_host_restore_all(args: argparse.Namespace) -> int:
+    return _host_command(args, "restore-all")
+
+
+def _add_host_commands(
+    sub: Any, common: Callable[[argparse.ArgumentParser, frozenset[str]], None]
+) -> None:
+    """``torpor host save-all`` / ``restore-all``: xendomains' stop and start."""
+    host = sub.add_parser(
+        "host",
+        help="save every guest at shutdown, restore them at boot",
+        description="The host's lifecycle, as xendomains: save every running guest into a "
+        "directory (concurrently), restore them from it at boot (docs/host-lifecycle.md).",
+    )
+    hostsub = host.add_subparsers(dest="host_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    hostsub.required = True
+
+    def hostcmd(
+        name: str, func: Callable[[argparse.Namespace], int], helptext: str, groups: frozenset[str]
+    ) -> argparse.ArgumentParser:
+        c: argparse.ArgumentParser = hostsub.add_parser(name, help=helptext, description=helptext)
+        common(c, groups)
+        c.set_defaults(func=func, check=_apply_host_config, groups=groups, prog=c.prog)
+        c.add_argument(
+            "--dir",
+            type=_save_dir,
+            metavar="DIR",
+            help="the save directory: images and manifest.json (xendomains: XENDOMAINS_SAVE)",
+        )
+        c.add_argument(
+            "--config",
+            metavar="FILE",
+            help="settings in the xendomains style (/etc/default/torpor-host: "
+            "TORPOR_HOST_SAVE_DIR=...); the command line's options win",
+        )
+        c.add_argument(
+            "--only",
+            action="append",
+            type=_selection,
+            metavar="SPEC",
+            help="only these guests: names, domids or re:REGEX (whole name), comma-separated; "
+            "repeatable",
+        )
+        c.add_argument(
+            "--except",
+            dest="exclude",
+            action="append",
+            type=_selection,
+            metavar="SPEC",
+            help="not these guests (as --only); repeatable",
+        )
+        c.add_argument(
+            "--concurrency",
+            type=_concurrency,
+            default=None,
+            metavar="N",
+            help="at most N guests in flight (default 4, see docs/performance.md; 1 = one "
+            "after another, as xendomains)",
+        )
+        return c
+
+    c = hostcmd(
+        "save-all",
+        _cmd_host_save_all,
+        "save every running guest into DIR (concurrently); a guest that refuses is reported "
+        "and left running",
+        _ON_A_HOST | {"timeouts"},
+    )
+    c.add_argument(
+        "--max-rate",
+        type=_rate,
+        default=None,
+        metavar="RATE",
+        help="start saves no faster than RATE bytes/s on average (K/M/G suffixes, powers of 1024)",
+    )
+    c.add_argument(
+        "--shutdown-fallback",
+        action="store_true",
+        help="a guest that cannot be saved is shut down cleanly (control/shutdown = poweroff, "
+        "as xendomains does) and waited for",
+    )
+    c.add_argument(
+        "--shutdown-timeout",
+        type=_timeout,
+        default=None,
+        metavar="SECONDS",
+        help="how long a guest asked to power off may take (default 300; "
+        "xendomains: XENDOMAINS_STOP_MAXWAIT)",
+    )
+    hostcmd(
+        "restore-all",
+        _cmd_host_restore_all,
+        "restore the guests save-all saved in DIR, in the saved order; each image is removed "
+        "once its guest runs",
+        _ON_A_HOST,
+    )
+
+
+# ---------------------------------------------------------------------------
 # the parser
 
 #: The common options, by group: (flags, dest).  Each command takes the groups
@@ -822,6 +1167,20 @@ def _common(p: argparse.ArgumentParser, groups: frozenset[str], *, top: bool) ->
 DOMID_HELP = "a domain id, 1 to 32751 (dom0 is refused)"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: torpor's version, then the Xen libraries and hypervisor found
+    (looked for only when asked: start-up stays cheap)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> None:
+        from torpor.versions import version_text
+
+        print(version_text(), flush=True)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="torpor",
@@ -832,9 +1191,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--version",
-        action="version",
-        version=f"torpor {__version__}",
-        help="print torpor's version and exit",
+        action=_VersionAction,
+        help="print torpor's version and the Xen libraries and hypervisor it finds, and exit",
     )
     _common(p, _ALL_GROUPS, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -968,6 +1326,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-process device models even if QEMU is installed",
     )
 
+    _add_host_commands(sub, lambda c, groups: _common(c, groups, top=False))
+
     sim = sub.add_parser(
         "sim",
         help="run a simulated Xen host",
@@ -1070,7 +1430,12 @@ def _check_common(args: argparse.Namespace, extras: Sequence[str]) -> None:
     other leftover argument is unknown."""
     from torpor.errors import UsageError
 
-    command = " ".join(filter(None, (args.command, getattr(args, "sim_command", None))))
+    command = " ".join(
+        filter(
+            None,
+            (args.command, getattr(args, "sim_command", None), getattr(args, "host_command", None)),
+        )
+    )
     for arg in extras:
         flag = arg.split("=", 1)[0]
         if flag.startswith("-p") and not flag.startswith("--"):

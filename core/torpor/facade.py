@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from torpor.host import Host
     from torpor.image import SavedDomain
     from torpor.model import Result, Timeouts
+    from torpor.operations.hostwide import GuestFilter, HostReport, OnGuest
 
 __all__ = ["Torpor"]
 
@@ -232,6 +233,51 @@ class Torpor:
 
         proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there, named_there)
         return self._run(self.orchestrator.migrate(domid, proxy))  # type: ignore[arg-type]
+
+    # -- the whole host ----------------------------------------------------------
+
+    def save_all(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        select: GuestFilter | None = None,
+        concurrency: int | None = None,
+        max_rate: float | None = None,
+        shutdown_fallback: bool = False,
+        shutdown_timeout: float = 300.0,
+        on_guest: OnGuest | None = None,
+    ) -> HostReport:
+        """Save every running guest (or those ``select`` picks) into ``directory``,
+        concurrently, with ``directory/manifest.json`` (see :meth:`Orchestrator.save_all
+        <torpor.orchestrator.Orchestrator.save_all>`).  ``on_guest`` runs on the
+        orchestrator's thread."""
+        return self._run(
+            self.orchestrator.save_all(
+                directory,
+                select=select,
+                concurrency=concurrency,
+                max_rate=max_rate,
+                shutdown_fallback=shutdown_fallback,
+                shutdown_timeout=shutdown_timeout,
+                on_guest=on_guest,
+            )
+        )
+
+    def restore_all(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        select: GuestFilter | None = None,
+        concurrency: int | None = None,
+        on_guest: OnGuest | None = None,
+    ) -> HostReport:
+        """Restore what :meth:`save_all` saved in ``directory``, in the saved order (see
+        :meth:`Orchestrator.restore_all <torpor.orchestrator.Orchestrator.restore_all>`)."""
+        return self._run(
+            self.orchestrator.restore_all(
+                directory, select=select, concurrency=concurrency, on_guest=on_guest
+            )
+        )
 
     # -- inspection and recovery ---------------------------------------------------
 

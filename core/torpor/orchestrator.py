@@ -36,6 +36,7 @@ from torpor.operations import suspend as _suspend
 
 if TYPE_CHECKING:
     from torpor.image import SavedDomain
+    from torpor.operations.hostwide import GuestFilter, HostReport, OnGuest
 
 __all__ = ["Orchestrator"]
 
@@ -226,6 +227,67 @@ class Orchestrator(Engine):
                     return e
 
         return list(await asyncio.gather(*(one(d) for d in domids)))
+
+    # -- the whole host: xendomains' stop and start -----------------------------------
+
+    async def save_all(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        select: GuestFilter | None = None,
+        concurrency: int | None = None,
+        max_rate: float | None = None,
+        shutdown_fallback: bool = False,
+        shutdown_timeout: float = 300.0,
+        on_guest: OnGuest | None = None,
+    ) -> HostReport:
+        """Save every running guest (or those ``select`` picks) into ``directory``.
+
+        :mod:`torpor.operations.hostwide`: :meth:`save` for each, at most
+        ``concurrency`` at a time (default
+        :data:`~torpor.operations.hostwide.DEFAULT_CONCURRENCY`), no faster than
+        ``max_rate`` bytes/s on average; ``directory/manifest.json`` is rewritten
+        atomically as each guest completes.  A guest that cannot be saved is
+        left running (the save resumed it) or, with ``shutdown_fallback``, asked
+        to power off and waited for (``shutdown_timeout``).  ``on_guest(outcome,
+        progress)`` sees each guest as it completes.  Never raises for one
+        guest: the :class:`~torpor.operations.hostwide.HostReport` has each.
+        """
+        self._check_loop()
+        from torpor.operations import hostwide
+
+        return await hostwide.save_all(
+            self,
+            directory,
+            select=select,
+            concurrency=concurrency,
+            max_rate=max_rate,
+            shutdown_fallback=shutdown_fallback,
+            shutdown_timeout=shutdown_timeout,
+            on_guest=on_guest,
+        )
+
+    async def restore_all(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        select: GuestFilter | None = None,
+        concurrency: int | None = None,
+        on_guest: OnGuest | None = None,
+    ) -> HostReport:
+        """Restore what :meth:`save_all` saved in ``directory``, in the saved order.
+
+        Each image is checked against the manifest (size, SHA-256) and skipped
+        if it fails; a guest whose name a domain has is refused
+        (:class:`~torpor.errors.NameInUse`); an image is removed only once its
+        guest runs.  Guests the manifest names but never saved are reported.
+        """
+        self._check_loop()
+        from torpor.operations import hostwide
+
+        return await hostwide.restore_all(
+            self, directory, select=select, concurrency=concurrency, on_guest=on_guest
+        )
 
     # -- status and recovery -------------------------------------------------------------
 

@@ -53,9 +53,12 @@ def main() -> int:
     os.makedirs(parent, exist_ok=True)
     with tarfile.open(job["site_tar"]) as tar:
         tar.extractall(parent)
+    # torpor as installed from its wheels (packages, metadata, bin/torpor).
+    with tarfile.open(job["torpor_tar"]) as tar:
+        tar.extractall(os.path.dirname(job["torpor_dir"]))
     env = dict(os.environ)
     env["PYTHONPATH"] = ":".join(job["pythonpath"])
-    env["PATH"] = f"{RUN}/in/meta/bin:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    env["PATH"] = f"{job['torpor_dir']}/bin:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     # The repo share is read-only: compiled sources are kept in tmpfs.
     env["PYTHONPYCACHEPREFIX"] = "/run/torpor-lab/pycache"
     env["TORPOR_LAB_OUT"] = OUT

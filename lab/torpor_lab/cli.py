@@ -151,13 +151,12 @@ def _prepare_run(rundir: Path, pytest_args: list[str], timeout: float) -> list[q
     if rundir.exists():
         shutil.rmtree(rundir)
     (rundir / "out").mkdir(parents=True)
-    meta = rundir / "in" / "meta"
-    meta.mkdir(parents=True)
-    dropped = vendor.write_metadata(REPO, meta)
-    for ep in dropped:
-        log(f"note: entry point left out of dom0's torpor dist-info (module not in tree): {ep}")
+    wheels = vendor.install_wheels(REPO, rundir / "in", rundir / "wheels.log")
+    log(f"dom0 installs torpor from its wheels: {' '.join(wheels)}")
     job = {
-        "pythonpath": vendor.dom0_pythonpath(REPO),
+        "pythonpath": vendor.dom0_pythonpath(),
+        "torpor_tar": f"{vendor.DOM0_RUN}/in/torpor.tar",
+        "torpor_dir": vendor.DOM0_TORPOR,
         "pytest_args": pytest_args,
         "timeout": timeout,
         "cwd": vendor.DOM0_REPO,

@@ -7,16 +7,14 @@ are read from pyproject.toml and installed on the host with
 The result is cached per requirement set as one tar, shared read-only into
 dom0 and unpacked there into tmpfs before pytest starts.
 
-torpor itself is not installed: dom0 imports it straight from the repo share
-(core/ and plugins/*/ on PYTHONPATH), so the tests always see the working
-tree.  Its entry points (the `torpor` plugin group, pytest11, ...) are made
-visible to importlib.metadata by a generated `torpor-<version>.dist-info`
-holding METADATA and entry_points.txt, written into the run directory on every
-run, so an edit of pyproject.toml is picked up without a rebuild.  The
-example third-party plugin (examples/torpor-pvh, its own pyproject.toml and
-`src/` layout) gets the same treatment: its sources on PYTHONPATH and a
-generated `torpor_pvh-<version>.dist-info`, so torpor finds its `torpor`
-entry point in dom0 exactly as it would an installed third party's.
+torpor itself is installed from its wheels, built from the working tree on
+every run (`make dist`'s `python -m build`): torpor, torpor-sim and the
+example third-party plugin (examples/torpor-pvh) are `pip install --target`ed
+into the run directory, packed as one tar, and unpacked by dom0 into tmpfs;
+nothing of the repository's sources is on dom0's path, so a file a wheel
+leaves out fails in the lab as it would on a real host.  Entry points (the
+`torpor` plugin group, pytest11) and the `torpor` script come from the
+wheels' own metadata.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import tarfile
 import tomllib
 from pathlib import Path
@@ -124,96 +123,68 @@ def _dist_infos(tar_path: Path) -> list[Path]:
     return [n for n in names if len(n.parts) == 2 and n.name.endswith(".dist-info")]
 
 
-#: third-party plugin projects shipped as examples: (project dir, import root)
-EXAMPLES = (("examples/torpor-pvh", "examples/torpor-pvh/src"),)
+#: What dom0 installs from wheels built from the working tree on every run:
+#: torpor, the simulated host (torpor-sim: the sim-vs-real tests use it) and
+#: the example third-party plugin, so torpor finds the PVH plugin in dom0 as it
+#: would an installed third party's.
+PROJECTS = (".", "sim", "examples/torpor-pvh")
+
+#: where dom0/runtests.py unpacks torpor's installed wheels (tmpfs, like DOM0_SITE)
+DOM0_TORPOR = "/run/torpor-lab/torpor"
 
 
-def source_roots(repo: Path) -> list[Path]:
-    """core/, every plugins/<name>/ directory and sim/ (the simulated host,
-    its own distribution): torpor's import roots."""
-    roots = [repo / "core"]
-    if (repo / "sim").is_dir():
-        roots.append(repo / "sim")
-    plugins = repo / "plugins"
-    if plugins.is_dir():
-        roots += sorted(p for p in plugins.iterdir() if p.is_dir())
-    return roots
-
-
-def example_roots(repo: Path) -> list[tuple[Path, Path]]:
-    """(project dir, import root) of each example plugin present in the tree."""
-    return [
-        (repo / proj, repo / src)
-        for proj, src in EXAMPLES
-        if (repo / proj / "pyproject.toml").is_file() and (repo / src).is_dir()
-    ]
-
-
-def _module_exists(module: str, roots: list[Path]) -> bool:
-    rel = Path(*module.split("."))
-    return any(
-        (r / rel).with_suffix(".py").is_file() or (r / rel / "__init__.py").is_file() for r in roots
-    )
-
-
-def write_metadata(repo: Path, dest: Path) -> list[str]:
-    """Write torpor's dist-info (and `bin/` wrappers for its scripts) into dest,
-    and one dist-info per example plugin project.
-
-    Entry points whose module is not in the tree yet are left out, so that
-    pytest can start while others' modules are still being written; they are
-    returned so the caller can say so.
-    """
-    dropped = _write_dist_info(repo, source_roots(repo), dest)
-    for project_dir, src in example_roots(repo):
-        dropped += _write_dist_info(project_dir, [src], dest)
-    return dropped
-
-
-def _write_dist_info(project_dir: Path, roots: list[Path], dest: Path) -> list[str]:
-    project = tomllib.loads((project_dir / "pyproject.toml").read_text())["project"]
-    name, version = project["name"], project["version"]
-    groups: dict[str, dict[str, str]] = dict(project.get("entry-points", {}))
-    if project.get("scripts"):
-        groups["console_scripts"] = project["scripts"]
-    dropped: list[str] = []
-    lines: list[str] = []
-    scripts: dict[str, str] = {}
-    for group, entries in groups.items():
-        kept = []
-        for ep_name, value in entries.items():
-            module = value.split(":")[0].strip()
-            if not _module_exists(module, roots):
-                dropped.append(f"{group}:{ep_name} = {value}")
-                continue
-            kept.append(f"{ep_name} = {value}")
-            if group == "console_scripts":
-                scripts[ep_name] = value
-        if kept:
-            lines += [f"[{group}]", *kept, ""]
-    # The dist-info directory name normalises the project name (PEP 427/503).
-    info = dest / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text("\n".join(lines))
-    (info / "INSTALLER").write_text("torpor-lab\n")
-    bindir = dest / "bin"
-    bindir.mkdir(exist_ok=True)
-    for script, value in scripts.items():
-        module, _, attr = value.partition(":")
-        wrapper = bindir / script
-        wrapper.write_text(
-            "#!/usr/bin/python3\nimport sys\n"
-            f"from {module.strip()} import {attr.strip()} as main\n"
-            "sys.exit(main())\n"
+def _builder(repo: Path, logfile: Path) -> list[str]:
+    """How to build a wheel: ``make dist``'s ``python -m build`` with the
+    project venv's setuptools when there is one (nothing downloaded), else the
+    host's ``pip wheel`` (an isolated build that fetches setuptools)."""
+    venv_py = repo / ".venv" / "bin" / "python"
+    if venv_py.exists():
+        probe = subprocess.run(
+            [str(venv_py), "-m", "build", "--version"],
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
-        wrapper.chmod(0o755)
-    return dropped
+        if probe.returncode == 0:
+            return [str(venv_py), "-m", "build", "--no-isolation", "--outdir"]
+    return [*hostdeps.pip_command(logfile), "wheel", "--no-deps", "--quiet", "--wheel-dir"]
 
 
-def dom0_pythonpath(repo: Path) -> list[str]:
-    """PYTHONPATH inside dom0: torpor's metadata, its sources (and the example
-    plugins'), the vendored deps."""
-    here = [*source_roots(repo), *(src for _, src in example_roots(repo))]
-    roots = [f"{DOM0_REPO}/{r.relative_to(repo).as_posix()}" for r in here]
-    return [f"{DOM0_RUN}/in/meta", *roots, DOM0_SITE, f"{DOM0_REPO}/lab/dom0"]
+def install_wheels(repo: Path, dest: Path, logfile: Path) -> list[str]:
+    """Build the wheels of :data:`PROJECTS` from the working tree into
+    ``dest/wheels`` and install them (``pip install --target``, no
+    dependencies: those are vendored) into ``dest/site`` -- packages,
+    metadata with the entry points, and the ``torpor`` script in
+    ``dest/site/bin`` -- then pack that as ``dest/torpor.tar`` for dom0 to
+    unpack into its tmpfs.  Returns the wheels' names."""
+    wheels = dest / "wheels"
+    wheels.mkdir(parents=True)
+    build = _builder(repo, logfile)
+    for project in PROJECTS:
+        run([*build, str(wheels), str(repo / project)], timeout=600, logfile=logfile,
+            what=f"building the wheel of {project}")  # fmt: skip
+    built = sorted(wheels.glob("*.whl"))
+    site = dest / "site"
+    pip = hostdeps.pip_command(logfile)
+    run(
+        [*pip, "install", "--quiet", "--disable-pip-version-check", "--no-warn-script-location",
+         "--no-deps", "--no-index", "--no-compile", "--target", str(site), *map(str, built)],
+        timeout=600,
+        logfile=logfile,
+        what="pip install --target (torpor's wheels)",
+    )  # fmt: skip
+    # dom0's interpreter runs the scripts, whatever python pip ran under here.
+    for script in (site / "bin").glob("*"):
+        text = script.read_text()
+        if text.startswith("#!"):
+            script.write_text("#!/usr/bin/python3\n" + text.split("\n", 1)[1])
+    with tarfile.open(dest / "torpor.tar", "w") as tar:
+        tar.add(site, arcname="torpor")
+    shutil.rmtree(site)
+    return [w.name for w in built]
+
+
+def dom0_pythonpath() -> list[str]:
+    """PYTHONPATH inside dom0: torpor as installed from its wheels, the vendored
+    deps, and the lab's pytest plugin.  Nothing of the repository's sources."""
+    return [DOM0_TORPOR, DOM0_SITE, f"{DOM0_REPO}/lab/dom0"]

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from torpor.errors import HypervisorError, TorporError, UsageError
+from torpor.errors import HypervisorError, TorporError, UsageError, XenstoreError
 from torpor.model import (
     X86_EMU_ALL,
     X86_EMU_LAPIC,
@@ -317,38 +317,42 @@ class SimHost:
         vmpath = f"/vm/{uuid}"
         roperm = ["n0", f"r{domid}"]  # dom0 owns, the guest reads
         rwperm = [f"n{domid}"]  # the guest owns
-        tx = await xs.transaction_start()
-        for path, perms in (
-            (dompath, roperm),
-            (vmpath, roperm),
-            (f"{dompath}/device", rwperm),
-            (f"{dompath}/control", roperm),
-            (f"{dompath}/control/shutdown", rwperm),
-            (f"{dompath}/control/feature-poweroff", rwperm),
-            (f"{dompath}/control/feature-reboot", rwperm),
-            (f"{dompath}/control/feature-suspend", rwperm),
-            (f"{dompath}/control/sysrq", rwperm),
-            (f"{dompath}/data", rwperm),
-            (f"{dompath}/drivers", rwperm),
-            (f"{dompath}/feature", rwperm),
-            (f"{dompath}/attr", rwperm),
-            (f"{dompath}/error", rwperm),
-            (f"{dompath}/device/suspend/event-channel", rwperm),
-        ):
-            await xs.mkdir(path, tx)
-            await xs.set_perms(path, perms, tx)
-        await xs.write(f"{dompath}/name", name, tx)
-        await xs.write(f"{dompath}/domid", str(domid), tx)
-        await xs.write(f"{dompath}/vm", vmpath, tx)
-        await xs.write(f"{vmpath}/name", name, tx)
-        await xs.write(f"{vmpath}/uuid", uuid, tx)
-        await xs.write(f"{dompath}/memory/target", "65536", tx)
-        # libxl__domain_make() tells every guest what this toolstack supports
-        # (dom0's, read-only to the guest: they inherit control/'s permissions).
-        # Seen on real Xen 4.17 by the lab's differential trace.
-        await xs.write(f"{dompath}/control/platform-feature-multiprocessor-suspend", "1", tx)
-        await xs.write(f"{dompath}/control/platform-feature-xs_reset_watches", "1", tx)
-        await xs.transaction_end(tx, True)
+
+        # libxl retries a transaction that conflicted (EAGAIN on commit):
+        # concurrent domain builds (restore-all) touch common directories.
+        async def build(tx: Any) -> None:
+            for path, perms in (
+                (dompath, roperm),
+                (vmpath, roperm),
+                (f"{dompath}/device", rwperm),
+                (f"{dompath}/control", roperm),
+                (f"{dompath}/control/shutdown", rwperm),
+                (f"{dompath}/control/feature-poweroff", rwperm),
+                (f"{dompath}/control/feature-reboot", rwperm),
+                (f"{dompath}/control/feature-suspend", rwperm),
+                (f"{dompath}/control/sysrq", rwperm),
+                (f"{dompath}/data", rwperm),
+                (f"{dompath}/drivers", rwperm),
+                (f"{dompath}/feature", rwperm),
+                (f"{dompath}/attr", rwperm),
+                (f"{dompath}/error", rwperm),
+                (f"{dompath}/device/suspend/event-channel", rwperm),
+            ):
+                await xs.mkdir(path, tx)
+                await xs.set_perms(path, perms, tx)
+            await xs.write(f"{dompath}/name", name, tx)
+            await xs.write(f"{dompath}/domid", str(domid), tx)
+            await xs.write(f"{dompath}/vm", vmpath, tx)
+            await xs.write(f"{vmpath}/name", name, tx)
+            await xs.write(f"{vmpath}/uuid", uuid, tx)
+            await xs.write(f"{dompath}/memory/target", "65536", tx)
+            # libxl__domain_make() tells every guest what this toolstack supports
+            # (dom0's, read-only to the guest: they inherit control/'s permissions).
+            # Seen on real Xen 4.17 by the lab's differential trace.
+            await xs.write(f"{dompath}/control/platform-feature-multiprocessor-suspend", "1", tx)
+            await xs.write(f"{dompath}/control/platform-feature-xs_reset_watches", "1", tx)
+
+        await _retrying(xs, build)
         self.xenstored.introduce(domid, self.xen.store_mfn(domid), 1)
         # The domain's "ring" for clients in other processes: acts as the guest.
         await self.xenstored.listen(self.guest_xenstore_socket(domid), domid=domid)
@@ -367,21 +371,23 @@ class SimHost:
         xs = self._dom0
         be = f"/local/domain/0/backend/{kind}/{domid}/{devid}"
         fe = f"/local/domain/{domid}/device/{kind}/{devid}"
-        tx = await xs.transaction_start()
-        await xs.mkdir(be, tx)
-        await xs.set_perms(be, ["n0", f"r{domid}"], tx)
-        await xs.mkdir(fe, tx)
-        await xs.set_perms(fe, [f"n{domid}", "r0"], tx)
-        for k, v in (
-            ("frontend", fe),
-            ("frontend-id", str(domid)),
-            ("online", "1"),
-            ("state", "1"),
-        ):
-            await xs.write(f"{be}/{k}", v, tx)
-        for k, v in (("backend", be), ("backend-id", "0"), ("state", "1")):
-            await xs.write(f"{fe}/{k}", v, tx)
-        await xs.transaction_end(tx, True)
+
+        async def add(tx: Any) -> None:
+            await xs.mkdir(be, tx)
+            await xs.set_perms(be, ["n0", f"r{domid}"], tx)
+            await xs.mkdir(fe, tx)
+            await xs.set_perms(fe, [f"n{domid}", "r0"], tx)
+            for k, v in (
+                ("frontend", fe),
+                ("frontend-id", str(domid)),
+                ("online", "1"),
+                ("state", "1"),
+            ):
+                await xs.write(f"{be}/{k}", v, tx)
+            for k, v in (("backend", be), ("backend-id", "0"), ("state", "1")):
+                await xs.write(f"{fe}/{k}", v, tx)
+
+        await _retrying(xs, add)
 
     def _dm_prefer(self, kind: str) -> Any:
         # PVHVM: the kernel is simulated here; its QEMU only serves QMP, so the
@@ -831,3 +837,22 @@ class SimBuilder:
 
     def destroy(self, domid: int) -> None:
         self.host.destroy_guest(domid)
+
+
+async def _retrying(xs: Any, body: Callable[[Any], Awaitable[None]], attempts: int = 16) -> None:
+    """Run ``body(tx)`` in a transaction, again while the commit conflicts (EAGAIN),
+    as libxl does (``libxl__xs_transaction_commit``)."""
+    for attempt in range(attempts):
+        tx = await xs.transaction_start()
+        try:
+            await body(tx)
+        except BaseException:
+            with contextlib.suppress(XenstoreError):
+                await xs.transaction_end(tx, False)
+            raise
+        try:
+            await xs.transaction_end(tx, True)
+            return
+        except XenstoreError as e:
+            if e.errno != errno.EAGAIN or attempt == attempts - 1:
+                raise

@@ -79,6 +79,11 @@ SONAMES: Final[Mapping[str, str]] = MappingProxyType(
 #: with neither there is no privcmd driver, so no Xen to talk to.
 PRIVCMD_PATHS: Final[tuple[str, ...]] = ("/dev/xen/privcmd", "/proc/xen/privcmd")
 
+#: xen/include/public/version.h: xc_version's commands, and xen_extraversion_t's size.
+XENVER_VERSION: Final = 0
+XENVER_EXTRAVERSION: Final = 1
+XEN_EXTRAVERSION_LEN: Final = 16
+
 #: The event channel device libxenevtchn opens (tools/libs/evtchn/linux.c).
 EVTCHN_PATH: Final = "/dev/xen/evtchn"
 
@@ -186,6 +191,7 @@ int xc_hvm_param_get(xc_interface *handle, uint32_t dom, uint32_t param,
                      uint64_t *value);
 int xc_domain_subscribe_for_suspend(xc_interface *xch, uint32_t domid,
                                     evtchn_port_t port);
+int xc_version(xc_interface *xch, int cmd, void *arg);
 """,
         "xenguest": """
 int xc_domain_resume(xc_interface *xch, uint32_t domid, int fast);
@@ -1000,6 +1006,22 @@ class XenctrlHypervisor:
             _log.warning("xenevtchn_close failed: %s", errno_name(self._ffi.errno))
         if xch is not None and self._libs.xenctrl.xc_interface_close(xch) < 0:
             _log.warning("xc_interface_close failed: %s", errno_name(self._ffi.errno))
+
+    def xen_version(self) -> str:
+        """The hypervisor's version, ``4.17.7``: ``xc_version(XENVER_version)`` gives
+        major << 16 | minor, ``XENVER_extraversion`` the rest (xen/version.h)."""
+        xch = self._handle()
+        with self._lock:
+            rc = self._libs.xenctrl.xc_version(xch, XENVER_VERSION, self._ffi.NULL)
+            self._check(rc, "xc_version", None)
+            extra = self._ffi.new("char[]", XEN_EXTRAVERSION_LEN)
+            self._check(
+                self._libs.xenctrl.xc_version(xch, XENVER_EXTRAVERSION, extra),
+                "xc_version",
+                None,
+            )
+        suffix = self._ffi.string(extra, XEN_EXTRAVERSION_LEN).decode(errors="replace")
+        return f"{rc >> 16}.{rc & 0xFFFF}{suffix}"
 
     def __enter__(self) -> XenctrlHypervisor:
         return self
