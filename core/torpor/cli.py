@@ -311,6 +311,17 @@ def _misbehaviour(text: str) -> str:
     return text
 
 
+def _dirty_rate(text: str) -> float:
+    return _number(text, "a rate in pages per second", 0, 1e9, low_ok=True)
+
+
+def _dirty_pages(text: str) -> int:
+    expected = "a number of pages from 1 to 65536"
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not (1 <= int(text) <= 65536):
+        raise argparse.ArgumentTypeError(f"invalid page count {text!r}: {expected}")
+    return int(text)
+
+
 def _freeze_time(text: str) -> float:
     MAX_GUEST_SECONDS = _sim_daemon().MAX_GUEST_SECONDS
 
@@ -556,19 +567,79 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from torpor.errors import BackendUnavailable, TorporError
+    from torpor.model import PrecopyPolicy
     from torpor.progress import Reporter
 
     domid: int = args.domid
     reporter = Reporter(json=args.json)
+    policy = PrecopyPolicy(max_iterations=args.max_iterations, dirty_threshold=args.dirty_threshold)
     dest_args = argparse.Namespace(**{**vars(args), "host": args.to, "plugin": args.plugin})
     with _open(args, reporter) as src, _open(dest_args) as dst, reporter.showing([domid]):
         try:
-            res: Result | TorporError = src.migrate(domid, dst)
+            res: Result | TorporError = src.migrate(domid, dst, live=args.live, precopy=policy)
         except BackendUnavailable:
             raise  # exit code 4, as for every command
         except TorporError as e:
             res = e
     return _report(args, "migrate", [domid], [res])
+
+
+#: Bounds of a precopy policy on the command line (PrecopyPolicy's own).
+MAX_ITERATIONS = 1000
+MAX_DIRTY_THRESHOLD = 1 << 40
+
+
+def _iterations(text: str) -> int:
+    expected = f"a number of precopy rounds from 1 to {MAX_ITERATIONS}"
+    if not (text.isascii() and text.isdigit() and len(text) <= 4) or not (
+        1 <= int(text) <= MAX_ITERATIONS
+    ):
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: {expected}")
+    return int(text)
+
+
+def _pages(text: str) -> int:
+    expected = f"a number of pages from 0 to {MAX_DIRTY_THRESHOLD}"
+    if not (text.isascii() and text.isdigit() and len(text) <= 14) or not (
+        0 <= int(text) <= MAX_DIRTY_THRESHOLD
+    ):
+        raise argparse.ArgumentTypeError(f"invalid page count {text!r}: {expected}")
+    return int(text)
+
+
+def _migrate_options(c: argparse.ArgumentParser) -> None:
+    """``torpor migrate``'s live-migration options."""
+    live = c.add_mutually_exclusive_group()
+    live.add_argument(
+        "--live",
+        dest="live",
+        action="store_true",
+        default=None,
+        help="live or not at all: refused (exit 3, the guest untouched) where the guest's "
+        "dirty pages cannot be tracked (default: live where they can be, else non-live, "
+        "saying why)",
+    )
+    live.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="suspend the guest first, then copy it (non-live)",
+    )
+    c.add_argument(
+        "--max-iterations",
+        type=_iterations,
+        default=5,
+        metavar="N",
+        help="precopy rounds while the guest runs, at most (default %(default)s, libxl's; "
+        f"1 to {MAX_ITERATIONS})",
+    )
+    c.add_argument(
+        "--dirty-threshold",
+        type=_pages,
+        default=50,
+        metavar="PAGES",
+        help="stop and copy once fewer pages than this are dirty (default %(default)s, libxl's)",
+    )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -683,7 +754,14 @@ def _sim_start(args: argparse.Namespace) -> int:
     daemon = _sim_daemon()
 
     guests = daemon.start(
-        args.dir, args.guests, args.misbehaviours, qemu=args.qemu, freeze_time=args.freeze_time
+        args.dir,
+        args.guests,
+        args.misbehaviours,
+        qemu=args.qemu,
+        freeze_time=args.freeze_time,
+        dirty_rate=args.dirty_rate,
+        dirty_pages=args.dirty_pages,
+        shadow=args.shadow,
     )
     if args.json:
         print(json.dumps({"dir": args.dir, "guests": guests}))
@@ -944,6 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="the destination, 'sim:DIR' (not this host; not real Xen: save and restore)",
     )
+    _migrate_options(c)
     c = cmd(
         "status",
         _cmd_status,
@@ -1038,6 +1117,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long each guest takes to freeze its tasks when suspending "
         "(default %(default)g; 0 to 3600)",
+    )
+    s.add_argument(
+        "--dirty-rate",
+        type=_dirty_rate,
+        default=0.0,
+        metavar="PAGES_PER_S",
+        help="each PV, PVHVM and PVH guest writes this many pages per second of its running "
+        "time, sweeping --dirty-pages pages (the load a live migration's precopy must keep "
+        "up with; default %(default)g: only its tick work)",
+    )
+    s.add_argument(
+        "--dirty-pages",
+        type=_dirty_pages,
+        default=256,
+        metavar="PAGES",
+        help="the region --dirty-rate sweeps, added to each guest's memory (default "
+        "%(default)s; 1 to 65536)",
+    )
+    s.add_argument(
+        "--no-shadow",
+        dest="shadow",
+        action="store_false",
+        default=True,
+        help="a hypervisor without shadow paging, as Debian's Xen 4.17: a PV guest's "
+        "log-dirty fails, so it cannot migrate live",
     )
     s = simcmd(
         "status",

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from torpor.errors import TorporError
     from torpor.host import Host
     from torpor.image import SavedDomain
-    from torpor.model import Result, Timeouts
+    from torpor.livesave import IncomingImage
+    from torpor.model import PrecopyPolicy, Result, Timeouts
 
 __all__ = ["Torpor"]
 
@@ -211,14 +212,40 @@ class Torpor:
         """
         return self._run(self.orchestrator.restore(source, name=name))
 
-    def migrate(self, domid: int, destination: Torpor) -> Result:
-        """Move a domain to the host ``destination`` drives (its loop restores there).
+    def migrate(
+        self,
+        domid: int,
+        to: Torpor | str,
+        *,
+        live: bool | None = None,
+        precopy: PrecopyPolicy | None = None,
+    ) -> Result:
+        """Move a domain to another host: ``to`` is the :class:`Torpor` of that host
+        (its loop restores there) or its name (``sim:DIR``: opened for this call,
+        with the installed plugins and this object's deadlines).
 
         The source is destroyed only after the guest runs at the destination;
-        any earlier failure resumes the source and destroys a half-built copy.
-        """
+        any earlier failure resumes the source (a live migration's may never
+        have stopped) and destroys a half-built copy.
 
-        async def restore_there(saved: SavedDomain, *, expect_kind: str | None = None) -> Result:
+        :param live: ``None`` (default): live -- memory copied while the guest
+            runs, in precopy rounds -- where the guest's dirty pages can be
+            tracked, else non-live, saying why (``live_refusal`` in the
+            result); ``True``: live, or :class:`~torpor.errors.LiveUnavailable`
+            with the guest untouched; ``False``: suspend first, then copy.
+        :param precopy: when to stop copying while the guest runs
+            (:class:`~torpor.model.PrecopyPolicy`; default libxl's).
+        """
+        if isinstance(to, str):
+            from torpor.host import Host
+
+            with Torpor(Host.open(to), timeouts=self.orchestrator.timeouts, own_host=True) as there:
+                return self.migrate(domid, there, live=live, precopy=precopy)
+        destination = to
+
+        async def restore_there(
+            saved: SavedDomain | IncomingImage, *, expect_kind: str | None = None
+        ) -> Result:
             fut = asyncio.run_coroutine_threadsafe(
                 destination.orchestrator.restore(saved, expect_kind=expect_kind), destination.loop
             )
@@ -231,7 +258,9 @@ class Torpor:
             return await asyncio.wrap_future(fut)
 
         proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there, named_there)
-        return self._run(self.orchestrator.migrate(domid, proxy))  # type: ignore[arg-type]
+        return self._run(
+            self.orchestrator.migrate(domid, proxy, live=live, precopy=precopy)  # type: ignore[arg-type]
+        )
 
     # -- inspection and recovery ---------------------------------------------------
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from torpor.context import OperationContext
 from torpor.engine import Engine
 from torpor.errors import Interrupted, TorporError
-from torpor.model import Result
+from torpor.model import PrecopyPolicy, Result
 from torpor.operations import checkpoint as _checkpoint
 from torpor.operations import recover as _recover
 from torpor.operations import resume as _resume
@@ -36,6 +36,7 @@ from torpor.operations import suspend as _suspend
 
 if TYPE_CHECKING:
     from torpor.image import SavedDomain
+    from torpor.livesave import IncomingImage
 
 __all__ = ["Orchestrator"]
 
@@ -151,7 +152,7 @@ class Orchestrator(Engine):
 
     async def restore(
         self,
-        source: str | os.PathLike[str] | SavedDomain,
+        source: str | os.PathLike[str] | SavedDomain | IncomingImage,
         *,
         expect_kind: str | None = None,
         name: str | None = None,
@@ -176,17 +177,31 @@ class Orchestrator(Engine):
 
         return await restore.domain_named(self, name)
 
-    async def migrate(self, domid: int, destination: Orchestrator) -> Result:
-        """Move a domain to another host: suspend, stream, restore there, destroy here.
+    async def migrate(
+        self,
+        domid: int,
+        destination: Orchestrator,
+        *,
+        live: bool | None = None,
+        precopy: PrecopyPolicy | None = None,
+    ) -> Result:
+        """Move a domain to another host: stream it, restore it there, destroy it here.
 
         :mod:`torpor.operations.migrate`.  The source is destroyed only after
         the destination guest runs; any earlier failure resumes the source
-        cooperatively and destroys a half-built destination domain.
+        cooperatively (a live migration's source may never have stopped) and
+        destroys a half-built destination domain.
+
+        :param live: ``None``: live where the guest's dirty pages can be
+            tracked, else non-live (the result says why); ``True``: live or
+            :class:`~torpor.errors.LiveUnavailable`; ``False``: non-live.
+        :param precopy: the precopy policy (default libxl's: 5 rounds, stop
+            under 50 dirty pages).
         """
         self._check_loop()
         from torpor.operations import migrate
 
-        return await migrate.migrate(self, domid, destination)
+        return await migrate.migrate(self, domid, destination, live=live, precopy=precopy)
 
     # -- many domains --------------------------------------------------------------------
 

@@ -1,16 +1,27 @@
-"""Migrate: suspend, stream the image, restore at the destination, destroy here.
+"""Migrate: stream the guest to another host, restore it there, destroy it here.
 
-xl's ``migrate`` (tools/xl/xl_migrate.c) in its non-live form: the source is
-destroyed only after the guest runs at the destination; any failure before
-that resumes the source cooperatively and destroys a half-built copy, so one
-copy of the guest runs at the end, never two with one name.  On one host the
-copy is built as ``NAME--incoming`` and renamed once the source is gone, as
-``xl migrate`` to localhost does.
+xl's ``migrate`` (tools/xl/xl_migrate.c): the source is destroyed only after
+the guest runs at the destination; any failure before that resumes the
+source cooperatively and destroys a half-built copy, so one copy of the guest
+runs at the end, never two with one name.  On one host the copy is built as
+``NAME--incoming`` and renamed once the source is gone, as ``xl migrate`` to
+localhost does.
+
+Live (``xl migrate`` always is; libxl ``LIBXL_SUSPEND_LIVE``): the guest's
+memory is copied while it runs, in precopy rounds (:mod:`torpor.livesave`),
+until the precopy policy says stop and copy; only then is it suspended --
+torpor's own suspend, as the live save's suspend callback -- and what it
+dirtied meanwhile sent.  Where the hypervisor cannot track the guest's dirty
+pages (a PV guest on a Xen without shadow paging) it migrates non-live:
+suspend, save, transfer, restore, saying why in the result; ``live=True``
+demands live and is refused there (:class:`~torpor.errors.LiveUnavailable`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable
@@ -19,15 +30,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 
 from torpor.context import OperationContext
+from torpor.engine import PhaseScope, locate, observed_state
 from torpor.errors import (
     BackendUnavailable,
+    Interrupted,
+    LiveUnavailable,
     MigrationFailed,
+    OperationError,
     TorporError,
 )
 from torpor.host import validate_domid
 from torpor.model import (
     Phase,
     PhaseTiming,
+    PrecopyPolicy,
+    PrecopyRound,
     Result,
 )
 from torpor.operations.restore import domain_named
@@ -43,51 +60,98 @@ log = logging.getLogger("torpor")
 T = TypeVar("T")
 
 
-async def migrate(orch: Orchestrator, domid: int, destination: Orchestrator) -> Result:
-    """Move a domain to another host: suspend, stream, restore there, destroy here.
+async def migrate(
+    orch: Orchestrator,
+    domid: int,
+    destination: Orchestrator,
+    *,
+    live: bool | None = None,
+    precopy: PrecopyPolicy | None = None,
+) -> Result:
+    """Move a domain to another host; the source is destroyed once the copy runs there.
 
-    The source is destroyed only after the destination guest runs; if
-    anything fails before that, the source is resumed cooperatively and
-    any half-built destination domain destroyed.  Nothing is lost either way.
+    ``live``: ``None`` -- live where the guest can be (its dirty pages
+    tracked), else non-live, saying why in the result (``live_refusal``);
+    ``True`` -- live or refused (:class:`~torpor.errors.LiveUnavailable`,
+    nothing touched); ``False`` -- suspend first, then copy.  ``precopy``:
+    when a live migration stops copying while the guest runs (default
+    libxl's: 5 rounds, 50 pages).  If anything fails before the destination
+    guest runs, the source is resumed cooperatively (or was never stopped)
+    and any half-built destination domain destroyed.
     """
     orch._check_loop()
     domid = validate_domid(domid)
-    timings: list[PhaseTiming] = []
     from torpor.builder import FileSaver
 
     source_builder = builder_of(orch.host, "migrate")  # refuse before touching the guest
     dest_builder = builder_of(destination.host, "restore")
     if isinstance(source_builder, FileSaver) or isinstance(dest_builder, FileSaver):
         raise BackendUnavailable(
-            "migration to or from real Xen is not implemented: save with `torpor save` "
-            "and restore the xl save file with `torpor restore` or `xl restore`",
+            "migration to or from real Xen goes through xl's migration protocol: "
+            "`torpor migrate DOMID --to xl://HOST` (or localhost)",
             domid=domid,
         )
+    policy = precopy if precopy is not None else PrecopyPolicy()
     async with orch._claim(domid, "migrate"):
         ctx = await orch._context("migrate", domid)
         async with orch._reporting(ctx):
             renaming = await _migration_names(orch, ctx, destination)
-            suspended = await suspend_domain(orch, ctx)
-            timings.extend(suspended.timings)
-            try:
-                async with orch._phase(ctx, Phase.SAVE, timings):
-                    saved = await save_state(orch, ctx)
-                    if renaming is not None:  # same host: restored as NAME--incoming
-                        saved = attrs.evolve(saved, domain={**saved.domain, "name": renaming[1]})
-                async with orch._phase(ctx, Phase.TRANSFER, timings):
-                    # The image format is the wire format: verified on arrival.
-                    saved = await in_thread(_through_image, saved)
-                # The destination times its own phases (restore, resume,
-                # guest-resume, verify); the result counts each once.
-                ctx.phase = Phase.RESTORE
-                arrived = await _arrival(destination.restore(saved, expect_kind=saved.kind))
-                timings.extend(arrived.timings)
-            except TorporError as e:
-                await rollback_migration(orch, ctx, e)
-            async with orch._phase(ctx, Phase.CLEANUP, timings):
-                await completing(orch, builder_of(orch.host, "migrate").destroy, domid)
-                if renaming is not None:
-                    await _rename_arrived(orch, arrived.domid, *renaming)
+            refusal = await in_thread(_live_refusal, source_builder, dest_builder, domid)
+            if live and refusal is not None:
+                raise LiveUnavailable(
+                    f"a live migration of domain {domid} cannot be had: {refusal}; "
+                    "the guest was not touched (without --live it migrates non-live)",
+                    reason=refusal,
+                    state=ctx.domain.state_word(),
+                    phase=Phase.VALIDATE,
+                )
+            if live is not False and refusal is None:
+                return await _migrate_live(orch, ctx, destination, renaming, policy)
+            why = refusal if refusal is not None else "non-live migration requested"
+            return await _migrate_stopped(orch, ctx, destination, renaming, why)
+
+
+def _live_refusal(source: Any, dest: Any, domid: int) -> str | None:
+    """Why ``domid`` cannot migrate live between these builders (None: it can)."""
+    from torpor.livesave import SimMemory
+
+    if not isinstance(source, SimMemory) or not hasattr(dest, "incoming"):
+        return "this host cannot save a guest live"
+    why = source.live_refusal(domid)  # type: ignore[attr-defined]
+    return None if why is None else str(why)
+
+
+async def _migrate_stopped(
+    orch: Orchestrator,
+    ctx: OperationContext,
+    destination: Orchestrator,
+    renaming: tuple[str, str] | None,
+    why: str,
+) -> Result:
+    """The non-live migration: suspend, save, transfer, restore there, destroy here."""
+    domid = ctx.domid
+    timings: list[PhaseTiming] = []
+    suspended = await suspend_domain(orch, ctx)
+    timings.extend(suspended.timings)
+    try:
+        async with orch._phase(ctx, Phase.SAVE, timings):
+            saved = await save_state(orch, ctx)
+            if renaming is not None:  # same host: restored as NAME--incoming
+                saved = attrs.evolve(saved, domain={**saved.domain, "name": renaming[1]})
+        async with orch._phase(ctx, Phase.TRANSFER, timings):
+            # The image format is the wire format: verified on arrival.
+            saved = await in_thread(_through_image, saved)
+        # The destination times its own phases (restore, resume,
+        # guest-resume, verify); the result counts each once.
+        ctx.phase = Phase.RESTORE
+        arrived = await _arrival(destination.restore(saved, expect_kind=saved.kind))
+        timings.extend(arrived.timings)
+    except TorporError as e:
+        await rollback_migration(orch, ctx, e)
+    async with orch._phase(ctx, Phase.CLEANUP, timings):
+        await completing(orch, builder_of(orch.host, "migrate").destroy, domid)
+        if renaming is not None:
+            await _rename_arrived(orch, arrived.domid, *renaming)
     return Result(
         domid=arrived.domid,
         operation="migrate",
@@ -101,8 +165,203 @@ async def migrate(orch: Orchestrator, domid: int, destination: Orchestrator) -> 
             ("source_domid", domid),
             ("source", orch.host.name),
             ("destination", destination.host.name),
+            ("live", False),
+            ("live_refusal", why),
+            ("downtime", round(downtime_of(timings), 6)),
             ("checksum", saved.checksum()),
             ("memory_checksum", saved.memory_checksum()),
+        ),
+    )
+
+
+#: The phases during which the guest runs nowhere: from the suspend request to
+#: the destination's unpause (``resume`` is where a restored domain is started).
+DOWNTIME_PHASES = frozenset(
+    {
+        Phase.REQUEST,
+        Phase.ACK,
+        Phase.SHUTDOWN,
+        Phase.DEVICE_MODEL_SUSPEND,
+        Phase.SAVE,
+        Phase.TRANSFER,
+        Phase.RESTORE,
+        Phase.RESUME,
+    }
+)
+
+
+def downtime_of(timings: list[PhaseTiming] | tuple[PhaseTiming, ...]) -> float:
+    """A migration's downtime as the toolstack sees it: from the suspend request
+    to the destination's unpause (an upper bound of the guest's own gap: it
+    runs until it takes the request, and again once unpaused)."""
+    return sum(t.seconds for t in timings if t.phase in DOWNTIME_PHASES)
+
+
+async def _migrate_live(
+    orch: Orchestrator,
+    ctx: OperationContext,
+    destination: Orchestrator,
+    renaming: tuple[str, str] | None,
+    policy: PrecopyPolicy,
+) -> Result:
+    """Precopy rounds while the guest runs, then the stop-and-copy, restore there."""
+    from torpor.devicemodel import set_dirty_log
+    from torpor.livesave import PrecopyTracker, SaveCallbacks, sim_live_save
+
+    loop = asyncio.get_running_loop()
+    domid = ctx.domid
+    source = builder_of(orch.host, "migrate")
+    dest = builder_of(destination.host, "restore")
+    ctx.facts["live"] = True
+    timings: list[PhaseTiming] = []
+    suspended: list[Result] = []
+    suspend_errors: list[BaseException] = []
+    scope: list[PhaseScope | None] = [None]
+
+    def run(coro: Any) -> Any:  # from the save thread: on the loop, and wait
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    async def open_phase(phase: Phase) -> None:
+        s = orch._phase(ctx, phase, timings)
+        await s.__aenter__()
+        scope[0] = s
+
+    async def close_phase(error: BaseException | None = None) -> None:
+        s, scope[0] = scope[0], None
+        if s is not None:
+            await s.__aexit__(type(error) if error else None, error, None)
+
+    async def notify_round(r: PrecopyRound) -> None:
+        await orch._notify("torpor_precopy_round", ctx=ctx, precopy=r)
+
+    async def suspend_in_save() -> Result:
+        await close_phase()  # precopy ends: the stop-and-copy begins
+        if orch._interrupted is not None:
+            raise Interrupted(
+                f"migration interrupted ({orch._interrupted}) before the guest was "
+                "suspended; it was never stopped",
+                reason=orch._interrupted,
+                clean=True,
+            )
+        orch._refresh(ctx)
+        result = await suspend_domain(orch, ctx)
+        orch._refresh(ctx)
+        if not ctx.domain.suspended:
+            raise OperationError(
+                f"domain {domid} is {ctx.domain.state_word()}, not shut down for suspend",
+                state=ctx.domain.state_word(),
+            )
+        await open_phase(Phase.SAVE)  # the last dirty pages, the guest's state
+        return result
+
+    def suspend() -> bool:  # the live save's suspend callback, in its thread
+        tracker.stopping()
+        try:
+            suspended.append(run(suspend_in_save()))
+            return True
+        except BaseException as e:  # reported below, never into the save loop
+            suspend_errors.append(e)
+            return False
+
+    def dm_logdirty(enable: bool) -> None:
+        gt = ctx.guest_type
+        if gt is not None and gt.device_model:
+            run(set_dirty_log(ctx, enable))
+
+    def dm_state() -> bytes | None:
+        path = ctx.facts.pop("device_model_state", None)
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(path)
+
+    tracker = PrecopyTracker(policy, lambda r: run(notify_round(r)))
+    callbacks = SaveCallbacks(
+        suspend=suspend,
+        precopy_policy=tracker,
+        device_model_logdirty=dm_logdirty,
+        device_model_state=dm_state,
+    )
+    domain = await in_thread(source.describe, domid)  # type: ignore[attr-defined]
+    if renaming is not None:  # same host: built as NAME--incoming
+        domain = {**domain, "name": renaming[1]}
+    incoming = await in_thread(dest.incoming)  # type: ignore[attr-defined]
+    incoming.domain = domain
+    sent = None
+    await open_phase(Phase.PRECOPY)
+    try:
+        sent = await in_thread(
+            functools.partial(
+                sim_live_save,
+                source,  # type: ignore[arg-type]
+                domid,
+                incoming.write,
+                callbacks,
+                domain=domain,
+                source={"host": orch.host.name, "domid": domid, "live": True},
+            )
+        )
+        await close_phase()
+        ctx.phase = Phase.RESTORE
+        arrived = await _arrival(destination.restore(incoming, expect_kind=domain["kind"]))
+        timings.extend(arrived.timings)
+    except (TorporError, OSError, asyncio.CancelledError) as raw:
+        await close_phase(raw)
+        with contextlib.suppress(TorporError, OSError):
+            await in_thread(incoming.destroy_unbuilt)
+        if isinstance(raw, asyncio.CancelledError):
+            raise
+        e = raw if isinstance(raw, TorporError) else MigrationFailed(f"{raw}", cause=raw)
+        if not suspended:
+            # The guest was never stopped: it runs on where it was.
+            first = suspend_errors[0] if suspend_errors else None
+            if isinstance(first, TorporError):
+                raise first from e
+            locate(e, ctx)
+            state = observed_state(orch.host.hypervisor, domid)
+            raise MigrationFailed(
+                f"live migration failed before the guest was stopped: {e.message}; "
+                f"domain {domid} was never suspended and is {state}",
+                state=state,
+                cause=e,
+                phase=e.phase,
+                domid=domid,
+            ) from e
+        await rollback_migration(orch, ctx, e)
+    async with orch._phase(ctx, Phase.CLEANUP, timings):
+        await completing(orch, source.destroy, domid)
+        if renaming is not None:
+            await _rename_arrived(orch, arrived.domid, *renaming)
+    assert sent is not None
+    all_timings = (*timings[:1], *suspended[0].timings, *timings[1:])
+    rounds = [r.to_dict() for r in tracker.rounds]
+    return Result(
+        domid=arrived.domid,
+        operation="migrate",
+        guest_type=ctx.guest_type_name,
+        outcome="migrated",
+        state=arrived.state,
+        method=ctx.method,
+        cooperative=False,
+        timings=all_timings,
+        details=(
+            ("source_domid", domid),
+            ("source", orch.host.name),
+            ("destination", destination.host.name),
+            ("live", True),
+            ("downtime", round(downtime_of(all_timings), 6)),
+            ("rounds", rounds),
+            ("precopy", tracker.stopped),
+            ("precopy_pages", sent.precopy_pages),
+            ("final_pages", sent.final_pages),
+            ("max_iterations", policy.max_iterations),
+            ("dirty_threshold", policy.dirty_threshold),
+            ("bytes", sent.size),
+            ("checksum", incoming.checksum),
+            ("memory_checksum", incoming.memory_checksum),
         ),
     )
 
