@@ -245,7 +245,7 @@ def _migrate(
 ) -> tuple[_Row, dict[str, Any]]:
     before = src.run(src.guest_report(domid))
     res = t.migrate(domid, t2)
-    details = dict(res.details)
+    details: dict[str, Any] = dict(res.details)
     _settle(dst, res.domid, before["counters"]["ticks"] + 2)
     after = dst.run(dst.guest_report(res.domid))
     say(
