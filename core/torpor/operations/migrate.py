@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -54,6 +54,7 @@ from torpor.operations.threads import builder_of, completing, in_thread
 
 if TYPE_CHECKING:
     from torpor.image import SavedDomain
+    from torpor.livesave import LiveSaveReport, PrecopyTracker, SaveCallbacks
     from torpor.orchestrator import Orchestrator
 
 log = logging.getLogger("torpor")
@@ -197,22 +198,68 @@ def downtime_of(timings: list[PhaseTiming] | tuple[PhaseTiming, ...]) -> float:
     return sum(t.seconds for t in timings if t.phase in DOWNTIME_PHASES)
 
 
-async def _migrate_live(
+@attrs.define
+class Streamed:
+    """What :func:`stream_guest` did: the guest is suspended (or the call raised)."""
+
+    #: the suspend's own result (its phases' timings)
+    suspended: Result
+    #: precopy (live), then save -- the suspend's phases go between them
+    timings: list[PhaseTiming]
+    #: what was sent
+    sent: LiveSaveReport
+    #: the precopy rounds (live)
+    tracker: PrecopyTracker | None
+
+    def all_timings(self) -> list[PhaseTiming]:
+        """Every phase in the order it ran: precopy, the suspend's, save."""
+        if self.tracker is None:  # suspended first, then saved
+            return [*self.suspended.timings, *self.timings]
+        return [*self.timings[:1], *self.suspended.timings, *self.timings[1:]]
+
+    def details(self, policy: PrecopyPolicy) -> list[tuple[str, object]]:
+        if self.tracker is None:
+            return [("bytes", self.sent.size)]
+        return [
+            ("rounds", [r.to_dict() for r in self.tracker.rounds]),
+            ("precopy", self.tracker.stopped),
+            ("precopy_pages", self.sent.precopy_pages),
+            ("final_pages", self.sent.final_pages),
+            ("max_iterations", policy.max_iterations),
+            ("dirty_threshold", policy.dirty_threshold),
+            ("bytes", self.sent.size),
+        ]
+
+
+class NeverStopped(MigrationFailed):
+    """Internal: the stream failed before the guest was suspended (it runs on)."""
+
+
+async def stream_guest(
     orch: Orchestrator,
     ctx: OperationContext,
-    destination: Orchestrator,
-    renaming: tuple[str, str] | None,
+    send: Callable[[SaveCallbacks], LiveSaveReport],
+    *,
+    live: bool,
     policy: PrecopyPolicy,
-) -> Result:
-    """Precopy rounds while the guest runs, then the stop-and-copy, restore there."""
+) -> Streamed:
+    """Run a builder's save stream (``send``, in a worker thread) with torpor's
+    suspend as its suspend callback, and the phases around it.
+
+    Live: phase ``precopy`` while the rounds go (each one notified through
+    ``torpor_precopy_round``), then the suspend's own phases, then ``save``
+    (the last dirty pages, the guest's state).  Non-live: the suspend, then
+    ``save``.  If it fails before the guest was suspended the guest was
+    never stopped: :class:`NeverStopped` (or the suspend's own error, e.g.
+    a veto or an ack timeout).  After the suspend, the error as raised: the
+    caller resumes the guest.
+    """
     from torpor.devicemodel import set_dirty_log
-    from torpor.livesave import PrecopyTracker, SaveCallbacks, sim_live_save
+    from torpor.livesave import PrecopyTracker, SaveCallbacks
 
     loop = asyncio.get_running_loop()
     domid = ctx.domid
-    source = builder_of(orch.host, "migrate")
-    dest = builder_of(destination.host, "restore")
-    ctx.facts["live"] = True
+    ctx.facts["live"] = live
     timings: list[PhaseTiming] = []
     suspended: list[Result] = []
     suspend_errors: list[BaseException] = []
@@ -254,8 +301,11 @@ async def _migrate_live(
         await open_phase(Phase.SAVE)  # the last dirty pages, the guest's state
         return result
 
-    def suspend() -> bool:  # the live save's suspend callback, in its thread
-        tracker.stopping()
+    tracker = PrecopyTracker(policy, lambda r: run(notify_round(r))) if live else None
+
+    def suspend() -> bool:  # the save's suspend callback, in its thread
+        if tracker is not None:
+            tracker.stopping()
         try:
             suspended.append(run(suspend_in_save()))
             return True
@@ -278,66 +328,94 @@ async def _migrate_live(
         finally:
             os.unlink(path)
 
-    tracker = PrecopyTracker(policy, lambda r: run(notify_round(r)))
     callbacks = SaveCallbacks(
         suspend=suspend,
-        precopy_policy=tracker,
+        precopy_policy=tracker if tracker is not None else policy.stop_and_copy,
         device_model_logdirty=dm_logdirty,
         device_model_state=dm_state,
     )
+    if live:
+        await open_phase(Phase.PRECOPY)
+    try:
+        sent = await in_thread(send, callbacks)
+        await close_phase()
+    except (TorporError, OSError, asyncio.CancelledError) as raw:
+        await close_phase(raw)
+        with contextlib.suppress(OSError):
+            path = ctx.facts.pop("device_model_state", None)
+            if path:
+                os.unlink(path)
+        if isinstance(raw, asyncio.CancelledError):
+            raise
+        e = (
+            raw
+            if isinstance(raw, TorporError)
+            else MigrationFailed(f"sending the guest failed: {raw.strerror or raw}", cause=raw)
+        )
+        if suspended:
+            raise e from None
+        first = suspend_errors[0] if suspend_errors else None
+        if isinstance(first, TorporError):
+            raise first from e
+        locate(e, ctx)
+        state = observed_state(orch.host.hypervisor, domid)
+        raise NeverStopped(
+            f"migration failed before the guest was stopped: {e.message}; "
+            f"domain {domid} was never suspended and is {state}",
+            state=state,
+            cause=e,
+            phase=e.phase,
+            domid=domid,
+        ) from e
+    assert suspended, "the save returned without suspending the guest"
+    return Streamed(suspended=suspended[0], timings=timings, sent=sent, tracker=tracker)
+
+
+async def _migrate_live(
+    orch: Orchestrator,
+    ctx: OperationContext,
+    destination: Orchestrator,
+    renaming: tuple[str, str] | None,
+    policy: PrecopyPolicy,
+) -> Result:
+    """Precopy rounds while the guest runs, then the stop-and-copy, restore there."""
+    from torpor.livesave import sim_live_save
+
+    domid = ctx.domid
+    source = builder_of(orch.host, "migrate")
+    dest = builder_of(destination.host, "restore")
     domain = await in_thread(source.describe, domid)  # type: ignore[attr-defined]
     if renaming is not None:  # same host: built as NAME--incoming
         domain = {**domain, "name": renaming[1]}
     incoming = await in_thread(dest.incoming)  # type: ignore[attr-defined]
     incoming.domain = domain
-    sent = None
-    await open_phase(Phase.PRECOPY)
+    send = functools.partial(
+        sim_live_save,
+        source,  # type: ignore[arg-type]
+        domid,
+        incoming.write,
+        domain=domain,
+        source={"host": orch.host.name, "domid": domid, "live": True},
+    )
     try:
-        sent = await in_thread(
-            functools.partial(
-                sim_live_save,
-                source,  # type: ignore[arg-type]
-                domid,
-                incoming.write,
-                callbacks,
-                domain=domain,
-                source={"host": orch.host.name, "domid": domid, "live": True},
-            )
-        )
-        await close_phase()
+        streamed = await stream_guest(orch, ctx, send, live=True, policy=policy)
+    except BaseException:
+        with contextlib.suppress(TorporError, OSError):
+            await in_thread(incoming.destroy_unbuilt)
+        raise
+    timings = streamed.all_timings()
+    try:
         ctx.phase = Phase.RESTORE
         arrived = await _arrival(destination.restore(incoming, expect_kind=domain["kind"]))
         timings.extend(arrived.timings)
-    except (TorporError, OSError, asyncio.CancelledError) as raw:
-        await close_phase(raw)
+    except TorporError as e:
         with contextlib.suppress(TorporError, OSError):
             await in_thread(incoming.destroy_unbuilt)
-        if isinstance(raw, asyncio.CancelledError):
-            raise
-        e = raw if isinstance(raw, TorporError) else MigrationFailed(f"{raw}", cause=raw)
-        if not suspended:
-            # The guest was never stopped: it runs on where it was.
-            first = suspend_errors[0] if suspend_errors else None
-            if isinstance(first, TorporError):
-                raise first from e
-            locate(e, ctx)
-            state = observed_state(orch.host.hypervisor, domid)
-            raise MigrationFailed(
-                f"live migration failed before the guest was stopped: {e.message}; "
-                f"domain {domid} was never suspended and is {state}",
-                state=state,
-                cause=e,
-                phase=e.phase,
-                domid=domid,
-            ) from e
         await rollback_migration(orch, ctx, e)
     async with orch._phase(ctx, Phase.CLEANUP, timings):
         await completing(orch, source.destroy, domid)
         if renaming is not None:
             await _rename_arrived(orch, arrived.domid, *renaming)
-    assert sent is not None
-    all_timings = (*timings[:1], *suspended[0].timings, *timings[1:])
-    rounds = [r.to_dict() for r in tracker.rounds]
     return Result(
         domid=arrived.domid,
         operation="migrate",
@@ -346,20 +424,14 @@ async def _migrate_live(
         state=arrived.state,
         method=ctx.method,
         cooperative=False,
-        timings=all_timings,
+        timings=tuple(timings),
         details=(
             ("source_domid", domid),
             ("source", orch.host.name),
             ("destination", destination.host.name),
             ("live", True),
-            ("downtime", round(downtime_of(all_timings), 6)),
-            ("rounds", rounds),
-            ("precopy", tracker.stopped),
-            ("precopy_pages", sent.precopy_pages),
-            ("final_pages", sent.final_pages),
-            ("max_iterations", policy.max_iterations),
-            ("dirty_threshold", policy.dirty_threshold),
-            ("bytes", sent.size),
+            ("downtime", round(downtime_of(timings), 6)),
+            *streamed.details(policy),
             ("checksum", incoming.checksum),
             ("memory_checksum", incoming.memory_checksum),
         ),
