@@ -63,6 +63,7 @@ __all__ = [
     "SavedDomain",
     "StreamWriter",
     "read_image",
+    "read_stream",
     "write_image",
     "write_partial",
 ]
@@ -408,6 +409,28 @@ def _apply_pages(fields: dict[RecordType, Any], body: bytes) -> bytearray:
         memory[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
     assert isinstance(memory, bytearray)
     return memory
+
+
+def read_stream(read: Callable[[int, str], bytes]) -> bytes:
+    """An image from a stream that goes on after it (a migration's channel):
+    read record by record up to and including END, not one octet more.  The
+    octets are returned unchecked: :func:`decode` checks them."""
+    out = bytearray(read(_HDR.size, "image header"))
+    ident, _version, _options = _HDR.unpack(out)
+    if ident != IDENT:
+        raise ImageError(
+            f"not a torpor image stream (ident {bytes(out[:8])!r}; xl's start 'Xen saved domain')"
+        )
+    while True:
+        rhead = read(_REC.size, "record header")
+        out += rhead
+        rtype, length, _crc, _reserved = _REC.unpack(rhead)
+        if length > MAX_RECORD:
+            raise ImageError(f"record of type {rtype:#x} claims {length} bytes: corrupt stream")
+        if rtype == RecordType.END:
+            out += read(length, "END record")
+            return bytes(out)
+        out += read(length + (-length % 8), f"record {rtype:#x}")
 
 
 def read_image(path: str | os.PathLike[str]) -> SavedDomain:

@@ -31,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from torpor.errors import ImageError, MigrationFailed, OperationError, TorporError
-from torpor.image import PAGE_SIZE, RecordType, StreamWriter
+from torpor.image import PAGE_SIZE, RecordType, SavedDomain, StreamWriter
 from torpor.model import PrecopyPolicy, PrecopyRound, PrecopyStats
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SaveCallbacks",
     "SimMemory",
     "sim_live_save",
+    "sim_save_stream",
 ]
 
 #: Pages per PAGE_DATA record (libxenguest: MAX_BATCH_SIZE = 1024 pages).
@@ -181,6 +182,15 @@ class SimMemory(Protocol):
         hvm_params, guest (JSON)."""
         ...
 
+    def save(self, domid: int) -> SavedDomain:
+        """A suspended domain's whole state (a non-live save)."""
+        ...
+
+    def live_refusal(self, domid: int) -> str | None:
+        """Why this host cannot save ``domid`` live beyond the hypervisor's
+        capabilities (a simulated plain HVM guest's memory is its QEMU's)."""
+        ...
+
 
 def sim_live_save(
     memory: SimMemory,
@@ -276,6 +286,46 @@ def sim_live_save(
         final_pages=len(final),
         size=stream.size,
         memory_checksum=hashlib.sha256(image).hexdigest(),
+    )
+
+
+def sim_save_stream(
+    memory: SimMemory,
+    domid: int,
+    write: Callable[[bytes], object],
+    callbacks: SaveCallbacks,
+    *,
+    live: bool,
+    domain: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+) -> LiveSaveReport:
+    """A simulated host's save stream: live (:func:`sim_live_save`), or the
+    guest suspended first and its whole image sent (``xc_domain_save``
+    without ``XCFLAGS_LIVE``)."""
+    if live:
+        return sim_live_save(memory, domid, write, callbacks, domain=domain, source=source)
+    import attrs as _attrs
+
+    from torpor.image import encode
+
+    if not callbacks.suspend():
+        raise MigrationFailed(f"domain {domid}: the suspend for the save failed", domid=domid)
+    saved = memory.save(domid)
+    dm = callbacks.device_model_state()
+    if dm is not None and saved.device_model is None:
+        saved = _attrs.evolve(saved, device_model=dm)
+    if domain is not None:
+        saved = _attrs.evolve(saved, domain={**saved.domain, "name": domain.get("name")})
+    saved = _attrs.evolve(saved, source={**saved.source, **(source or {})})
+    size = 0
+    for chunk in encode(saved):
+        write(chunk)
+        size += len(chunk)
+    return LiveSaveReport(
+        precopy_pages=0,
+        final_pages=len(saved.memory) // PAGE_SIZE,
+        size=size,
+        memory_checksum=saved.memory_checksum(),
     )
 
 

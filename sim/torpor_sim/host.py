@@ -483,22 +483,13 @@ class SimHost:
         }
 
     def live_refusal(self, domid: int) -> str | None:
-        """Why this host cannot save ``domid`` live (``None``: it can)."""
-        kind = self.kinds.get(domid)
-        if kind == "hvm":
+        """Why this host cannot save ``domid`` live, beyond the hypervisor's
+        capabilities (``None``: it can)."""
+        if self.kinds.get(domid) == "hvm":
             return (
                 "a simulated plain HVM guest's memory lives in its QEMU process, whose "
                 "pages the simulated hypervisor cannot track"
             )
-        dom = self.xen.domains.get(domid)
-        if dom is not None:
-            need = {"hap", "shadow"} if dom.hvm else {"shadow"}
-            if not need & self.xen.virt_caps:
-                return (
-                    "this hypervisor has no shadow paging (virt_caps: "
-                    f"{' '.join(sorted(self.xen.virt_caps))}), which a PV guest's "
-                    "log-dirty needs"
-                )
         return None
 
     def suspended_state(self, domid: int) -> dict[str, Any]:

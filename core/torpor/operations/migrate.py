@@ -97,7 +97,9 @@ async def migrate(
         ctx = await orch._context("migrate", domid)
         async with orch._reporting(ctx):
             renaming = await _migration_names(orch, ctx, destination)
-            refusal = await in_thread(_live_refusal, source_builder, dest_builder, domid)
+            refusal = await in_thread(live_refusal, orch, ctx, source_builder)
+            if refusal is None and not hasattr(dest_builder, "incoming"):
+                refusal = "the destination cannot receive a live stream"
             if live and refusal is not None:
                 raise LiveUnavailable(
                     f"a live migration of domain {domid} cannot be had: {refusal}; "
@@ -112,14 +114,31 @@ async def migrate(
             return await _migrate_stopped(orch, ctx, destination, renaming, why)
 
 
-def _live_refusal(source: Any, dest: Any, domid: int) -> str | None:
-    """Why ``domid`` cannot migrate live between these builders (None: it can)."""
+def live_refusal(orch: Orchestrator, ctx: OperationContext, source: Any) -> str | None:
+    """Why ``ctx.domid`` cannot be saved live here (``None``: it can).
+
+    Log-dirty needs the hypervisor's help (``xc_physinfo``'s capabilities,
+    ``xl info``'s ``virt_caps``): a PV guest's runs on shadow paging, an HVM
+    or PVH guest's on HAP or shadow; then the builder must be able to save
+    live at all.
+    """
+    from torpor.builder import FileSaver
     from torpor.livesave import SimMemory
 
-    if not isinstance(source, SimMemory) or not hasattr(dest, "incoming"):
-        return "this host cannot save a guest live"
-    why = source.live_refusal(domid)  # type: ignore[attr-defined]
-    return None if why is None else str(why)
+    caps = orch.host.hypervisor.virt_caps()
+    hvm = ctx.domain.hvm
+    need = {"hap", "shadow"} if hvm else {"shadow"}
+    if not need & caps:
+        what = "HAP or shadow paging, which an HVM" if hvm else "shadow paging, which a PV"
+        return (
+            f"the hypervisor has no {what} guest's log-dirty needs (virt_caps: "
+            f"{' '.join(sorted(caps))}); its dirty pages cannot be tracked"
+        )
+    if isinstance(source, FileSaver):
+        return None  # xc_domain_save with XCFLAGS_LIVE
+    if not isinstance(source, SimMemory):
+        return "this host's domain builder cannot save a guest live"
+    return source.live_refusal(ctx.domid)
 
 
 async def _migrate_stopped(
@@ -244,7 +263,8 @@ async def stream_guest(
     policy: PrecopyPolicy,
 ) -> Streamed:
     """Run a builder's save stream (``send``, in a worker thread) with torpor's
-    suspend as its suspend callback, and the phases around it.
+    suspend as its suspend callback, and the phases around it.  Once the guest
+    is suspended, ``ctx.facts["stopped"]`` is set.
 
     Live: phase ``precopy`` while the rounds go (each one notified through
     ``torpor_precopy_round``), then the suspend's own phases, then ``save``
@@ -292,6 +312,7 @@ async def stream_guest(
             )
         orch._refresh(ctx)
         result = await suspend_domain(orch, ctx)
+        ctx.facts["stopped"] = True  # from here, a failure resumes the guest
         orch._refresh(ctx)
         if not ctx.domain.suspended:
             raise OperationError(
@@ -399,9 +420,11 @@ async def _migrate_live(
     )
     try:
         streamed = await stream_guest(orch, ctx, send, live=True, policy=policy)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(TorporError, OSError):
             await in_thread(incoming.destroy_unbuilt)
+        if isinstance(e, TorporError) and ctx.facts.get("stopped"):
+            await rollback_migration(orch, ctx, e)
         raise
     timings = streamed.all_timings()
     try:
