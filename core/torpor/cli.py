@@ -391,6 +391,8 @@ def _check_migrate(args: argparse.Namespace) -> None:
             source = None
     if source is not None and _same_host(source, args.to):
         raise UsageError(f"--to {args.to} is the source host itself; give another host")
+    if args.to.startswith("sim:") and args.ssh_command is not None:
+        raise UsageError("--ssh-command applies to xl://HOST destinations, not sim:DIR")
 
 
 def _check_sim_start(args: argparse.Namespace) -> None:
@@ -573,15 +575,72 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     domid: int = args.domid
     reporter = Reporter(json=args.json)
     policy = PrecopyPolicy(max_iterations=args.max_iterations, dirty_threshold=args.dirty_threshold)
+    res: Result | TorporError
+    if not args.to.startswith("sim:"):  # xl's migration protocol
+        with _open(args, reporter) as src, reporter.showing([domid]):
+            try:
+                res = src.migrate(
+                    domid,
+                    args.to,
+                    live=args.live,
+                    precopy=policy,
+                    ssh_command="ssh" if args.ssh_command is None else args.ssh_command,
+                )
+            except BackendUnavailable:
+                raise  # exit code 4, as for every command
+            except TorporError as e:
+                res = e
+        return _report(args, "migrate", [domid], [res])
     dest_args = argparse.Namespace(**{**vars(args), "host": args.to, "plugin": args.plugin})
     with _open(args, reporter) as src, _open(dest_args) as dst, reporter.showing([domid]):
         try:
-            res: Result | TorporError = src.migrate(domid, dst, live=args.live, precopy=policy)
+            res = src.migrate(domid, dst, live=args.live, precopy=policy)
         except BackendUnavailable:
             raise  # exit code 4, as for every command
         except TorporError as e:
             res = e
     return _report(args, "migrate", [domid], [res])
+
+
+def _cmd_migrate_receive(args: argparse.Namespace) -> int:
+    """The receiving end of xl's migration protocol, on stdin and stdout.
+
+    Both descriptors are taken for the protocol and replaced (stdin by
+    /dev/null, stdout by stderr) so that nothing else can write into the
+    stream; progress and the result go to stderr.
+    """
+    from torpor.errors import BackendUnavailable, TorporError
+    from torpor.progress import Reporter, describe, failure_dict
+
+    recv_fd, send_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    reporter = Reporter(json=args.json, out=sys.stderr)
+    try:
+        with _open(args, reporter) as t, reporter.showing([]):
+            try:
+                res = t.migrate_receive(
+                    recv_fd=recv_fd, send_fd=send_fd, pause_after=args.pause_after
+                )
+            except BackendUnavailable:
+                raise
+            except TorporError as e:
+                if args.json:
+                    print(json.dumps(failure_dict(0, "migrate-receive", e)), file=sys.stderr)
+                else:
+                    print(f"migration target: FAILED: {e}", file=sys.stderr)
+                return EXIT_ALL_FAILED
+    finally:
+        os.close(recv_fd)
+        os.close(send_fd)
+    if args.json:
+        print(json.dumps(res.to_dict()), file=sys.stderr)
+    else:
+        print("migration target: " + describe(res), file=sys.stderr)
+    return EXIT_OK
 
 
 #: Bounds of a precopy policy on the command line (PrecopyPolicy's own).
@@ -607,8 +666,26 @@ def _pages(text: str) -> int:
     return int(text)
 
 
+def _migrate_target(text: str) -> str:
+    from torpor.xlmigrate import parse_target
+
+    if text.startswith("sim:") and len(text) > 4:
+        return text
+    if parse_target(text) is not None:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown destination {text!r}: use 'xl://HOST', a host name, or 'sim:DIR'"
+    )
+
+
 def _migrate_options(c: argparse.ArgumentParser) -> None:
-    """``torpor migrate``'s live-migration options."""
+    """``torpor migrate``'s live-migration and transport options."""
+    c.add_argument(
+        "--ssh-command",
+        metavar="CMD",
+        help="how to reach HOST (xl's -s; default ssh): torpor runs `sh -c \"exec CMD HOST xl "
+        'migrate-receive"`; empty: HOST is the whole command (xl://HOST only)',
+    )
     live = c.add_mutually_exclusive_group()
     live.add_argument(
         "--live",
@@ -1018,11 +1095,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--to",
         required=True,
-        type=_host_spec,
+        type=_migrate_target,
         metavar="HOST",
-        help="the destination, 'sim:DIR' (not this host; not real Xen: save and restore)",
+        help="the destination: 'xl://HOST' or a host name such as 'localhost' (xl's migration "
+        "protocol to `xl migrate-receive` there), or 'sim:DIR' (not this host)",
     )
     _migrate_options(c)
+    c = cmd(
+        "migrate-receive",
+        _cmd_migrate_receive,
+        "receive a domain over xl's migration protocol on stdin/stdout (xl migrate's other end)",
+    )
+    c.add_argument(
+        "--paused",
+        dest="pause_after",
+        action="store_true",
+        help="leave the domain paused once received (xl migrate-receive -p; -p is --plugin here)",
+    )
+    for flag, what in (("-e", "do not daemonize"), ("-d", "debug"), ("-F", "foreground")):
+        c.add_argument(flag, action="store_true", help=f"accepted as xl's ({what}): no effect")
     c = cmd(
         "status",
         _cmd_status,

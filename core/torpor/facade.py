@@ -219,10 +219,15 @@ class Torpor:
         *,
         live: bool | None = None,
         precopy: PrecopyPolicy | None = None,
+        ssh_command: str = "ssh",
     ) -> Result:
         """Move a domain to another host: ``to`` is the :class:`Torpor` of that host
-        (its loop restores there) or its name (``sim:DIR``: opened for this call,
-        with the installed plugins and this object's deadlines).
+        (its loop restores there), its name (``sim:DIR``: opened for this call,
+        with the installed plugins and this object's deadlines), or ``xl://HOST``
+        (or a bare host name, ``localhost``): xl's migration protocol to
+        ``xl migrate-receive`` -- or ``torpor migrate-receive`` -- run there by
+        ``sh -c "exec SSH HOST xl migrate-receive"`` (``ssh_command``, xl's
+        ``-s``; empty: ``HOST`` is the whole command).
 
         The source is destroyed only after the guest runs at the destination;
         any earlier failure resumes the source (a live migration's may never
@@ -238,6 +243,15 @@ class Torpor:
         """
         if isinstance(to, str):
             from torpor.host import Host
+            from torpor.xlmigrate import parse_target
+
+            host = parse_target(to)
+            if host is not None:
+                return self._run(
+                    self.orchestrator.migrate_xl(
+                        domid, host, ssh_command=ssh_command, live=live, precopy=precopy
+                    )
+                )
 
             with Torpor(Host.open(to), timeouts=self.orchestrator.timeouts, own_host=True) as there:
                 return self.migrate(domid, there, live=live, precopy=precopy)
@@ -260,6 +274,31 @@ class Torpor:
         proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there, named_there)
         return self._run(
             self.orchestrator.migrate(domid, proxy, live=live, precopy=precopy)  # type: ignore[arg-type]
+        )
+
+    def migrate_receive(
+        self,
+        *,
+        recv_fd: int = 0,
+        send_fd: int = 1,
+        pause_after: bool = False,
+        go_timeout: float | None = None,
+    ) -> Result:
+        """Receive one domain over xl's migration protocol (``xl migrate``'s
+        other end): the stream on ``recv_fd`` (stdin), the answers on
+        ``send_fd`` (stdout).
+
+        :param pause_after: leave it paused (xl ``migrate-receive -p``).
+        :param go_timeout: how long to wait for the sender's permission to
+            start the guest (default: for ever, as xl).
+        """
+        from torpor.xlmigrate import Channel
+
+        channel = Channel(send_fd, recv_fd, peer="migration sender")
+        return self._run(
+            self.orchestrator.migrate_receive(
+                channel, pause_after=pause_after, go_timeout=go_timeout
+            )
         )
 
     # -- inspection and recovery ---------------------------------------------------

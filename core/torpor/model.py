@@ -233,6 +233,7 @@ class Phase(enum.StrEnum):
     RESTORE = "restore"  # build a new domain from an image
     TRANSFER = "transfer"  # stream an image to another host
     PRECOPY = "precopy"  # live migration: copy memory while the guest runs, round by round
+    CONNECT = "connect"  # a migration's transport: run the receiver, read its banner
     CLEANUP = "cleanup"  # destroy the source / release what the operation held
 
 

@@ -37,6 +37,7 @@ from torpor.operations import suspend as _suspend
 if TYPE_CHECKING:
     from torpor.image import SavedDomain
     from torpor.livesave import IncomingImage
+    from torpor.xlmigrate import Channel
 
 __all__ = ["Orchestrator"]
 
@@ -202,6 +203,49 @@ class Orchestrator(Engine):
         from torpor.operations import migrate
 
         return await migrate.migrate(self, domid, destination, live=live, precopy=precopy)
+
+    async def migrate_xl(
+        self,
+        domid: int,
+        host: str,
+        *,
+        ssh_command: str = "ssh",
+        live: bool | None = None,
+        precopy: PrecopyPolicy | None = None,
+        receive_flags: str = "",
+    ) -> Result:
+        """Send a domain to ``xl migrate-receive`` (or ``torpor migrate-receive``) on
+        ``host`` over xl's migration protocol, through ``sh -c "exec SSH HOST xl
+        migrate-receive"`` (:mod:`torpor.operations.migrate_xl`).
+
+        The source is destroyed once the receiver reports the guest started;
+        before permission to go is given, any failure leaves it running here.
+        ``live``, ``precopy``: as :meth:`migrate`.
+        """
+        self._check_loop()
+        from torpor.operations import migrate_xl
+
+        return await migrate_xl.migrate_xl(
+            self,
+            domid,
+            host,
+            ssh_command=ssh_command,
+            live=live,
+            precopy=precopy,
+            receive_flags=receive_flags,
+        )
+
+    async def migrate_receive(
+        self, channel: Channel, *, pause_after: bool = False, go_timeout: float | None = None
+    ) -> Result:
+        """Receive one domain over xl's migration protocol on ``channel`` (the
+        receiving end of ``xl migrate``; :mod:`torpor.operations.receive`)."""
+        self._check_loop()
+        from torpor.operations import receive
+
+        return await receive.migrate_receive(
+            self, channel, pause_after=pause_after, go_timeout=go_timeout
+        )
 
     # -- many domains --------------------------------------------------------------------
 

@@ -60,7 +60,12 @@ def describe(res: Result) -> str:
     where = ""
     if "source_domid" in details:  # a migration: the guest has a new domid there
         who = details["source_domid"]
-        where = f" as domain {res.domid} on {details.get('destination')}"
+        there = details.get("destination_domid", res.domid)
+        where = (
+            f" as domain {there} on {details.get('destination')}"
+            if there is not None
+            else f" on {details.get('destination')}"
+        )
         where += "; " + _migration_summary(details)
     return (
         f"domain {who}: {res.operation} ok{how}{coop}: {res.outcome}, now {res.state}{where}"

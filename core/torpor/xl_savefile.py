@@ -233,9 +233,7 @@ def read_xl_header(read: Callable[[int, str], bytes]) -> str:
     create_domain's restore path reads them from the migration fd, then
     hands the rest to libxl): the config JSON.  ``read(n, what)`` returns
     exactly ``n`` octets."""
-    magic, byteorder, mandatory, _optional, optlen = _XL_HDR.unpack(
-        read(_XL_HDR.size, "xl header")
-    )
+    magic, byteorder, mandatory, _optional, optlen = _XL_HDR.unpack(read(_XL_HDR.size, "xl header"))
     if magic != XL_MAGIC:
         raise ImageError(f"not an xl migration stream (magic {magic[:28]!r})")
     if byteorder != XL_BYTEORDER:

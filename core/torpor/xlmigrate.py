@@ -46,6 +46,7 @@ __all__ = [
     "REPORT",
     "Channel",
     "ReceiverProcess",
+    "parse_target",
     "rune",
 ]
 
@@ -61,6 +62,19 @@ REPORT: Final = b"my copy unpause results are as follows\0"
 
 class ProtocolError(MigrationFailed):
     """The other end of a migration went away, said something else, or nothing in time."""
+
+
+def parse_target(text: str) -> str | None:
+    """The host of a migration target that goes over xl's protocol (``xl://HOST``,
+    or a bare host name such as ``localhost``), or ``None`` (``sim:DIR``, ``xen``)."""
+    if text.startswith("xl://"):
+        host = text[5:]
+        return host or None
+    if text == "xen" or text.startswith("sim:") or not text:
+        return None
+    if all(c.isalnum() or c in ".-_:[]" for c in text) and not text.startswith("-"):
+        return text
+    return None
 
 
 def rune(ssh_command: str, host: str, receive_flags: str = "") -> str:

@@ -753,7 +753,9 @@ class SimHost:
             out.append(
                 GuestStatus(
                     domid=domid,
-                    name=self.xen.domains[domid].name if domid in self.xen.domains else "?",
+                    # where libxl keeps it (xl rename, a migration's renames)
+                    name=await self._xs_name(domid)
+                    or (self.xen.domains[domid].name if domid in self.xen.domains else "?"),
                     kind=self.kinds.get(domid, "?"),
                     state=self._state(domid, info),
                     ticks=counters.get("ticks", -1),
