@@ -737,7 +737,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
             + (f" via {intent['method']}" if intent.get("method") else "")
             + (", guest asked" if intent.get("requested") else "")
         )
-        if not st["intent_alive"]:
+        stage = intent.get("migration")
+        if stage:
+            print(f"  migrating to {intent.get('to')}: {stage}")
+            if stage == "go":
+                print(
+                    "  the receiver was given permission to start the guest: check there "
+                    "before resuming this copy (two copies must never run)"
+                )
+        if not st["intent_alive"] and stage != "go":
             print(f"  run `torpor recover {domid}` to bring it back to running")
     return EXIT_OK
 

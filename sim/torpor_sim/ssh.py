@@ -5,9 +5,10 @@ CMD HOST xl [xl options] migrate-receive [flags]``.  With this module as CMD
 and a simulated host's directory as HOST, the "remote" command runs on that
 host: ``xl ... migrate-receive`` becomes ``torpor --host sim:DIR
 migrate-receive`` (a simulated host's xl is torpor), its ``-e``/``-d`` kept
-and ``-p`` given as ``--paused``.  Anything else is run as given, with ``TORPOR_HOST=sim:DIR``.  stdin,
-stdout and stderr are the caller's: the process replaces itself (``exec``),
-as ssh's remote command would be connected.
+and ``-p`` given as ``--paused``.  Anything else is run as given, with
+``TORPOR_HOST=sim:DIR``.  stdin, stdout and stderr are the caller's: the
+process replaces itself (``exec``), as ssh's remote command would be
+connected.
 """
 
 from __future__ import annotations

@@ -250,10 +250,6 @@ class Streamed:
         ]
 
 
-class NeverStopped(MigrationFailed):
-    """Internal: the stream failed before the guest was suspended (it runs on)."""
-
-
 async def stream_guest(
     orch: Orchestrator,
     ctx: OperationContext,
@@ -270,9 +266,9 @@ async def stream_guest(
     ``torpor_precopy_round``), then the suspend's own phases, then ``save``
     (the last dirty pages, the guest's state).  Non-live: the suspend, then
     ``save``.  If it fails before the guest was suspended the guest was
-    never stopped: :class:`NeverStopped` (or the suspend's own error, e.g.
-    a veto or an ack timeout).  After the suspend, the error as raised: the
-    caller resumes the guest.
+    never stopped: :class:`~torpor.errors.MigrationFailed` saying so (or the
+    suspend's own error, e.g. a veto or an ack timeout).  After the suspend,
+    the error as raised: the caller resumes the guest.
     """
     from torpor.devicemodel import set_dirty_log
     from torpor.livesave import PrecopyTracker, SaveCallbacks
@@ -380,7 +376,7 @@ async def stream_guest(
             raise first from e
         locate(e, ctx)
         state = observed_state(orch.host.hypervisor, domid)
-        raise NeverStopped(
+        raise MigrationFailed(
             f"migration failed before the guest was stopped: {e.message}; "
             f"domain {domid} was never suspended and is {state}",
             state=state,

@@ -114,7 +114,10 @@ async def migrate_xl(
                         state=ctx.domain.state_word(),
                         cause=e,
                     ) from e
-            orch._intent.update(domid, migration="streaming", to=target, name=name)
+            if orch.record_intent:
+                await orch._intent.begin(
+                    domid, "migrate", migration="streaming", to=target, name=name
+                )
             try:
                 return await _handshake(
                     orch,
