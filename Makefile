@@ -81,6 +81,7 @@ BENCH_XEN_RUN ?= $(or $(TORPOR_LAB_CACHE),$(HOME)/.cache/torpor-lab)/bench-run
 bench-xen: $(STAMP)
 	$(PYTHON) lab/run --results $(BENCH_XEN_RUN) -- bench/xen
 	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/bench-xen.json bench/results.json
+	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/bench-xen-migrate.json bench/results.json real_xen_migration
 	$(PY) bench/report.py bench/results.json docs/performance.md
 
 # The long soak: 10,000 suspend/resume cycles, resource slopes in bench/soak.json.

@@ -299,6 +299,9 @@ def render(results: dict[str, Any]) -> str:
                 "",
             ]
     out += _host_lifecycle(results)
+    mig = results.get("real_xen_migration")
+    if mig:
+        out += _migration(mig)
     notes = results.get("notes")
     if notes:
         out += ["## Findings", ""] + [f"- {n}" for n in notes] + [""]
@@ -382,6 +385,75 @@ def _host_lifecycle(results: dict[str, Any]) -> list[str]:
             out += [str(note), ""]
     if sweep or disk or real:
         out += [str(results.get("host_lifecycle_choice", "")), ""]
+    return out
+
+
+def _migration(mig: dict[str, Any]) -> list[str]:
+    """The real-Xen live migration section (bench/xen/test_migrate_downtime.py)."""
+    tick = mig.get("machine", {}).get("tick_s", 0.05)
+    out = [
+        "## Live migration on real Xen (the lab, under TCG)",
+        "",
+        "`make bench-xen` (`bench/xen/test_migrate_downtime.py`, in the lab's dom0). A lab "
+        f"guest ticks every {tick * 1000:.0f} ms on its console; dom0 timestamps each tick line "
+        "as it arrives (inotify on xenconsoled's logs). *Downtime*: the largest gap between "
+        "two consecutive ticks while the migration ran -- the last tick from the source "
+        "domain to the first from the new one -- as dom0 saw them arrive (and, in brackets, "
+        "as the guest's own uptime counts it); *total*: the command's wall clock. Each guest "
+        "moves to `localhost`: `torpor migrate --to localhost` to xl's `migrate-receive` "
+        "(the same receiver as xl's), `xl migrate NAME localhost`, and torpor to `torpor "
+        "migrate-receive`, alternated; medians, seconds.",
+        "",
+        "| guest | sender -> receiver | downtime | total | n |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "torpor": "torpor -> xl",
+        "xl": "xl -> xl",
+        "torpor_to_torpor": "torpor -> torpor",
+    }
+    ratios = []
+    for kind in ("pvh", "pvhvm"):
+        data = mig.get(kind)
+        if not data:
+            continue
+        for key, label in labels.items():
+            m = data.get(key)
+            if m:
+                out.append(
+                    f"| {kind} ({data.get('memory_mib')} MiB) | {label} | "
+                    f"{m['downtime_median']} ({m['guest_downtime_median']}) | "
+                    f"{m['total_median']} | {m['n']} |"
+                )
+        ratios.append(
+            f"{kind}: torpor / xl downtime {data['downtime_ratio_torpor_vs_xl']} (target <= 1), "
+            f"total {data['total_ratio_torpor_vs_xl']} (target <= 1.2)"
+        )
+    out += ["", "; ".join(ratios) + ".", ""]
+    dirty = mig.get("dirty_pvh")
+    if dirty:
+        out += [
+            f"A PVH guest ({dirty['memory_mib']} MiB) rewriting {dirty['dirty_mib']} MiB of its "
+            "memory in a loop: precopy cannot converge, stops at its iteration bound (5 "
+            "rounds), and the guest stops only for the last dirty pages.",
+            "",
+            "| how | downtime | total | n | precopy |",
+            "|---|---|---|---|---|",
+        ]
+        for key, label in (
+            ("torpor_live", "torpor, live"),
+            ("xl_live", "xl migrate (live)"),
+            ("torpor_non_live", "torpor --no-live"),
+        ):
+            m = dirty.get(key)
+            if not m:
+                continue
+            how = sorted({str((r.get("torpor") or {}).get("precopy") or "-") for r in m["runs"]})
+            out.append(
+                f"| {label} | {m['downtime_median']} ({m['guest_downtime_median']}) | "
+                f"{m['total_median']} | {m['n']} | {', '.join(how)} |"
+            )
+        out.append("")
     return out
 
 

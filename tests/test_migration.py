@@ -61,17 +61,27 @@ def running_copies(src: SimHost, dst: SimHost, src_domid: int) -> int:
     return n
 
 
+@pytest.mark.parametrize(
+    ("live", "phases"),
+    [
+        (False, [
+            "validate", "request", "ack", "shutdown", "save", "transfer",
+            "restore", "resume", "guest-resume", "verify", "cleanup",
+        ]),
+        (True, [
+            "precopy", "validate", "request", "ack", "shutdown", "save",
+            "restore", "resume", "guest-resume", "verify", "cleanup",
+        ]),
+    ],
+)  # fmt: skip
 def test_migration_phases_in_the_order_they_ran_each_counted_once(
-    sim_host: SimHost, torpor: Torpor, dest: Torpor
+    sim_host: SimHost, torpor: Torpor, dest: Torpor, live: bool, phases: list[str]
 ) -> None:
     domid = sim_host.create_guest("pv")
     t0 = time.perf_counter()
-    res = torpor.migrate(domid, dest)
+    res = torpor.migrate(domid, dest, live=live)
     wall = time.perf_counter() - t0
-    assert [str(t.phase) for t in res.timings] == [
-        "validate", "request", "ack", "shutdown", "save", "transfer",
-        "restore", "resume", "guest-resume", "verify", "cleanup",
-    ]  # fmt: skip
+    assert [str(t.phase) for t in res.timings] == phases
     # Phases do not overlap: together they cannot outlast the call.
     assert res.seconds <= wall
 
@@ -190,7 +200,7 @@ def test_stream_cut(
 
     monkeypatch.setattr("torpor.image.encode", cut)
     with pytest.raises(MigrationFailed, match="truncated") as e:
-        torpor.migrate(domid, dest)
+        torpor.migrate(domid, dest, live=False)
     assert e.value.state == "running" and e.value.phase == Phase.TRANSFER
     assert running_copies(sim_host, dest_host, domid) == 1
 

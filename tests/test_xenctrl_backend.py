@@ -162,7 +162,7 @@ def _layout_from_ffi(ffi: Any) -> tuple[dict[str, int], list[str]]:
                 ffi.sizeof(field.type),
                 f"sizeof((({cname} *)0)->{fname})",
             )
-    assert laid_out == 3  # xentoollog_logger, xen_arch_domainconfig, getdomaininfo
+    assert laid_out == 4  # xentoollog_logger, xen_arch_domainconfig, getdomaininfo, physinfo
     for tname in typedefs:
         ctype = ffi.typeof(tname)
         if ctype.kind == "struct" and ctype.fields is None:

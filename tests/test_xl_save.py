@@ -681,7 +681,7 @@ def test_migration_on_real_xen_is_refused_before_touching_the_guest(
 ) -> None:
     host, t, _libxl, _xc = xl_sim
     domid = host.create_guest("pv")
-    with pytest.raises(BackendUnavailable, match="not implemented"):
+    with pytest.raises(BackendUnavailable, match="xl's migration protocol"):
         t.migrate(domid, torpor)
     assert host.xen.domain_info(domid).running
 

@@ -105,7 +105,12 @@ class FileSaver(Protocol):
 
 
 class RemoteSimBuilder:
-    """A ``torpor sim`` daemon; images travel the control socket in chunks."""
+    """A ``torpor sim`` daemon; images travel the control socket in chunks.
+
+    Live saves read the daemon's memory through it
+    (:class:`torpor.livesave.SimMemory`), and a live stream arrives at it
+    chunk by chunk as it is produced (:meth:`incoming`).
+    """
 
     def __init__(self, hypervisor: Any) -> None:
         self.hv = hypervisor
@@ -113,6 +118,52 @@ class RemoteSimBuilder:
 
     def save(self, domid: int) -> SavedDomain:
         t = self.hv.call("sim_save", domid=domid)
+        buf = self._read_transfer(t)
+        buf.seek(0)
+        return decode(buf)
+
+    # -- live saves (torpor.livesave.SimMemory) and arrivals
+
+    def live_refusal(self, domid: int) -> str | None:
+        why = self.hv.call("sim_live_refusal", domid=domid)
+        return None if why is None else str(why)
+
+    def describe(self, domid: int) -> dict[str, Any]:
+        info: dict[str, Any] = self.hv.call("sim_describe", domid=domid)
+        return info
+
+    def logdirty(self, domid: int, enable: bool) -> None:
+        self.hv.call("logdirty_enable" if enable else "logdirty_disable", domid=domid)
+
+    def dirty_pages(self, domid: int) -> list[int]:
+        return [int(p) for p in self.hv.call("logdirty_clean", domid=domid)]
+
+    def pages(self, domid: int, pfns: list[int]) -> bytes:
+        t = self.hv.call("sim_read_pages", domid=domid, pfns=pfns)
+        return self._read_transfer(t).getvalue()
+
+    def suspended_state(self, domid: int) -> dict[str, Any]:
+        state: dict[str, Any] = self.hv.call("sim_suspended_state", domid=domid)
+        return state
+
+    def incoming(self) -> Any:
+        """A live stream arriving at the daemon chunk by chunk
+        (:class:`torpor.livesave.IncomingImage`)."""
+        from torpor.livesave import IncomingImage
+
+        tid = self.hv.call("transfer_open")
+
+        def build() -> tuple[int, str, str]:
+            got = self.hv.call("sim_restore_stream", transfer=tid)
+            return int(got["domid"]), str(got["checksum"]), str(got["memory_checksum"])
+
+        return IncomingImage(
+            write_=lambda data: self._send(tid, data),
+            build_=build,
+            close_=lambda: self.hv.call("transfer_close", transfer=tid),
+        )
+
+    def _read_transfer(self, t: dict[str, Any]) -> io.BytesIO:
         tid, size = t["transfer"], int(t["size"])
         buf = io.BytesIO()
         try:
@@ -125,8 +176,7 @@ class RemoteSimBuilder:
                 buf.write(chunk)
         finally:
             self.hv.call("transfer_close", transfer=tid)
-        buf.seek(0)
-        return decode(buf)
+        return buf
 
     def restore(self, saved: SavedDomain) -> int:
         tid = self.hv.call("transfer_open")

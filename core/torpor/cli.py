@@ -309,6 +309,17 @@ def _misbehaviour(text: str) -> str:
     return text
 
 
+def _dirty_rate(text: str) -> float:
+    return _number(text, "a rate in pages per second", 0, 1e9, low_ok=True)
+
+
+def _dirty_pages(text: str) -> int:
+    expected = "a number of pages from 1 to 65536"
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not (1 <= int(text) <= 65536):
+        raise argparse.ArgumentTypeError(f"invalid page count {text!r}: {expected}")
+    return int(text)
+
+
 def _freeze_time(text: str) -> float:
     MAX_GUEST_SECONDS = _sim_daemon().MAX_GUEST_SECONDS
 
@@ -378,6 +389,8 @@ def _check_migrate(args: argparse.Namespace) -> None:
             source = None
     if source is not None and _same_host(source, args.to):
         raise UsageError(f"--to {args.to} is the source host itself; give another host")
+    if args.to.startswith("sim:") and args.ssh_command is not None:
+        raise UsageError("--ssh-command applies to xl://HOST destinations, not sim:DIR")
 
 
 def _check_sim_start(args: argparse.Namespace) -> None:
@@ -554,19 +567,154 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from torpor.errors import BackendUnavailable, TorporError
+    from torpor.model import PrecopyPolicy
     from torpor.progress import Reporter
 
     domid: int = args.domid
     reporter = Reporter(json=args.json)
+    policy = PrecopyPolicy(max_iterations=args.max_iterations, dirty_threshold=args.dirty_threshold)
+    res: Result | TorporError
+    if not args.to.startswith("sim:"):  # xl's migration protocol
+        with _open(args, reporter) as src, reporter.showing([domid]):
+            try:
+                res = src.migrate(
+                    domid,
+                    args.to,
+                    live=args.live,
+                    precopy=policy,
+                    ssh_command="ssh" if args.ssh_command is None else args.ssh_command,
+                )
+            except BackendUnavailable:
+                raise  # exit code 4, as for every command
+            except TorporError as e:
+                res = e
+        return _report(args, "migrate", [domid], [res])
     dest_args = argparse.Namespace(**{**vars(args), "host": args.to, "plugin": args.plugin})
     with _open(args, reporter) as src, _open(dest_args) as dst, reporter.showing([domid]):
         try:
-            res: Result | TorporError = src.migrate(domid, dst)
+            res = src.migrate(domid, dst, live=args.live, precopy=policy)
         except BackendUnavailable:
             raise  # exit code 4, as for every command
         except TorporError as e:
             res = e
     return _report(args, "migrate", [domid], [res])
+
+
+def _cmd_migrate_receive(args: argparse.Namespace) -> int:
+    """The receiving end of xl's migration protocol, on stdin and stdout.
+
+    Both descriptors are taken for the protocol and replaced (stdin by
+    /dev/null, stdout by stderr) so that nothing else can write into the
+    stream; progress and the result go to stderr.
+    """
+    from torpor.errors import BackendUnavailable, TorporError
+    from torpor.progress import Reporter, describe, failure_dict
+
+    recv_fd, send_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    reporter = Reporter(json=args.json, out=sys.stderr)
+    try:
+        with _open(args, reporter) as t, reporter.showing([]):
+            try:
+                res = t.migrate_receive(
+                    recv_fd=recv_fd, send_fd=send_fd, pause_after=args.pause_after
+                )
+            except BackendUnavailable:
+                raise
+            except TorporError as e:
+                if args.json:
+                    print(json.dumps(failure_dict(0, "migrate-receive", e)), file=sys.stderr)
+                else:
+                    print(f"migration target: FAILED: {e}", file=sys.stderr)
+                return EXIT_ALL_FAILED
+    finally:
+        os.close(recv_fd)
+        os.close(send_fd)
+    if args.json:
+        print(json.dumps(res.to_dict()), file=sys.stderr)
+    else:
+        print("migration target: " + describe(res), file=sys.stderr)
+    return EXIT_OK
+
+
+#: Bounds of a precopy policy on the command line (PrecopyPolicy's own).
+MAX_ITERATIONS = 1000
+MAX_DIRTY_THRESHOLD = 1 << 40
+
+
+def _iterations(text: str) -> int:
+    expected = f"a number of precopy rounds from 1 to {MAX_ITERATIONS}"
+    if not (text.isascii() and text.isdigit() and len(text) <= 4) or not (
+        1 <= int(text) <= MAX_ITERATIONS
+    ):
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: {expected}")
+    return int(text)
+
+
+def _pages(text: str) -> int:
+    expected = f"a number of pages from 0 to {MAX_DIRTY_THRESHOLD}"
+    if not (text.isascii() and text.isdigit() and len(text) <= 14) or not (
+        0 <= int(text) <= MAX_DIRTY_THRESHOLD
+    ):
+        raise argparse.ArgumentTypeError(f"invalid page count {text!r}: {expected}")
+    return int(text)
+
+
+def _migrate_target(text: str) -> str:
+    from torpor.xlmigrate import parse_target
+
+    if text.startswith("sim:") and len(text) > 4:
+        return text
+    if parse_target(text) is not None:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown destination {text!r}: use 'xl://HOST', a host name, or 'sim:DIR'"
+    )
+
+
+def _migrate_options(c: argparse.ArgumentParser) -> None:
+    """``torpor migrate``'s live-migration and transport options."""
+    c.add_argument(
+        "--ssh-command",
+        metavar="CMD",
+        help="how to reach HOST (xl's -s; default ssh): torpor runs `sh -c \"exec CMD HOST xl "
+        'migrate-receive"`; empty: HOST is the whole command (xl://HOST only)',
+    )
+    live = c.add_mutually_exclusive_group()
+    live.add_argument(
+        "--live",
+        dest="live",
+        action="store_true",
+        default=None,
+        help="live or not at all: refused (exit 3, the guest untouched) where the guest's "
+        "dirty pages cannot be tracked (default: live where they can be, else non-live, "
+        "saying why)",
+    )
+    live.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="suspend the guest first, then copy it (non-live)",
+    )
+    c.add_argument(
+        "--max-iterations",
+        type=_iterations,
+        default=5,
+        metavar="N",
+        help="precopy rounds while the guest runs, at most (default %(default)s, libxl's; "
+        f"1 to {MAX_ITERATIONS})",
+    )
+    c.add_argument(
+        "--dirty-threshold",
+        type=_pages,
+        default=50,
+        metavar="PAGES",
+        help="stop and copy once fewer pages than this are dirty (default %(default)s, libxl's)",
+    )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -587,7 +735,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
             + (f" via {intent['method']}" if intent.get("method") else "")
             + (", guest asked" if intent.get("requested") else "")
         )
-        if not st["intent_alive"]:
+        stage = intent.get("migration")
+        if stage:
+            print(f"  migrating to {intent.get('to')}: {stage}")
+            if stage == "go":
+                print(
+                    "  the receiver was given permission to start the guest: check there "
+                    "before resuming this copy (two copies must never run)"
+                )
+        if not st["intent_alive"] and stage != "go":
             print(f"  run `torpor recover {domid}` to bring it back to running")
     return EXIT_OK
 
@@ -681,7 +837,14 @@ def _sim_start(args: argparse.Namespace) -> int:
     daemon = _sim_daemon()
 
     guests = daemon.start(
-        args.dir, args.guests, args.misbehaviours, qemu=args.qemu, freeze_time=args.freeze_time
+        args.dir,
+        args.guests,
+        args.misbehaviours,
+        qemu=args.qemu,
+        freeze_time=args.freeze_time,
+        dirty_rate=args.dirty_rate,
+        dirty_pages=args.dirty_pages,
+        shadow=args.shadow,
     )
     if args.json:
         print(json.dumps({"dir": args.dir, "guests": guests}))
@@ -1298,10 +1461,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--to",
         required=True,
-        type=_host_spec,
+        type=_migrate_target,
         metavar="HOST",
-        help="the destination, 'sim:DIR' (not this host; not real Xen: save and restore)",
+        help="the destination: 'xl://HOST' or a host name such as 'localhost' (xl's migration "
+        "protocol to `xl migrate-receive` there), or 'sim:DIR' (not this host)",
     )
+    _migrate_options(c)
+    c = cmd(
+        "migrate-receive",
+        _cmd_migrate_receive,
+        "receive a domain over xl's migration protocol on stdin/stdout (xl migrate's other end)",
+    )
+    c.add_argument(
+        "--paused",
+        dest="pause_after",
+        action="store_true",
+        help="leave the domain paused once received (xl migrate-receive -p; -p is --plugin here)",
+    )
+    for flag, what in (("-e", "do not daemonize"), ("-d", "debug"), ("-F", "foreground")):
+        c.add_argument(flag, action="store_true", help=f"accepted as xl's ({what}): no effect")
     c = cmd(
         "status",
         _cmd_status,
@@ -1398,6 +1576,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long each guest takes to freeze its tasks when suspending "
         "(default %(default)g; 0 to 3600)",
+    )
+    s.add_argument(
+        "--dirty-rate",
+        type=_dirty_rate,
+        default=0.0,
+        metavar="PAGES_PER_S",
+        help="each PV, PVHVM and PVH guest writes this many pages per second of its running "
+        "time, sweeping --dirty-pages pages (the load a live migration's precopy must keep "
+        "up with; default %(default)g: only its tick work)",
+    )
+    s.add_argument(
+        "--dirty-pages",
+        type=_dirty_pages,
+        default=256,
+        metavar="PAGES",
+        help="the region --dirty-rate sweeps, added to each guest's memory (default "
+        "%(default)s; 1 to 65536)",
+    )
+    s.add_argument(
+        "--no-shadow",
+        dest="shadow",
+        action="store_false",
+        default=True,
+        help="a hypervisor without shadow paging, as Debian's Xen 4.17: a PV guest's "
+        "log-dirty fails, so it cannot migrate live",
     )
     s = simcmd(
         "status",

@@ -12,7 +12,7 @@ import os
 
 from torpor.context import OperationContext
 
-__all__ = ["resume_device_model", "save_path", "suspend_device_model"]
+__all__ = ["resume_device_model", "save_path", "set_dirty_log", "suspend_device_model"]
 
 
 def save_path(ctx: OperationContext) -> str:
@@ -21,15 +21,26 @@ def save_path(ctx: OperationContext) -> str:
 
 
 async def suspend_device_model(ctx: OperationContext) -> None:
-    """QMP ``stop`` and, where this QEMU has it, ``xen-save-devices-state``."""
+    """QMP ``stop`` and, where this QEMU has it, ``xen-save-devices-state``.
+
+    ``live`` is true for a live migration's stop-and-copy, as libxl passes
+    its save's ``live`` flag (``dsps->live``; QEMU >= 2.11).
+    """
     dm = await ctx.device_model()
     timeout = ctx.timeouts.device_model
     await dm.stop(timeout=timeout)
     if "xen-save-devices-state" in await dm.commands(timeout=timeout):
         path = save_path(ctx)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        await dm.save_devices_state(path, live=False, timeout=timeout)
+        await dm.save_devices_state(path, live=bool(ctx.facts.get("live")), timeout=timeout)
         ctx.facts["device_model_state"] = path
+
+
+async def set_dirty_log(ctx: OperationContext, enable: bool) -> None:
+    """QEMU's log-dirty mode for a live save: QMP ``xen-set-global-dirty-log``
+    (libxl ``domain_suspend_switch_qemu_xen_logdirty``, deadline 10 s there)."""
+    dm = await ctx.device_model()
+    await dm.set_global_dirty_log(enable, timeout=ctx.timeouts.device_model)
 
 
 async def resume_device_model(ctx: OperationContext) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "ImageError",
     "Interrupted",
     "InvalidState",
+    "LiveUnavailable",
     "MigrationFailed",
     "NameInUse",
     "NoSuchDomain",
@@ -327,6 +328,23 @@ class AlreadySuspended(InvalidState):
 
 class NotSuspended(InvalidState):
     """Resume refused: the domain is not suspended."""
+
+
+class LiveUnavailable(InvalidState):
+    """A live migration was demanded (``live=True``, ``--live``) where it cannot
+    be had: the hypervisor cannot track this guest's dirty pages (a PV guest
+    without shadow paging), or the host cannot save it live.  ``reason`` says
+    which; nothing was touched.  Without the demand the guest migrates
+    non-live (suspend, then copy) and the result says why."""
+
+    def __init__(self, message: str, *, reason: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["reason"] = self.reason
+        return out
 
 
 class UnsafeResume(OperationError):

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from torpor.errors import TorporError
     from torpor.host import Host
     from torpor.image import SavedDomain
-    from torpor.model import Result, Timeouts
+    from torpor.livesave import IncomingImage
+    from torpor.model import PrecopyPolicy, Result, Timeouts
     from torpor.operations.hostwide import GuestFilter, HostReport, OnGuest
 
 __all__ = ["Torpor"]
@@ -212,14 +213,54 @@ class Torpor:
         """
         return self._run(self.orchestrator.restore(source, name=name))
 
-    def migrate(self, domid: int, destination: Torpor) -> Result:
-        """Move a domain to the host ``destination`` drives (its loop restores there).
+    def migrate(
+        self,
+        domid: int,
+        to: Torpor | str,
+        *,
+        live: bool | None = None,
+        precopy: PrecopyPolicy | None = None,
+        ssh_command: str = "ssh",
+    ) -> Result:
+        """Move a domain to another host: ``to`` is the :class:`Torpor` of that host
+        (its loop restores there), its name (``sim:DIR``: opened for this call,
+        with the installed plugins and this object's deadlines), or ``xl://HOST``
+        (or a bare host name, ``localhost``): xl's migration protocol to
+        ``xl migrate-receive`` -- or ``torpor migrate-receive`` -- run there by
+        ``sh -c "exec SSH HOST xl migrate-receive"`` (``ssh_command``, xl's
+        ``-s``; empty: ``HOST`` is the whole command).
 
         The source is destroyed only after the guest runs at the destination;
-        any earlier failure resumes the source and destroys a half-built copy.
-        """
+        any earlier failure resumes the source (a live migration's may never
+        have stopped) and destroys a half-built copy.
 
-        async def restore_there(saved: SavedDomain, *, expect_kind: str | None = None) -> Result:
+        :param live: ``None`` (default): live -- memory copied while the guest
+            runs, in precopy rounds -- where the guest's dirty pages can be
+            tracked, else non-live, saying why (``live_refusal`` in the
+            result); ``True``: live, or :class:`~torpor.errors.LiveUnavailable`
+            with the guest untouched; ``False``: suspend first, then copy.
+        :param precopy: when to stop copying while the guest runs
+            (:class:`~torpor.model.PrecopyPolicy`; default libxl's).
+        """
+        if isinstance(to, str):
+            from torpor.host import Host
+            from torpor.xlmigrate import parse_target
+
+            host = parse_target(to)
+            if host is not None:
+                return self._run(
+                    self.orchestrator.migrate_xl(
+                        domid, host, ssh_command=ssh_command, live=live, precopy=precopy
+                    )
+                )
+
+            with Torpor(Host.open(to), timeouts=self.orchestrator.timeouts, own_host=True) as there:
+                return self.migrate(domid, there, live=live, precopy=precopy)
+        destination = to
+
+        async def restore_there(
+            saved: SavedDomain | IncomingImage, *, expect_kind: str | None = None
+        ) -> Result:
             fut = asyncio.run_coroutine_threadsafe(
                 destination.orchestrator.restore(saved, expect_kind=expect_kind), destination.loop
             )
@@ -232,7 +273,34 @@ class Torpor:
             return await asyncio.wrap_future(fut)
 
         proxy = _RemoteOrchestrator(destination.orchestrator.host, restore_there, named_there)
-        return self._run(self.orchestrator.migrate(domid, proxy))  # type: ignore[arg-type]
+        return self._run(
+            self.orchestrator.migrate(domid, proxy, live=live, precopy=precopy)  # type: ignore[arg-type]
+        )
+
+    def migrate_receive(
+        self,
+        *,
+        recv_fd: int = 0,
+        send_fd: int = 1,
+        pause_after: bool = False,
+        go_timeout: float | None = None,
+    ) -> Result:
+        """Receive one domain over xl's migration protocol (``xl migrate``'s
+        other end): the stream on ``recv_fd`` (stdin), the answers on
+        ``send_fd`` (stdout).
+
+        :param pause_after: leave it paused (xl ``migrate-receive -p``).
+        :param go_timeout: how long to wait for the sender's permission to
+            start the guest (default: for ever, as xl).
+        """
+        from torpor.xlmigrate import Channel
+
+        channel = Channel(send_fd, recv_fd, peer="migration sender")
+        return self._run(
+            self.orchestrator.migrate_receive(
+                channel, pause_after=pause_after, go_timeout=go_timeout
+            )
+        )
 
     # -- the whole host ----------------------------------------------------------
 

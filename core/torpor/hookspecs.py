@@ -41,7 +41,15 @@ if TYPE_CHECKING:
     from torpor.context import OperationContext
     from torpor.errors import TorporError
     from torpor.host import Host
-    from torpor.model import DomainInfo, GuestType, Phase, Result, SuspendMethod, Verdict
+    from torpor.model import (
+        DomainInfo,
+        GuestType,
+        Phase,
+        PrecopyRound,
+        Result,
+        SuspendMethod,
+        Verdict,
+    )
 
 __all__ = [
     "hookimpl",
@@ -59,6 +67,7 @@ __all__ = [
     "torpor_operation_failed",
     "torpor_phase_finished",
     "torpor_phase_started",
+    "torpor_precopy_round",
     "torpor_request_suspend",
     "torpor_resume_guest",
     "torpor_veto_suspend",
@@ -349,6 +358,24 @@ def torpor_phase_finished(
     :param phase: the phase that ended.
     :param seconds: how long it took.
     :param error: why it failed, or ``None``.
+    """
+
+
+@hookspec
+def torpor_precopy_round(ctx: OperationContext, precopy: PrecopyRound) -> None:
+    """A live migration sent one precopy round while the guest ran (progress).
+
+    Called in the ``precopy`` phase once per round, after the round's pages
+    were sent and the pages the guest dirtied meanwhile were counted: the
+    first round sends every page, each later one the pages dirtied during the
+    one before, until the precopy policy
+    (:class:`~torpor.model.PrecopyPolicy`) says stop and copy -- the guest
+    is then suspended and the last dirty pages sent.  The rounds also appear
+    in the migration's result (``rounds``).
+
+    :param ctx: the migration (``ctx.operation`` is ``migrate``).
+    :param precopy: the round: pages sent, pages dirtied meanwhile, the
+        guest's dirty rate.
     """
 
 

@@ -19,9 +19,22 @@ refused *before* anything is built from it.
     END      type 0, body = SHA-256 of every octet before this record
 
 All record fields after the header are little-endian.  Bodies are JSON
-(UTF-8) except ``MEMORY`` and ``DEVICE_MODEL``, which are raw bytes.  A
-reader refuses an unknown record type only if it is marked mandatory
-(type < 0x80000000).
+(UTF-8) except ``MEMORY``, ``PAGE_DATA`` and ``DEVICE_MODEL``, which are raw
+bytes.  A reader refuses an unknown record type only if it is marked
+mandatory (type < 0x80000000).
+
+A save holds the guest's memory in one ``MEMORY`` record.  A live migration's
+stream (:class:`StreamWriter`, libxc's ``PAGE_DATA`` records in spirit)
+instead sends it as it goes: ``DOMAIN`` first (it gives the memory's size),
+then a ``PAGE_DATA`` record per batch of pages -- every page in the first
+precopy round, the pages dirtied meanwhile in each later one, the last dirty
+pages after the guest suspended -- then the suspended guest's state and
+``END``.  A page sent again replaces what was sent before::
+
+    PAGE_DATA  count    u32  pages in this record
+               reserved u32  0
+               pfns     count x u64, each below DOMAIN's memory_pages
+               pages    count x 4096 octets, in the same order
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 import attrs
@@ -43,11 +56,14 @@ from torpor.errors import ImageError
 
 __all__ = [
     "IDENT",
+    "PAGE_SIZE",
     "VERSION",
     "PartialFile",
     "RecordType",
     "SavedDomain",
+    "StreamWriter",
     "read_image",
+    "read_stream",
     "write_image",
     "write_partial",
 ]
@@ -59,6 +75,9 @@ _REC = struct.Struct("<IIII")
 #: No record body may exceed this (the largest is an HVM device model's RAM).
 MAX_RECORD = 256 * 1024 * 1024
 _OPTIONAL_BIT = 0x80000000
+#: A guest page, as PAGE_DATA records carry them.
+PAGE_SIZE = 4096
+_PAGE_HDR = struct.Struct("<II")
 
 
 class RecordType(enum.IntEnum):
@@ -72,6 +91,7 @@ class RecordType(enum.IntEnum):
     MEMORY = 5  # raw guest memory, pfn 0 upwards
     GUEST = 6  # JSON: the guest kernel's own state (sim) / guest config (real)
     DEVICE_MODEL = 7  # raw device-model state (QEMU's stream)
+    PAGE_DATA = 8  # a live stream's pages: u32 count, u32 0, count x u64 pfn, the pages
     SOURCE = _OPTIONAL_BIT | 1  # JSON: where and when it was saved (informational)
 
 
@@ -137,20 +157,62 @@ def _records(saved: SavedDomain) -> Iterator[tuple[RecordType, bytes]]:
 
 def encode(saved: SavedDomain) -> Iterator[bytes]:
     """The image, as a stream of chunks (for a file, a pipe or a socket)."""
-    digest = hashlib.sha256()
-
-    def out(chunk: bytes) -> bytes:
-        digest.update(chunk)
-        return chunk
-
-    yield out(_HDR.pack(IDENT, VERSION, 0))
+    chunks: list[bytes] = []
+    writer = StreamWriter(chunks.append)
+    yield from chunks
     for rtype, body in _records(saved):
+        chunks.clear()
+        writer.record(rtype, body)
+        yield from chunks
+    chunks.clear()
+    writer.end()
+    yield from chunks
+
+
+def page_data(pfns: Sequence[int], pages: bytes) -> bytes:
+    """A ``PAGE_DATA`` record's body: ``pages`` holds one 4096-octet page per pfn."""
+    if len(pages) != len(pfns) * PAGE_SIZE:
+        raise ImageError(f"{len(pfns)} pfns but {len(pages)} octets of pages")
+    return _PAGE_HDR.pack(len(pfns), 0) + struct.pack(f"<{len(pfns)}Q", *pfns) + pages
+
+
+class StreamWriter:
+    """An image written record by record as it is produced (a live migration's stream).
+
+    The header is written at once; :meth:`end` writes the END record with the
+    SHA-256 of everything before it.  ``write`` gets each chunk in order (a
+    pipe, a socket, a transfer to another host); :attr:`size` counts them.
+    """
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write = write
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self._put(_HDR.pack(IDENT, VERSION, 0))
+
+    def _put(self, chunk: bytes, *, digest: bool = True) -> None:
+        if digest:
+            self._digest.update(chunk)
+        self._write(chunk)
+        self.size += len(chunk)
+
+    def record(self, rtype: RecordType, body: bytes) -> None:
         if len(body) > MAX_RECORD:
             raise ImageError(f"{rtype.name} record of {len(body)} bytes is too large")
-        yield out(_REC.pack(rtype, len(body), zlib.crc32(body), 0))
-        yield out(body + b"\0" * (-len(body) % 8))
-    end = digest.digest()
-    yield _REC.pack(RecordType.END, len(end), zlib.crc32(end), 0) + end
+        self._put(
+            _REC.pack(rtype, len(body), zlib.crc32(body), 0) + body + b"\0" * (-len(body) % 8)
+        )
+
+    def json(self, rtype: RecordType, obj: Any) -> None:
+        self.record(rtype, json.dumps(obj, sort_keys=True).encode())
+
+    def pages(self, pfns: Sequence[int], pages: bytes) -> None:
+        """One ``PAGE_DATA`` record (pages sent again replace those sent before)."""
+        self.record(RecordType.PAGE_DATA, page_data(pfns, pages))
+
+    def end(self) -> None:
+        end = self._digest.digest()
+        self._put(_REC.pack(RecordType.END, len(end), zlib.crc32(end), 0) + end, digest=False)
 
 
 class PartialFile:
@@ -286,8 +348,13 @@ def decode(f: IO[bytes]) -> SavedDomain:
             if rtype & _OPTIONAL_BIT:
                 continue
             raise ImageError(f"unknown mandatory record type {rtype:#x}") from None
+        if kind == RecordType.PAGE_DATA:
+            _apply_pages(fields, body)
+            continue
         if kind in fields:
             raise ImageError(f"duplicate {kind.name} record")
+        if kind == RecordType.MEMORY and RecordType.PAGE_DATA in fields:
+            raise ImageError("MEMORY record in a stream that sent PAGE_DATA")
         if kind in _JSON_RECORDS:
             try:
                 fields[kind] = json.loads(body)
@@ -295,6 +362,8 @@ def decode(f: IO[bytes]) -> SavedDomain:
                 raise ImageError(f"{kind.name} record is not valid JSON", cause=e) from e
         else:
             fields[kind] = body
+    if RecordType.PAGE_DATA in fields:
+        fields[RecordType.MEMORY] = bytes(fields.pop(RecordType.PAGE_DATA))
     for required in (RecordType.DOMAIN, RecordType.VCPUS, RecordType.MEMORY):
         if required not in fields:
             raise ImageError(f"save image has no {required.name} record")
@@ -311,6 +380,57 @@ def decode(f: IO[bytes]) -> SavedDomain:
         device_model=fields.get(RecordType.DEVICE_MODEL),
         source=fields.get(RecordType.SOURCE, {}),
     )
+
+
+def _apply_pages(fields: dict[RecordType, Any], body: bytes) -> bytearray:
+    """Put a ``PAGE_DATA`` record's pages in the memory it is building."""
+    domain = fields.get(RecordType.DOMAIN)
+    if not isinstance(domain, dict):
+        raise ImageError("PAGE_DATA record before the DOMAIN record")
+    if RecordType.MEMORY in fields:
+        raise ImageError("PAGE_DATA record in an image that has a MEMORY record")
+    memory = fields.get(RecordType.PAGE_DATA)
+    if memory is None:
+        pages = domain.get("memory_pages")
+        if type(pages) is not int or not 0 <= pages <= MAX_RECORD // PAGE_SIZE:
+            raise ImageError(f"DOMAIN record's memory_pages {pages!r} is not a page count")
+        memory = fields[RecordType.PAGE_DATA] = bytearray(pages * PAGE_SIZE)
+    if len(body) < _PAGE_HDR.size:
+        raise ImageError("PAGE_DATA record shorter than its header")
+    count, _reserved = _PAGE_HDR.unpack_from(body)
+    if len(body) != _PAGE_HDR.size + count * (8 + PAGE_SIZE):
+        raise ImageError(f"PAGE_DATA record of {len(body)} octets cannot hold {count} pages")
+    pfns = struct.unpack_from(f"<{count}Q", body, _PAGE_HDR.size)
+    data = memoryview(body)[_PAGE_HDR.size + 8 * count :]
+    limit = len(memory) // PAGE_SIZE
+    for i, pfn in enumerate(pfns):
+        if pfn >= limit:
+            raise ImageError(f"PAGE_DATA pfn {pfn:#x} is beyond the guest's {limit} pages")
+        memory[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+    assert isinstance(memory, bytearray)
+    return memory
+
+
+def read_stream(read: Callable[[int, str], bytes]) -> bytes:
+    """An image from a stream that goes on after it (a migration's channel):
+    read record by record up to and including END, not one octet more.  The
+    octets are returned unchecked: :func:`decode` checks them."""
+    out = bytearray(read(_HDR.size, "image header"))
+    ident, _version, _options = _HDR.unpack(out)
+    if ident != IDENT:
+        raise ImageError(
+            f"not a torpor image stream (ident {bytes(out[:8])!r}; xl's start 'Xen saved domain')"
+        )
+    while True:
+        rhead = read(_REC.size, "record header")
+        out += rhead
+        rtype, length, _crc, _reserved = _REC.unpack(rhead)
+        if length > MAX_RECORD:
+            raise ImageError(f"record of type {rtype:#x} claims {length} bytes: corrupt stream")
+        if rtype == RecordType.END:
+            out += read(length, "END record")
+            return bytes(out)
+        out += read(length + (-length % 8), f"record {rtype:#x}")
 
 
 def read_image(path: str | os.PathLike[str]) -> SavedDomain:

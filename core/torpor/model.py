@@ -30,6 +30,9 @@ __all__ = [
     "GuestType",
     "Phase",
     "PhaseTiming",
+    "PrecopyPolicy",
+    "PrecopyRound",
+    "PrecopyStats",
     "Result",
     "ShutdownReason",
     "SuspendMethod",
@@ -229,6 +232,8 @@ class Phase(enum.StrEnum):
     SAVE = "save"  # write the guest's state to an image
     RESTORE = "restore"  # build a new domain from an image
     TRANSFER = "transfer"  # stream an image to another host
+    PRECOPY = "precopy"  # live migration: copy memory while the guest runs, round by round
+    CONNECT = "connect"  # a migration's transport: run the receiver, read its banner
     CLEANUP = "cleanup"  # destroy the source / release what the operation held
 
 
@@ -313,6 +318,92 @@ class PhaseTiming:
 
     phase: Phase
     seconds: float
+
+
+@attrs.frozen
+class PrecopyStats:
+    """What libxenguest tells a precopy policy (``struct precopy_stats``, xenguest.h).
+
+    :param iteration: precopy rounds sent so far.
+    :param total_written: pages sent in those rounds.
+    :param dirty_count: pages dirtied since the last round was read, or -1
+        when not known yet (the policy is asked once before the dirty log is read).
+    """
+
+    iteration: int
+    total_written: int
+    dirty_count: int
+
+
+@attrs.frozen
+class PrecopyPolicy:
+    """When a live migration stops copying memory while the guest runs.
+
+    libxenguest's default, which libxl uses (it passes no policy of its own):
+    ``simple_precopy_policy`` in ``tools/libs/guest/xg_sr_save.c`` (Xen 4.17)
+    -- stop and copy once fewer than ``SPP_TARGET_DIRTY_COUNT`` = 50 pages are
+    dirty, or once ``SPP_MAX_ITERATIONS`` = 5 rounds have been sent.
+
+    :param max_iterations: rounds sent while the guest runs, at most (the
+        first sends every page).
+    :param dirty_threshold: stop and copy once fewer pages than this are dirty.
+    """
+
+    max_iterations: int = attrs.field(default=5)
+    dirty_threshold: int = attrs.field(default=50)
+
+    @max_iterations.validator
+    def _check_iterations(self, _a: object, value: int) -> None:
+        if not 1 <= value <= 1000:
+            raise ValueError(f"max_iterations must be 1 to 1000, not {value!r}")
+
+    @dirty_threshold.validator
+    def _check_threshold(self, _a: object, value: int) -> None:
+        if not 0 <= value <= 1 << 40:
+            raise ValueError(f"dirty_threshold must be 0 or more pages, not {value!r}")
+
+    def stop_and_copy(self, stats: PrecopyStats) -> bool:
+        """libxenguest's question after each round: stop and copy now (True), or go on?"""
+        return (
+            0 <= stats.dirty_count < self.dirty_threshold or stats.iteration >= self.max_iterations
+        )
+
+    def why_stopped(self, stats: PrecopyStats) -> str:
+        """Why :meth:`stop_and_copy` said stop, in words (``converged`` or the bound)."""
+        if 0 <= stats.dirty_count < self.dirty_threshold:
+            return "converged"
+        return "iteration bound"
+
+
+@attrs.frozen
+class PrecopyRound:
+    """One precopy round of a live migration (the ``torpor_precopy_round`` hook).
+
+    :param iteration: 1 for the first round (every page), then 2, 3...
+    :param pages: pages sent in this round.
+    :param total_pages: pages sent in all rounds so far.
+    :param dirty: pages the guest dirtied while this round was sent (what the
+        next round, or the stop-and-copy, must send).
+    :param seconds: how long the round took.
+    :param dirty_rate: ``dirty / seconds``: pages per second the guest dirties.
+    """
+
+    iteration: int
+    pages: int
+    total_pages: int
+    dirty: int
+    seconds: float
+    dirty_rate: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "iteration": self.iteration,
+            "pages": self.pages,
+            "total_pages": self.total_pages,
+            "dirty": self.dirty,
+            "seconds": round(self.seconds, 6),
+            "dirty_rate": round(self.dirty_rate, 1),
+        }
 
 
 @attrs.frozen

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from torpor.context import OperationContext
 from torpor.engine import Engine
 from torpor.errors import Interrupted, TorporError
-from torpor.model import Result
+from torpor.model import PrecopyPolicy, Result
 from torpor.operations import checkpoint as _checkpoint
 from torpor.operations import recover as _recover
 from torpor.operations import resume as _resume
@@ -36,7 +36,9 @@ from torpor.operations import suspend as _suspend
 
 if TYPE_CHECKING:
     from torpor.image import SavedDomain
+    from torpor.livesave import IncomingImage
     from torpor.operations.hostwide import GuestFilter, HostReport, OnGuest
+    from torpor.xlmigrate import Channel
 
 __all__ = ["Orchestrator"]
 
@@ -152,7 +154,7 @@ class Orchestrator(Engine):
 
     async def restore(
         self,
-        source: str | os.PathLike[str] | SavedDomain,
+        source: str | os.PathLike[str] | SavedDomain | IncomingImage,
         *,
         expect_kind: str | None = None,
         name: str | None = None,
@@ -177,17 +179,74 @@ class Orchestrator(Engine):
 
         return await restore.domain_named(self, name)
 
-    async def migrate(self, domid: int, destination: Orchestrator) -> Result:
-        """Move a domain to another host: suspend, stream, restore there, destroy here.
+    async def migrate(
+        self,
+        domid: int,
+        destination: Orchestrator,
+        *,
+        live: bool | None = None,
+        precopy: PrecopyPolicy | None = None,
+    ) -> Result:
+        """Move a domain to another host: stream it, restore it there, destroy it here.
 
         :mod:`torpor.operations.migrate`.  The source is destroyed only after
         the destination guest runs; any earlier failure resumes the source
-        cooperatively and destroys a half-built destination domain.
+        cooperatively (a live migration's source may never have stopped) and
+        destroys a half-built destination domain.
+
+        :param live: ``None``: live where the guest's dirty pages can be
+            tracked, else non-live (the result says why); ``True``: live or
+            :class:`~torpor.errors.LiveUnavailable`; ``False``: non-live.
+        :param precopy: the precopy policy (default libxl's: 5 rounds, stop
+            under 50 dirty pages).
         """
         self._check_loop()
         from torpor.operations import migrate
 
-        return await migrate.migrate(self, domid, destination)
+        return await migrate.migrate(self, domid, destination, live=live, precopy=precopy)
+
+    async def migrate_xl(
+        self,
+        domid: int,
+        host: str,
+        *,
+        ssh_command: str = "ssh",
+        live: bool | None = None,
+        precopy: PrecopyPolicy | None = None,
+        receive_flags: str = "",
+    ) -> Result:
+        """Send a domain to ``xl migrate-receive`` (or ``torpor migrate-receive``) on
+        ``host`` over xl's migration protocol, through ``sh -c "exec SSH HOST xl
+        migrate-receive"`` (:mod:`torpor.operations.migrate_xl`).
+
+        The source is destroyed once the receiver reports the guest started;
+        before permission to go is given, any failure leaves it running here.
+        ``live``, ``precopy``: as :meth:`migrate`.
+        """
+        self._check_loop()
+        from torpor.operations import migrate_xl
+
+        return await migrate_xl.migrate_xl(
+            self,
+            domid,
+            host,
+            ssh_command=ssh_command,
+            live=live,
+            precopy=precopy,
+            receive_flags=receive_flags,
+        )
+
+    async def migrate_receive(
+        self, channel: Channel, *, pause_after: bool = False, go_timeout: float | None = None
+    ) -> Result:
+        """Receive one domain over xl's migration protocol on ``channel`` (the
+        receiving end of ``xl migrate``; :mod:`torpor.operations.receive`)."""
+        self._check_loop()
+        from torpor.operations import receive
+
+        return await receive.migrate_receive(
+            self, channel, pause_after=pause_after, go_timeout=go_timeout
+        )
 
     # -- many domains --------------------------------------------------------------------
 

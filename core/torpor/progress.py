@@ -38,7 +38,7 @@ from torpor.model import Phase, SuspendMethod
 if TYPE_CHECKING:
     from torpor.context import OperationContext
     from torpor.errors import TorporError
-    from torpor.model import Result
+    from torpor.model import PrecopyRound, Result
 
 __all__ = ["NOTICE_AFTER", "Reporter", "describe", "describe_failure", "failure_dict"]
 
@@ -60,11 +60,37 @@ def describe(res: Result) -> str:
     where = ""
     if "source_domid" in details:  # a migration: the guest has a new domid there
         who = details["source_domid"]
-        where = f" as domain {res.domid} on {details.get('destination')}"
+        there = details.get("destination_domid", res.domid)
+        where = (
+            f" as domain {there} on {details.get('destination')}"
+            if there is not None
+            else f" on {details.get('destination')}"
+        )
+        where += "; " + _migration_summary(details)
     return (
         f"domain {who}: {res.operation} ok{how}{coop}: {res.outcome}, now {res.state}{where}"
         f" in {res.seconds * 1000:.1f} ms [{phases}]"
     )
+
+
+def _migration_summary(details: dict[str, object]) -> str:
+    """``live, downtime 12.3 ms, 3 precopy rounds (converged)`` or why it was not live."""
+    downtime = details.get("downtime")
+    down = f"downtime {float(downtime) * 1000:.1f} ms" if isinstance(downtime, float) else ""
+    if not details.get("live"):
+        why = details.get("live_refusal") or "not live"
+        return ", ".join(filter(None, ("non-live", down, str(why))))
+    rounds = details.get("rounds")
+    n = len(rounds) if isinstance(rounds, list) else 0
+    how = details.get("precopy")
+    if how == "converged":
+        pre = f"{n} precopy round{'s' * (n != 1)} (converged)"
+    else:
+        pre = (
+            f"{n} precopy round{'s' * (n != 1)}: did not converge, stopped at the "
+            f"iteration bound, {details.get('final_pages')} pages sent after the suspend"
+        )
+    return ", ".join(filter(None, ("live", down, pre)))
 
 
 def describe_failure(domid: int, op: str, err: TorporError) -> str:
@@ -324,6 +350,27 @@ class Reporter:
             self._progress(
                 f"domain {ctx.domid}: {ctx.operation}: {phase} failed after {seconds * 1000:.1f} ms"
             )
+
+    @hookimpl
+    def torpor_precopy_round(self, ctx: OperationContext, precopy: PrecopyRound) -> None:
+        dirty = (
+            f"{precopy.dirty} dirtied meanwhile ({precopy.dirty_rate:.0f} pages/s)"
+            if precopy.dirty >= 0
+            else "then the stop-and-copy"
+        )
+        text = (
+            f"precopy round {precopy.iteration}: {precopy.pages} pages sent in "
+            f"{precopy.seconds * 1000:.1f} ms, {dirty}"
+        )
+        with self._lock:
+            live = self._live
+            row = self._rows.get(ctx.domid)
+            if row is not None:
+                row.notice = text
+        if live is not None and row is not None:
+            live.refresh()
+        elif self._phase_lines or not self.tty:
+            self._progress(f"domain {ctx.domid}: {ctx.operation}: {text}")
 
     @hookimpl
     def torpor_after_suspend(self, ctx: OperationContext, result: Result) -> None:

@@ -321,6 +321,11 @@ class QmpClient:
             "xen-save-devices-state", {"filename": os.fspath(path), "live": live}, timeout=timeout
         )
 
+    async def set_global_dirty_log(self, enable: bool, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """``xen-set-global-dirty-log``: QEMU's log-dirty on or off (its VRAM), what
+        libxl's ``switch_qemu_logdirty`` sends for an HVM guest's live migration."""
+        await self.execute("xen-set-global-dirty-log", {"enable": enable}, timeout=timeout)
+
     async def load_devices_state(
         self, path: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT
     ) -> None:

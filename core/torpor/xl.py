@@ -54,6 +54,7 @@ from torpor.xl_savefile import (
 if TYPE_CHECKING:
     from torpor.builder import DomainBuilder, FileSaver
     from torpor.image import SavedDomain
+    from torpor.model import PrecopyStats
     from torpor.xenstore import Xenstore
 
 __all__ = ["XlBuilder", "XlSaveJob"]
@@ -139,7 +140,17 @@ class XlBuilder:
         fd: int,
         suspend: Callable[[], bool],
         device_model_state: Callable[[], bytes | None],
+        *,
+        live: bool = False,
+        precopy_policy: Callable[[PrecopyStats], bool] | None = None,
+        qemu_logdirty: Callable[[bool], None] | None = None,
     ) -> None:
+        """xl's save format to ``fd`` (a file, or a migration's channel).
+
+        ``live``: ``xc_domain_save`` with ``XCFLAGS_LIVE`` (precopy rounds
+        asking ``precopy_policy``; ``qemu_logdirty`` is libxl's
+        ``switch_qemu_logdirty``), as ``xl migrate`` sends a guest.
+        """
         _write_all(
             fd,
             xl_header(job.config) + libxl_stream_header() + libxl_record(LibxlRecord.LIBXC_CONTEXT),
@@ -149,7 +160,18 @@ class XlBuilder:
             from torpor.hypervisor.libxl import domain_save
 
             save = domain_save
-        save(fd, job.domid, suspend, hvm=job.hvm)
+        if live:
+            save(
+                fd,
+                job.domid,
+                suspend,
+                hvm=job.hvm,
+                live=True,
+                precopy_policy=precopy_policy,
+                qemu_logdirty=qemu_logdirty,
+            )
+        else:
+            save(fd, job.domid, suspend, hvm=job.hvm)
         tail = b""
         if job.guest_type == "hvm":
             pairs = self._physmap(job.domid)
@@ -201,6 +223,13 @@ class XlBuilder:
             return domid
         finally:
             os.close(fd)
+
+    def restore_stream(self, config_json: str, fd: int) -> int:
+        """``xl migrate-receive``'s build: ``libxl_domain_create_restore`` reading
+        libxl's stream from ``fd`` (xl's header already read from it); the new
+        domain is left paused.  Returns its domid."""
+        domid: int = self.libxl.create_restore(config_json, fd)
+        return domid
 
     def start(self, domid: int) -> None:
         self.libxl.unpause(domid)

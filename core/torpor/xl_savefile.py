@@ -46,6 +46,7 @@ import os
 import struct
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import IO, Any, Final
 
 import attrs
@@ -66,6 +67,7 @@ __all__ = [
     "libxl_record",
     "libxl_stream_header",
     "read_save_file",
+    "read_xl_header",
     "renamed_config",
     "sniff",
     "xl_header",
@@ -208,10 +210,12 @@ def config_for_save(config_json: str, *, preserve_domid: bool = False) -> bytes:
     return data + b"\0"
 
 
-def renamed_config(config_json: str, name: str) -> str:
+def renamed_config(config_json: str, name: str, *, fresh_uuid: bool = True) -> str:
     """libxl JSON for a copy of the guest under ``name``: ``c_info.name`` set and
     ``c_info.uuid`` fresh (as xl gives a config without a UUID one), so the two
-    domains share neither a name nor ``/vm/<uuid>`` in xenstore."""
+    domains share neither a name nor ``/vm/<uuid>`` in xenstore.
+    ``fresh_uuid=False``: the same guest under another name (a migration's
+    ``NAME--incoming``, as xl's create_domain names it)."""
     try:
         config = json.loads(config_json)
     except ValueError as e:
@@ -219,8 +223,43 @@ def renamed_config(config_json: str, name: str) -> str:
     if not isinstance(config, dict) or not isinstance(config.get("c_info"), dict):
         raise ImageError("the domain configuration has no c_info object")
     config["c_info"]["name"] = name
-    config["c_info"]["uuid"] = str(uuid.uuid4())
+    if fresh_uuid:
+        config["c_info"]["uuid"] = str(uuid.uuid4())
     return json.dumps(config, indent=4) + "\n"
+
+
+def read_xl_header(read: Callable[[int, str], bytes]) -> str:
+    """xl's header and optional data from a stream (``xl migrate-receive``:
+    create_domain's restore path reads them from the migration fd, then
+    hands the rest to libxl): the config JSON.  ``read(n, what)`` returns
+    exactly ``n`` octets."""
+    magic, byteorder, mandatory, _optional, optlen = _XL_HDR.unpack(read(_XL_HDR.size, "xl header"))
+    if magic != XL_MAGIC:
+        raise ImageError(f"not an xl migration stream (magic {magic[:28]!r})")
+    if byteorder != XL_BYTEORDER:
+        raise ImageError(f"xl header: wrong byte order mark {byteorder:#010x}")
+    bad = mandatory & ~XL_MANDATORY_FLAG_ALL
+    if bad:
+        raise ImageError(f"xl header: unsupported mandatory flags {bad:#x}")
+    if not mandatory & XL_MANDATORY_FLAG_STREAMV2:
+        raise ImageError("xl header: a legacy (v1) stream; only stream v2 is supported")
+    if not mandatory & XL_MANDATORY_FLAG_JSON:
+        raise ImageError("xl header: the stream carries no JSON domain configuration")
+    if not 4 <= optlen <= 16 * 1024 * 1024:
+        raise ImageError(f"xl header: optional data of {optlen} octets")
+    optdata = read(optlen, "xl optional data")
+    (clen,) = struct.unpack_from("<I", optdata)
+    raw = optdata[4 : 4 + clen]
+    if clen > len(optdata) - 4 or not raw.endswith(b"\0") or b"\0" in raw[:-1]:
+        raise ImageError("xl config: not a NUL-terminated string inside the optional data")
+    try:
+        text = raw[:-1].decode()
+        loaded = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ImageError(f"xl config: not valid JSON ({e})") from e
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("c_info"), dict):
+        raise ImageError("xl config: JSON without c_info")
+    return text
 
 
 def xl_header(config: bytes) -> bytes:

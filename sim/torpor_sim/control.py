@@ -155,7 +155,7 @@ class ControlServer:
                     result = await self._dispatch(op, args, handle)
                     if op == "transfer_open":
                         owned.add(result)
-                    elif op == "sim_save":
+                    elif op in ("sim_save", "sim_read_pages"):
                         owned.add(result["transfer"])
                     reply: dict[str, Any] = {"id": rid, "result": result}
                 except TorporError as e:
@@ -233,6 +233,8 @@ class ControlServer:
             return xen.handle_unmask(handle, int(a["local_port"]))
         if op == "evtchn_subscribe":
             return xen.subscribe(int(a["domid"]), int(a["port"]))
+        if op == "virt_caps":
+            return sorted(xen.virt_caps)
         if op == "sim_status":
             return [s.to_dict() for s in await self.host._status()]
         if op == "sim_guest":
@@ -262,6 +264,35 @@ class ControlServer:
         if op == "sim_restore":
             saved = decode(io.BytesIO(bytes(self._transfer(a))))
             return await self.host.restore_guest_async(saved)
+        if op == "sim_describe":
+            return await self.host.describe_async(int(a["domid"]))
+        if op == "sim_live_refusal":
+            return self.host.live_refusal(int(a["domid"]))
+        if op == "logdirty_enable":
+            return xen.logdirty_enable(int(a["domid"]))
+        if op == "logdirty_disable":
+            return xen.logdirty_disable(int(a["domid"]))
+        if op == "logdirty_clean":
+            return xen.logdirty_clean(int(a["domid"]))
+        if op == "sim_read_pages":
+            pfns = a["pfns"]
+            if not isinstance(pfns, list) or not all(type(p) is int for p in pfns):
+                raise UsageError("pfns must be a list of page numbers")
+            data = xen.read_pages(int(a["domid"]), pfns)
+            tid = next(self._ids)
+            self.transfers[tid] = bytearray(data)
+            return {"transfer": tid, "size": len(data)}
+        if op == "sim_suspended_state":
+            return self.host.suspended_state(int(a["domid"]))
+        if op == "sim_restore_stream":
+            saved = decode(io.BytesIO(bytes(self._transfer(a))))
+            self.transfers.pop(int(a["transfer"]), None)
+            domid = await self.host.restore_guest_async(saved)
+            return {
+                "domid": domid,
+                "checksum": saved.checksum(),
+                "memory_checksum": saved.memory_checksum(),
+            }
         if op == "sim_start":
             await self.host.start_restored_async(int(a["domid"]))
             return None

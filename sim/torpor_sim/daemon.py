@@ -216,6 +216,9 @@ def start(
     qemu: bool | None = None,
     freeze_time: float = 0.0,
     frontends: bool = True,
+    dirty_rate: float = 0.0,
+    dirty_pages: int = 256,
+    shadow: bool = True,
     timeout: float = 120.0,
 ) -> list[dict[str, Any]]:
     """Start a simulated host daemon in ``directory``; return its guests once booted.
@@ -250,6 +253,10 @@ def start(
         argv += ["--freeze-time", str(freeze_time)]
     if not frontends:
         argv += ["--no-frontends"]
+    if dirty_rate:
+        argv += ["--dirty-rate", str(dirty_rate), "--dirty-pages", str(dirty_pages)]
+    if not shadow:
+        argv += ["--no-shadow"]
     with open(d / LOGFILE, "ab") as logf:
         proc = subprocess.Popen(
             argv,
@@ -330,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-qemu", dest="qemu", action="store_false")
     ap.add_argument("--freeze-time", type=float, default=0.0)
     ap.add_argument("--no-frontends", dest="frontends", action="store_false", default=True)
+    ap.add_argument("--dirty-rate", type=float, default=0.0)
+    ap.add_argument("--dirty-pages", type=int, default=256)
+    ap.add_argument("--no-shadow", dest="shadow", action="store_false", default=True)
     args = ap.parse_args(argv)
     ready = os.fdopen(args.ready_fd, "w")
     d = Path(args.dir)
@@ -346,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     (d / PIDFILE).write_text(f"{os.getpid()}\n")
     from torpor_sim.host import SimHost
 
-    host = SimHost(d, qemu=args.qemu, name=d.name)
+    host = SimHost(d, qemu=args.qemu, name=d.name, shadow=args.shadow)
     stop_now = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_now.set())
     signal.signal(signal.SIGINT, lambda *_: stop_now.set())
@@ -354,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         host.start()
         kinds = parse_guests(args.guests)
         misbehave = parse_misbehaviours(args.misbehave, len(kinds))
-        base = {"freeze_time": args.freeze_time}
+        base: dict[str, Any] = {"freeze_time": args.freeze_time}
+        if args.dirty_rate:
+            base.update(dirty_rate=args.dirty_rate, dirty_pages=args.dirty_pages)
         if not args.frontends:
             base["frontends"] = ()
         for i, kind in enumerate(kinds, start=1):

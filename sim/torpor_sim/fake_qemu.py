@@ -52,6 +52,8 @@ guest, and the tests run the same checks against both models:
   and the device model is gone; ``"qemu-xen"`` (a Xen machine, where the
   device state is saved without the configuration section the load
   expects) loads it.
+* ``xen-set-global-dirty-log``: QEMU's log-dirty mode on or off (a live
+  migration's, libxl ``switch_qemu_logdirty``); :attr:`global_dirty_log`.
 * ``human-monitor-command``: ``xp /<n><x><b|h|w|g> <addr>`` in QEMU's format
   (enough for counter reads); anything else "unknown command".
 * Saving the whole VM (:meth:`FakeDeviceModel.save_vm_state`; QEMU: ``migrate``
@@ -132,6 +134,7 @@ _SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "system_wakeup": (frozenset(), frozenset()),
     "xen-save-devices-state": (frozenset({"filename"}), frozenset({"live"})),
     "xen-load-devices-state": (frozenset({"filename"}), frozenset()),
+    "xen-set-global-dirty-log": (frozenset({"enable"}), frozenset()),
     "human-monitor-command": (frozenset({"command-line"}), frozenset({"cpu-index"})),
     "quit": (frozenset(), frozenset()),
 }
@@ -163,6 +166,8 @@ class FakeDeviceModel(DeviceModelBase):
             domid=domid, run_dir=run_dir, qmp_path=qmp_path, reboot=reboot, incoming=incoming
         )
         self.flavour = flavour
+        #: xen-set-global-dirty-log: QEMU's log-dirty mode (a live migration's)
+        self.global_dirty_log = False
         self._guest = GuestProgram(self)
         self._uart: deque[int] = deque()
         self._qmp = QmpServer(self._qmp_path, self._command, schema=_SCHEMA, version=_QEMU_VERSION)
@@ -428,6 +433,14 @@ class FakeDeviceModel(DeviceModelBase):
             return self._save_devices_state(str(args["filename"]))
         if cmd == "xen-load-devices-state":
             return self._load_devices_state(str(args["filename"]))
+        if cmd == "xen-set-global-dirty-log":
+            # memory_global_dirty_log_start/stop(GLOBAL_DIRTY_MIGRATION)
+            if not isinstance(args["enable"], bool):
+                raise QmpErrorReply(
+                    "GenericError", "Invalid parameter type for 'enable', expected: boolean"
+                )
+            self.global_dirty_log = args["enable"]
+            return {}
         if cmd == "human-monitor-command":
             return self._hmp(str(args["command-line"]))
         if cmd == "quit":

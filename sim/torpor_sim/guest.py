@@ -34,6 +34,13 @@ do_suspend
 The guest's running work is a function of the vCPU time Xen accounts it: a
 tick counter and a memory area written tick by tick (materialised lazily so a
 thousand idle guests cost nothing), kept in guest memory so a save carries it.
+A guest can also dirty memory fast (``dirty_rate`` pages per second of its
+running time, sweeping a region of ``dirty_pages`` pages at the top of its
+memory): the load a live migration's precopy must keep up with.  Every page
+it writes is marked in the hypervisor's log-dirty bitmap when that is on.
+Each time its suspend hypercall returns, the guest notes how long it did not
+run, by its own wallclock (``last_gap_ns``): a migration's downtime as the
+guest saw it -- the gap in its tick counter's timeline.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ TICK_NS = 10_000_000
 #: Guest data page: counters at fixed offsets (pfn 3).
 DATA_PFN = 3
 OFF_TICKS, OFF_BOOTS, OFF_COOP_RESUMES, OFF_NEW_DOMAIN_RESUMES, OFF_SUSPENDS = 0, 8, 16, 24, 32
+#: pages the dirtier wrote; wallclock (ns) when the guest last ran; the gap (ns)
+#: between that and when it ran again after its last suspend hypercall returned
+OFF_DIRTY_WRITES, OFF_LAST_RUN_NS, OFF_LAST_GAP_NS = 40, 48, 56
 WORK_FIRST_PFN = 4
 _U64 = struct.Struct("<Q")
 #: HVM_PARAM_CALLBACK_IRQ with type "vector" (params.h: val[63:56] = 2), vector 0xf3.
@@ -113,6 +123,10 @@ class Behaviour:
     :param suspend_evtchn: publish a XenLinux suspend event channel.
     :param frontends: PV frontends (``("vif", 0), ("vbd", 51712)``).
     :param agent: an HVM guest runs a QEMU guest agent (qemu-ga).
+    :param dirty_rate: pages the guest writes per second of its running time
+        (0: only its tick work), sweeping ``dirty_pages`` pages.
+    :param dirty_pages: the size of the region it dirties (its working set),
+        added to its memory when ``dirty_rate`` is set.
     """
 
     misbehaviour: str | None = attrs.field(default=None)
@@ -121,6 +135,13 @@ class Behaviour:
     suspend_evtchn: bool = False
     frontends: tuple[tuple[str, int], ...] = (("vif", 0), ("vbd", 51712))
     agent: bool = True
+    dirty_rate: float = 0.0
+    dirty_pages: int = 256
+
+    @property
+    def dirty_region(self) -> int:
+        """Pages set aside at the top of memory for the dirtier (0 without one)."""
+        return self.dirty_pages if self.dirty_rate > 0 else 0
 
     @misbehaviour.validator
     def _check(self, _a: object, value: str | None) -> None:
@@ -194,6 +215,9 @@ class LinuxGuest:
         self.suspend_port = 0
         self.grant_generation = 0
         self._ticks_seen = 0
+        #: the dirtier's progress: writes due are counted from this vCPU time
+        self._dirty_base_ns = 0
+        self._dirty_done = 0
         self._shutting_down = False
         self._runnable = asyncio.Event()
         #: Linux's xenwatch thread: watch callbacks run one at a time.
@@ -203,7 +227,9 @@ class LinuxGuest:
         self.last_hypercall_return: int | None = None
         self.frontend_states: dict[str, int] = {}
         self._otherend_events: dict[str, asyncio.Event] = {}
-        xen.domain(domid).listeners.append(self._on_domain_state)
+        dom = xen.domain(domid)
+        dom.listeners.append(self._on_domain_state)
+        dom.materialise = self.advance
 
     # -- plumbing --------------------------------------------------------------
 
@@ -256,12 +282,26 @@ class LinuxGuest:
         value: int = _U64.unpack_from(dom.memory, DATA_PFN * PAGE_SIZE + off)[0]
         return value
 
+    def _put(self, off: int, value: int) -> None:
+        with self.xen.lock:
+            dom = self.xen.domains[self.domid]
+            _U64.pack_into(dom.memory, DATA_PFN * PAGE_SIZE + off, value)
+            dom.touch(DATA_PFN)
+
     def _bump(self, off: int, by: int = 1) -> None:
         with self.xen.lock:
             dom = self.xen.domains[self.domid]
             base = DATA_PFN * PAGE_SIZE + off
             (v,) = _U64.unpack_from(dom.memory, base)
             _U64.pack_into(dom.memory, base, v + by)
+            dom.touch(DATA_PFN)
+
+    def _layout(self, mem: bytearray) -> tuple[int, int, int]:
+        """(words in the tick work area, first pfn of the dirtier's region, its pages)."""
+        region = self.behaviour.dirty_region
+        pages = len(mem) // PAGE_SIZE
+        first = pages - region
+        return (first - WORK_FIRST_PFN) * PAGE_SIZE // 8, first, region
 
     def advance(self) -> int:
         """Materialise the work done since last time; return the tick counter."""
@@ -269,11 +309,12 @@ class LinuxGuest:
             dom = self.xen.domains.get(self.domid)
             if dom is None:
                 return -1
-            now = dom.cpu_time(_now_ns()) // TICK_NS
+            cpu_ns = dom.cpu_time(_now_ns())
+            now = cpu_ns // TICK_NS
             start = self._ticks_seen
+            mem = dom.memory
+            words, dirty_first, region = self._layout(mem)
             if now > start:
-                mem = dom.memory
-                words = (len(mem) - WORK_FIRST_PFN * PAGE_SIZE) // 8
                 counter_at = DATA_PFN * PAGE_SIZE + OFF_TICKS
                 (counter,) = _U64.unpack_from(mem, counter_at)
                 # Only the last ``words`` ticks can still be seen in memory.
@@ -281,8 +322,30 @@ class LinuxGuest:
                     value = counter + (t - start) + 1
                     slot = WORK_FIRST_PFN * PAGE_SIZE + ((value * 2654435761) % words) * 8
                     _U64.pack_into(mem, slot, value * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
+                    dom.touch(slot // PAGE_SIZE)
                 _U64.pack_into(mem, counter_at, counter + (now - start))
+                dom.touch(DATA_PFN)
                 self._ticks_seen = now
+            if region:
+                due = (cpu_ns - self._dirty_base_ns) * self.behaviour.dirty_rate // 1e9
+                new = int(due) - self._dirty_done
+                if new > 0:
+                    at = DATA_PFN * PAGE_SIZE + OFF_DIRTY_WRITES
+                    (count,) = _U64.unpack_from(mem, at)
+                    # Write j goes to the region's page (j-1) mod region; only the
+                    # last ``region`` writes can still be seen.
+                    for j in range(max(count + 1, count + new - region + 1), count + new + 1):
+                        pfn = dirty_first + (j - 1) % region
+                        _U64.pack_into(mem, pfn * PAGE_SIZE, j)
+                        _U64.pack_into(mem, (pfn + 1) * PAGE_SIZE - 8, j)
+                        dom.touch(pfn)
+                    _U64.pack_into(mem, at, count + new)
+                    dom.touch(DATA_PFN)
+                    self._dirty_done = int(due)
+            if dom.running_since_ns is not None:
+                # The guest's wallclock as it works: when it last ran.
+                _U64.pack_into(mem, DATA_PFN * PAGE_SIZE + OFF_LAST_RUN_NS, time.time_ns())
+                dom.touch(DATA_PFN)
             counter_now: int = _U64.unpack_from(dom.memory, DATA_PFN * PAGE_SIZE + OFF_TICKS)[0]
             return counter_now
 
@@ -297,25 +360,34 @@ class LinuxGuest:
             "cooperative_resumes": self._data(OFF_COOP_RESUMES),
             "new_domain_resumes": self._data(OFF_NEW_DOMAIN_RESUMES),
             "suspends": self._data(OFF_SUSPENDS),
+            "dirty_writes": self._data(OFF_DIRTY_WRITES),
+            "last_gap_ns": self._data(OFF_LAST_GAP_NS),
         }
 
     def memory_consistent(self) -> bool:
         """Whether guest memory holds exactly what the guest's own work wrote.
 
-        The work is deterministic in the tick counter, so the last ``words``
-        ticks' values must sit in their slots: a toolstack that lost, tore or
-        scribbled on guest memory fails this.
+        The work is deterministic in the tick counter (and the dirtier's in its
+        write counter), so the last ``words`` ticks' values must sit in their
+        slots and the last writes of the dirtier in its pages: a toolstack that
+        lost, tore or scribbled on guest memory fails this.
         """
         counter = self.advance()
         if counter < 0:
             return False
         with self.xen.lock:
             mem = self.xen.domains[self.domid].memory
-            words = (len(mem) - WORK_FIRST_PFN * PAGE_SIZE) // 8
+            words, dirty_first, region = self._layout(mem)
             expected: dict[int, int] = {}
             for value in range(max(1, counter - words + 1), counter + 1):
                 slot = WORK_FIRST_PFN * PAGE_SIZE + ((value * 2654435761) % words) * 8
                 expected[slot] = value * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+            if region:
+                (count,) = _U64.unpack_from(mem, DATA_PFN * PAGE_SIZE + OFF_DIRTY_WRITES)
+                for j in range(max(1, count - region + 1), count + 1):
+                    pfn = dirty_first + (j - 1) % region
+                    expected[pfn * PAGE_SIZE] = j
+                    expected[(pfn + 1) * PAGE_SIZE - 8] = j
             return all(_U64.unpack_from(mem, slot)[0] == v for slot, v in expected.items())
 
     def memory_checksum(self) -> str:
@@ -556,6 +628,8 @@ class LinuxGuest:
         self.state = "suspended"
         self.log.append("restored into a new domain")
         self._ticks_seen = 0
+        self._dirty_base_ns = 0
+        self._dirty_done = 0
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         with self.xen.lock:
@@ -585,6 +659,10 @@ class LinuxGuest:
         """
         self.last_hypercall_return = ret
         self.checksum_at_resume = self.xen.memory_checksum(self.domid)
+        # It runs again: how long it did not, by its own wallclock.
+        gap = max(0, time.time_ns() - self._data(OFF_LAST_RUN_NS))
+        self._put(OFF_LAST_GAP_NS, gap)
+        self.log.append(f"ran again {gap / 1e6:.1f} ms after it last ran")
         cancelled = ret != 0
         self.log.append(f"suspend hypercall returned {ret}")
         try:
@@ -613,7 +691,10 @@ class LinuxGuest:
         self.log.append("irq_resume")
         self.log.append("timer_resume")
         self._bump(OFF_NEW_DOMAIN_RESUMES)
-        self._ticks_seen = self.xen.cpu_time_ns(self.domid) // TICK_NS
+        cpu_ns = self.xen.cpu_time_ns(self.domid)
+        self._ticks_seen = cpu_ns // TICK_NS
+        self._dirty_base_ns = cpu_ns
+        self._dirty_done = 0
         self.log.append("xs_resume")
         if self.xs is not None:
             with contextlib.suppress(Exception):

@@ -75,16 +75,23 @@ class SimHost:
     :param directory: where its sockets live (created if missing).
     :param qemu: real QEMU for HVM device models (``None``: when installed).
     :param name: a label for reports.
+    :param shadow: the hypervisor has shadow paging (``False``: as Debian's Xen
+        4.17, where a PV guest's log-dirty, and so its live migration, fails).
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, qemu: bool | None = None, name: str = "sim"
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        qemu: bool | None = None,
+        name: str = "sim",
+        shadow: bool = True,
     ) -> None:
         self.dir = Path(directory)
         self.name = name
         self.qemu = qemu
         self.loop = asyncio.new_event_loop()
-        self.xen = SimXen(self.loop, virq_dom_exc=self._virq_dom_exc)
+        self.xen = SimXen(self.loop, virq_dom_exc=self._virq_dom_exc, shadow=shadow)
         self.xenstored: Xenstored | None = None
         self.backends = BackendDriver()
         self.guests: dict[int, Any] = {}
@@ -281,7 +288,7 @@ class SimHost:
             hvm=hvm,
             emulation_flags=flags,
             vcpus=vcpus,
-            memory_pages=memory_pages,
+            memory_pages=memory_pages + behaviour.dirty_region,
         )
         domid = dom.domid
         dom.name = name or f"{kind}-guest-{domid}"
@@ -448,24 +455,14 @@ class SimHost:
 
         guest = self.guest(domid)
         kind = self.kinds[domid]
-        behaviour = self.behaviours[domid]
-        dom = self.xen.domain(domid)
         if kind == "hvm":
             return await self._save_hvm(domid)
         if hasattr(guest, "advance"):
             guest.advance()
+        domain = await self.describe_async(domid)
         state = self.xen.save_domain(domid)
         return SavedDomain(
-            domain={
-                "kind": kind,
-                "name": await self._xs_name(domid) or dom.name,
-                "uuid": dom.uuid,
-                "hvm": dom.hvm,
-                "emulation_flags": dom.emulation_flags,
-                "vcpus": len(dom.vcpus),
-                "memory_pages": len(dom.memory) // 4096,
-                "behaviour": _behaviour_dict(behaviour),
-            },
+            domain=domain,
             vcpus=state["vcpus"],
             start_info=state["start_info"],
             hvm_params=state["hvm_params"],
@@ -473,6 +470,44 @@ class SimHost:
             guest=guest.saved_state(),
             source={"host": self.name, "domid": domid},
         )
+
+    async def describe_async(self, domid: int) -> dict[str, Any]:
+        """The DOMAIN record of a guest: what a restore builds the domain from."""
+        kind = self.kinds.get(domid)
+        if kind is None:
+            raise UsageError(f"no simulated guest with domid {domid}")
+        dom = self.xen.domain(domid)
+        return {
+            "kind": kind,
+            "name": await self._xs_name(domid) or dom.name,
+            "uuid": dom.uuid,
+            "hvm": dom.hvm,
+            "emulation_flags": dom.emulation_flags,
+            "vcpus": len(dom.vcpus),
+            "memory_pages": len(dom.memory) // 4096,
+            "behaviour": _behaviour_dict(self.behaviours[domid]),
+        }
+
+    def live_refusal(self, domid: int) -> str | None:
+        """Why this host cannot save ``domid`` live, beyond the hypervisor's
+        capabilities (``None``: it can)."""
+        if self.kinds.get(domid) == "hvm":
+            return (
+                "a simulated plain HVM guest's memory lives in its QEMU process, whose "
+                "pages the simulated hypervisor cannot track"
+            )
+        return None
+
+    def suspended_state(self, domid: int) -> dict[str, Any]:
+        """A suspended guest's state but its memory (a live save sent that already)."""
+        guest = self.guest(domid)
+        state = self.xen.save_domain(domid)
+        return {
+            "vcpus": state["vcpus"],
+            "start_info": state["start_info"],
+            "hvm_params": state["hvm_params"],
+            "guest": guest.saved_state(),
+        }
 
     def restore_guest(self, saved: Any) -> int:
         """Build a new domain from a saved one, left paused (:meth:`start_restored`)."""
@@ -724,7 +759,9 @@ class SimHost:
             out.append(
                 GuestStatus(
                     domid=domid,
-                    name=self.xen.domains[domid].name if domid in self.xen.domains else "?",
+                    # where libxl keeps it (xl rename, a migration's renames)
+                    name=await self._xs_name(domid)
+                    or (self.xen.domains[domid].name if domid in self.xen.domains else "?"),
                     kind=self.kinds.get(domid, "?"),
                     state=self._state(domid, info),
                     ticks=counters.get("ticks", -1),
@@ -818,11 +855,50 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class SimBuilder:
-    """The domain builder of a :class:`SimHost` in this process (save, restore, start, destroy)."""
+    """The domain builder of a :class:`SimHost` in this process (save, restore, start,
+    destroy; live saves through :class:`torpor.livesave.SimMemory`)."""
 
     def __init__(self, host: Any) -> None:
         self.host = host
         self.name = f"sim:{host.dir}"
+
+    # -- live saves (torpor.livesave.SimMemory) and arrivals
+
+    def live_refusal(self, domid: int) -> str | None:
+        return self.host.live_refusal(domid)  # type: ignore[no-any-return]
+
+    def describe(self, domid: int) -> dict[str, Any]:
+        return self.host.run(self.host.describe_async(domid))  # type: ignore[no-any-return]
+
+    def logdirty(self, domid: int, enable: bool) -> None:
+        if enable:
+            self.host.xen.logdirty_enable(domid)
+        else:
+            self.host.xen.logdirty_disable(domid)
+
+    def dirty_pages(self, domid: int) -> list[int]:
+        return self.host.xen.logdirty_clean(domid)  # type: ignore[no-any-return]
+
+    def pages(self, domid: int, pfns: list[int]) -> bytes:
+        return self.host.xen.read_pages(domid, pfns)  # type: ignore[no-any-return]
+
+    def suspended_state(self, domid: int) -> dict[str, Any]:
+        return self.host.suspended_state(domid)  # type: ignore[no-any-return]
+
+    def incoming(self) -> Any:
+        """A live stream arriving here (:class:`torpor.livesave.IncomingImage`)."""
+        import io
+
+        from torpor.image import decode
+        from torpor.livesave import IncomingImage
+
+        buf = io.BytesIO()
+
+        def build() -> tuple[int, str, str]:
+            saved = decode(io.BytesIO(buf.getvalue()))
+            return self.restore(saved), saved.checksum(), saved.memory_checksum()
+
+        return IncomingImage(write_=buf.write, build_=build, close_=lambda: None)
 
     def save(self, domid: int) -> Any:
         saved: Any = self.host.save_guest(domid)

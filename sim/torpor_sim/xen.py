@@ -20,7 +20,13 @@ touch, with Xen 4.17's semantics and errnos:
 * event channels, with XEN_DOMCTL_subscribe: on a suspend the subscribed
   guest port is signalled *instead of* VIRQ_DOM_EXC (xen/common/domain.c,
   ``__domain_finalise_shutdown``); one subscriber per domain, last one wins;
-* guest memory (a bytearray) with content.
+* guest memory (a bytearray) with content, and log-dirty mode
+  (``XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY`` / ``CLEAN`` / ``OFF``): while it
+  is on, every page the guest writes is marked, and a clean hands the marks
+  over and starts again -- what a live migration's precopy rounds read;
+* the host's virtualisation capabilities (``xl info``'s ``virt_caps``): a PV
+  guest's log-dirty needs shadow paging, which a hypervisor built without it
+  (Debian's 4.17) refuses with EOPNOTSUPP; HVM guests use HAP.
 
 Sources: xen/common/domain.c (domain_shutdown, domain_resume, pause counts),
 xen/common/domctl.c (getdomaininfo, resumedomain, subscribe),
@@ -147,6 +153,16 @@ class SimDomain:
     #: Accumulated vCPU time (getdomaininfo's cpu_time): grows only while running.
     cpu_time_ns: int = 0
     running_since_ns: int | None = None
+    #: Log-dirty mode: the pfns written since the last clean (None: off).
+    logdirty: set[int] | None = None
+    #: The guest's work is computed lazily; this materialises it (set by the guest)
+    #: so that reading memory or the dirty log sees every write done by now.
+    materialise: Callable[[], object] | None = None
+
+    def touch(self, pfn: int) -> None:
+        """The guest wrote page ``pfn`` (under the hypervisor's lock)."""
+        if self.logdirty is not None:
+            self.logdirty.add(pfn)
 
     @property
     def s3(self) -> bool:
@@ -251,8 +267,15 @@ class SimXen:
         self,
         loop: asyncio.AbstractEventLoop | None = None,
         virq_dom_exc: Callable[[], None] | None = None,
+        *,
+        shadow: bool = True,
     ) -> None:
         self.lock = threading.RLock()
+        #: ``xl info``'s virt_caps (XEN_SYSCTL_PHYSCAP_*): without ``shadow``, as
+        #: Debian's Xen 4.17 is built, a PV guest's log-dirty is EOPNOTSUPP.
+        self.virt_caps: frozenset[str] = frozenset(
+            {"pv", "hvm", "hap", "gnttab-v1", "gnttab-v2", *(("shadow",) if shadow else ())}
+        )
         self.loop = loop
         self.virq_dom_exc = virq_dom_exc
         self.domains: dict[int, SimDomain] = {}
@@ -855,6 +878,61 @@ class SimXen:
         with self.lock:
             return hashlib.sha256(self._domain(domid, "memory_checksum").memory).hexdigest()
 
+    # -- log-dirty (xc_shadow_control / xc_logdirty_control) ----------------
+
+    def logdirty_enable(self, domid: int) -> None:
+        """``XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY``: mark every page written from now.
+
+        A PV guest's log-dirty runs on shadow paging; an HVM guest's on HAP (or
+        shadow).  A hypervisor without them refuses with EOPNOTSUPP, as Xen
+        4.17 built without shadow paging does for PV (seen in the lab).
+        """
+        with self.lock:
+            self._count("logdirty_enable", domid)
+            dom = self._domain(domid, "logdirty_enable")
+            if domid == 0:
+                raise _err(errno.EINVAL, "logdirty_enable", domid)
+            need = {"hap", "shadow"} if dom.hvm else {"shadow"}
+            if not need & self.virt_caps:
+                raise _err(errno.EOPNOTSUPP, "logdirty_enable", domid)
+            if dom.materialise is not None:
+                dom.materialise()  # what was written before is not dirty
+            dom.logdirty = set()
+
+    def logdirty_clean(self, domid: int) -> list[int]:
+        """``XEN_DOMCTL_SHADOW_OP_CLEAN``: the pfns written since the last clean,
+        in order, and start again.  EINVAL when log-dirty is off."""
+        with self.lock:
+            self._count("logdirty_clean", domid)
+            dom = self._domain(domid, "logdirty_clean")
+            if dom.logdirty is None:
+                raise _err(errno.EINVAL, "logdirty_clean", domid)
+            if dom.materialise is not None:
+                dom.materialise()
+            dirty, dom.logdirty = dom.logdirty, set()
+            return sorted(dirty)
+
+    def logdirty_disable(self, domid: int) -> None:
+        """``XEN_DOMCTL_SHADOW_OP_OFF``: log-dirty mode off (idempotent)."""
+        with self.lock:
+            self._count("logdirty_disable", domid)
+            self._domain(domid, "logdirty_disable").logdirty = None
+
+    def read_pages(self, domid: int, pfns: list[int]) -> bytes:
+        """The contents of pages ``pfns`` (foreign mapping), the guest's work
+        materialised up to now first."""
+        with self.lock:
+            dom = self._domain(domid, "read_pages")
+            if dom.materialise is not None:
+                dom.materialise()
+            pages = len(dom.memory) // PAGE_SIZE
+            out = bytearray()
+            for pfn in pfns:
+                if not 0 <= pfn < pages:
+                    raise _err(errno.EINVAL, "read_pages", domid)
+                out += dom.memory[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE]
+            return bytes(out)
+
 
 def _settle(fut: asyncio.Future[int], value: int) -> None:
     if not fut.done():
@@ -933,6 +1011,9 @@ class SimHypervisor:
 
     def evtchn_unmask(self, local_port: int) -> None:
         self.xen.handle_unmask(self.handle, local_port)
+
+    def virt_caps(self) -> frozenset[str]:
+        return self.xen.virt_caps
 
     def close(self) -> None:
         if not self.handle.closed:

@@ -117,6 +117,13 @@ class Hypervisor(Protocol):
         """Re-arm ``local_port`` after its event was consumed."""
         ...
 
+    def virt_caps(self) -> frozenset[str]:
+        """The host's virtualisation capabilities (``xc_physinfo``), named as
+        ``xl info``'s ``virt_caps``: ``pv``, ``hvm``, ``hap``, ``shadow``...
+        A PV guest's log-dirty (its live migration) needs ``shadow``; an HVM
+        guest's needs ``hap`` or ``shadow``."""
+        ...
+
     def suspend_evtchn_lock(self, domid: int) -> SuspendEvtchnLock:
         """libxenguest's per-domain suspend event channel lock file (not yet taken),
         so two toolstacks never subscribe the same domain."""

@@ -43,6 +43,7 @@ from typing import Any, Final
 
 from torpor.errors import BackendUnavailable, HypervisorError, errno_name
 from torpor.hypervisor import xenctrl
+from torpor.model import PrecopyStats
 
 __all__ = [
     "CDEF_FUNCTIONS",
@@ -159,6 +160,11 @@ void free(void *ptr);
 
 _SUSPEND_T: Final = "int(*)(void *)"
 _LOGDIRTY_T: Final = "int(*)(uint32_t, unsigned, void *)"
+_POLICY_T: Final = "int(*)(struct precopy_stats, void *)"
+#: xenguest.h: what precopy_policy returns.
+XGS_POLICY_ABORT: Final = -1
+XGS_POLICY_CONTINUE_PRECOPY: Final = 0
+XGS_POLICY_STOP_AND_COPY: Final = 1
 
 _ffi_lock = threading.Lock()
 _ffi: Any = None
@@ -382,19 +388,30 @@ def domain_save(
     suspend: Callable[[], bool],
     *,
     hvm: bool,
+    live: bool = False,
+    precopy_policy: Callable[[PrecopyStats], bool] | None = None,
+    qemu_logdirty: Callable[[bool], None] | None = None,
     sonames: Mapping[str, str] = SONAMES,
 ) -> None:
-    """``xc_domain_save(xch, fd, domid, 0, callbacks, XC_STREAM_PLAIN, -1)``.
+    """``xc_domain_save(xch, fd, domid, flags, callbacks, XC_STREAM_PLAIN, -1)``.
 
-    Non-live, as ``xl save``: libxenguest writes its stream headers and static
+    Non-live (``xl save``): libxenguest writes its stream headers and static
     records, then calls ``suspend()`` -- from this thread -- which must
     return True only once the domain is shut down with reason suspend; then
-    it writes the memory and the vCPU/HVM state and its END record.  An
-    exception in ``suspend`` counts as False.  HVM streams also need
-    ``switch_qemu_logdirty`` (libxenguest asserts it, judging by the
-    domain's flags, whatever ``hvm`` says -- so it is always set): for a
-    non-live save QEMU's log-dirty mode serves nothing (no precopy rounds),
-    so it is acknowledged without a QMP round trip.
+    it writes the memory and the vCPU/HVM state and its END record.
+
+    Live (``XCFLAGS_LIVE``, what libxl passes for a migration): log-dirty on,
+    then precopy rounds while the guest runs, asking ``precopy_policy`` before
+    and after each (True: stop and copy; libxenguest's own
+    ``simple_precopy_policy`` when None), then ``suspend()`` and the last
+    dirty pages.  ``qemu_logdirty(enable)`` is libxl's
+    ``switch_qemu_logdirty`` (QMP ``xen-set-global-dirty-log`` for an HVM
+    guest's QEMU; nothing for PVH): libxenguest calls it for an HVM domain's
+    live save, and *asserts* it is set for every HVM save (it judges by the
+    domain's own flags, whatever ``hvm`` says), so it is always set -- a
+    non-live save has nothing to log and acknowledges it without a QMP round
+    trip.  An exception in a callback counts as a failure (suspend 0,
+    policy abort, log-dirty -1) and is kept as the error's ``cause``.
 
     :raises HypervisorError: xc_domain_save failed (errno from libxenguest;
         the message carries its last error).
@@ -415,8 +432,30 @@ def domain_save(
             errors.append(e)
             return 0
 
-    def on_logdirty(_domid: int, _enable: int, _data: Any) -> int:
-        return 0
+    def on_logdirty(_domid: int, enable: int, _data: Any) -> int:
+        if not live or qemu_logdirty is None:
+            return 0
+        try:
+            qemu_logdirty(bool(enable))
+            return 0
+        except BaseException as e:
+            errors.append(e)
+            return -1
+
+    def on_policy(stats: Any, _data: Any) -> int:
+        assert precopy_policy is not None
+        try:
+            stop = precopy_policy(
+                PrecopyStats(
+                    iteration=int(stats.iteration),
+                    total_written=int(stats.total_written),
+                    dirty_count=int(stats.dirty_count),
+                )
+            )
+        except BaseException as e:
+            errors.append(e)
+            return XGS_POLICY_ABORT
+        return XGS_POLICY_STOP_AND_COPY if stop else XGS_POLICY_CONTINUE_PRECOPY
 
     def on_error(exc_type: Any, exc: Any, tb: Any) -> None:
         with contextlib.suppress(Exception):
@@ -424,13 +463,20 @@ def domain_save(
 
     suspend_cb = ffi.callback(_SUSPEND_T, on_suspend, error=0, onerror=on_error)
     logdirty_cb = ffi.callback(_LOGDIRTY_T, on_logdirty, error=-1, onerror=on_error)
+    policy_cb = (
+        ffi.callback(_POLICY_T, on_policy, error=XGS_POLICY_ABORT, onerror=on_error)
+        if live and precopy_policy is not None
+        else ffi.NULL
+    )
     callbacks = ffi.new("struct save_callbacks *")
     callbacks.suspend = suspend_cb
+    callbacks.precopy_policy = policy_cb
     # Set for every guest: libxenguest asserts it for an HVM domain (it judges by
     # the domain's own flags) and never calls it for a PV one.
     callbacks.switch_qemu_logdirty = logdirty_cb
+    flags = XCFLAGS_LIVE if live else 0
     try:
-        rc = libs.xenguest.xc_domain_save(xch, fd, domid, 0, callbacks, XC_STREAM_PLAIN, -1)
+        rc = libs.xenguest.xc_domain_save(xch, fd, domid, flags, callbacks, XC_STREAM_PLAIN, -1)
         code = ffi.errno
         if rc != 0:
             detail = f": {logger.last_error}" if logger.last_error else ""
@@ -445,4 +491,4 @@ def domain_save(
     finally:
         libs.xen.xenctrl.xc_interface_close(xch)
         # keep the callbacks and the logger alive until libxc is done with them
-        del suspend_cb, logdirty_cb, callbacks, logger
+        del suspend_cb, logdirty_cb, policy_cb, callbacks, logger

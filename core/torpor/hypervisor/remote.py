@@ -207,6 +207,12 @@ class RemoteHypervisor:
     def evtchn_unmask(self, local_port: int) -> None:
         self.call("evtchn_unmask", local_port=local_port)
 
+    def virt_caps(self) -> frozenset[str]:
+        caps = self.call("virt_caps")
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise _garbled(f"virt_caps answered {caps!r}"[:200], "virt_caps")
+        return frozenset(caps)
+
     def suspend_evtchn_lock(self, domid: int) -> Any:
         from torpor.hypervisor.xenctrl import SuspendEvtchnLock
 

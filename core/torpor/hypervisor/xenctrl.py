@@ -99,6 +99,23 @@ LOCK_DIR_ENV: Final = "TORPOR_SUSPEND_LOCK_DIR"
 #: not ordinary domains; DOMID_SELF would make a domctl act on dom0 itself.
 DOMID_FIRST_RESERVED: Final = 0x7FF0
 
+#: XEN_SYSCTL_PHYSCAP_* (xen/sysctl.h) bit -> the name ``xl info`` gives it in
+#: ``virt_caps`` (tools/xl/xl_info.c).
+PHYSCAP_NAMES: Final[Mapping[int, str]] = MappingProxyType(
+    {
+        0: "hvm",
+        1: "pv",
+        2: "directio",
+        3: "hap",
+        4: "shadow",
+        5: "iommu_hap_pt_share",
+        6: "vmtrace",
+        7: "vpmu",
+        8: "gnttab-v1",
+        9: "gnttab-v2",
+    }
+)
+
 # --------------------------------------------------------------------------
 # Declarations.  Each block names the header it mirrors.  The typedef and
 # function blocks are compiled verbatim after the real headers by the tests
@@ -118,6 +135,7 @@ typedef int xenevtchn_port_or_error_t;
 typedef uint8_t xen_domain_handle_t[16];
 typedef struct xen_domctl_getdomaininfo xen_domctl_getdomaininfo_t;
 typedef xen_domctl_getdomaininfo_t xc_domaininfo_t;
+typedef struct xen_sysctl_physinfo xc_physinfo_t;
 """
 
 #: xentoollog.h: the levels a logger is called with.
@@ -167,6 +185,24 @@ struct xen_domctl_getdomaininfo {
     uint8_t  pad2[7];
     struct xen_arch_domainconfig arch_config;
 };
+struct xen_sysctl_physinfo {
+    uint32_t threads_per_core;
+    uint32_t cores_per_socket;
+    uint32_t nr_cpus;
+    uint32_t max_cpu_id;
+    uint32_t nr_nodes;
+    uint32_t max_node_id;
+    uint32_t cpu_khz;
+    uint32_t capabilities;
+    uint32_t arch_capabilities;
+    uint32_t pad;
+    uint64_t total_pages;
+    uint64_t free_pages;
+    uint64_t scrub_pages;
+    uint64_t outstanding_pages;
+    uint64_t max_mfn;
+    uint32_t hw_cap[8];
+};
 """
 
 #: Functions, by the library that exports them.  xc_domain_resume is in
@@ -192,6 +228,7 @@ int xc_hvm_param_get(xc_interface *handle, uint32_t dom, uint32_t param,
 int xc_domain_subscribe_for_suspend(xc_interface *xch, uint32_t domid,
                                     evtchn_port_t port);
 int xc_version(xc_interface *xch, int cmd, void *arg);
+int xc_physinfo(xc_interface *xch, xc_physinfo_t *info);
 """,
         "xenguest": """
 int xc_domain_resume(xc_interface *xch, uint32_t domid, int fast);
@@ -848,6 +885,15 @@ class XenctrlHypervisor:
         self._check(
             self._libs.xenctrl.xc_domain_destroy(xch, _check_domid(domid)), "destroy", domid
         )
+
+    def virt_caps(self) -> frozenset[str]:
+        """``xc_physinfo``'s capabilities, named as ``xl info``'s ``virt_caps``
+        (``pv``, ``hvm``, ``hap``, ``shadow``, ...)."""
+        xch = self._handle()
+        info = self._ffi.new("xc_physinfo_t *")
+        self._check(self._libs.xenctrl.xc_physinfo(xch, info), "physinfo", None)
+        caps = int(info.capabilities)
+        return frozenset(name for bit, name in PHYSCAP_NAMES.items() if caps >> bit & 1)
 
     def get_hvm_param(self, domid: int, param: int) -> int:
         """``xc_hvm_param_get`` (HVMOP_get_param); EINVAL for a PV domain."""

@@ -22,6 +22,7 @@ from torpor.engine import Sources, observed_state
 from torpor.errors import (
     DomainBusy,
     Interrupted,
+    InvalidState,
     ResumeFailed,
     Timeout,
     TorporError,
@@ -107,6 +108,7 @@ async def recover(orch: Orchestrator, domid: int) -> Result:
                 phase=Phase.VALIDATE,
                 state=observed_state(orch.host.hypervisor, domid),
             )
+    handed_over(orch, domid, intent)
     async with orch._claim(domid, "recover"):
         ctx = await orch._context("recover", domid)
         ctx.cooperative = True
@@ -124,6 +126,7 @@ async def recover(orch: Orchestrator, domid: int) -> Result:
             actions += await bring_back(
                 orch, ctx, asked=bool(intent and intent.get("requested")), timings=timings
             )
+            actions += await _name_back(orch, domid, intent)
             if ctx.guest_type is not None and ctx.guest_type.device_model:
                 state = await orch._observe(ctx)
                 if state.startswith("running, device model"):
@@ -141,6 +144,43 @@ async def recover(orch: Orchestrator, domid: int) -> Result:
         timings=tuple(timings),
         details=(("actions", actions or ["nothing to do: it was running"]), ("intent", intent)),
     )
+
+
+def handed_over(orch: Orchestrator, domid: int, intent: dict[str, Any] | None) -> None:
+    """Refuse to resume a migration's source the receiver was given permission to
+    start (xl's "Domain state is now undefined"): it may run there already."""
+    if intent is None or intent.get("op") != "migrate" or intent.get("migration") != "go":
+        return
+    to = intent.get("to") or "the destination"
+    away = intent.get("away")
+    name = intent.get("name")
+    raise InvalidState(
+        f"domain {domid} was handed over: torpor pid {intent.get('pid')} gave the receiver "
+        f"on {to} permission to start the guest and then lost it; resuming it here could "
+        f"run a second copy of one guest. Check {to}: if the guest runs there, destroy "
+        f"this domain; if not, `torpor resume {domid}`"
+        + (f" (and rename it back from {away!r} to {name!r})" if away and name else "")
+        + " brings it back here",
+        domid=domid,
+        phase=Phase.VALIDATE,
+        state=observed_state(orch.host.hypervisor, domid),
+    )
+
+
+async def _name_back(orch: Orchestrator, domid: int, intent: dict[str, Any] | None) -> list[str]:
+    """A migration renamed its source NAME--migratedaway before it died: the name back."""
+    if intent is None or intent.get("op") != "migrate":
+        return []
+    name, away = intent.get("name"), intent.get("away")
+    if not isinstance(name, str) or not isinstance(away, str):
+        return []
+    from torpor.operations.names import rename_domain
+
+    current = await orch.host.xenstore.aio.read_or(f"/local/domain/{domid}/name", None)
+    if current != away:
+        return []
+    await rename_domain(orch, domid, away, name)
+    return [f"renamed it back from {away!r} to {name!r}"]
 
 
 async def bring_back(

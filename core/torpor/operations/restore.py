@@ -31,6 +31,7 @@ from torpor.errors import (
     ResumeFailed,
     TorporError,
 )
+from torpor.livesave import IncomingImage
 from torpor.model import (
     Phase,
     PhaseTiming,
@@ -50,7 +51,7 @@ T = TypeVar("T")
 
 async def restore(
     orch: Orchestrator,
-    source: str | os.PathLike[str] | SavedDomain,
+    source: str | os.PathLike[str] | SavedDomain | IncomingImage,
     *,
     expect_kind: str | None = None,
     name: str | None = None,
@@ -78,6 +79,8 @@ async def restore(
 
     if name is not None:
         name = validate_domain_name(name)
+    if isinstance(source, IncomingImage):
+        return await _restore_incoming(orch, source, expect_kind)
     if isinstance(source, (str, os.PathLike)):
         from torpor.xl_savefile import sniff
 
@@ -134,6 +137,32 @@ async def restore(
             ("name", wanted),
             ("checksum", saved.checksum()),
             ("memory_checksum", saved.memory_checksum()),
+        ),
+    )
+
+
+async def _restore_incoming(
+    orch: Orchestrator, incoming: IncomingImage, expect_kind: str | None
+) -> Result:
+    """Restore a live migration's stream, which arrived here while it was sent.
+
+    The name it carries must be free, as for any restore; the builder then
+    builds the domain from what arrived, paused, and it is started.
+    """
+    t0 = time.perf_counter()
+    if expect_kind is not None and incoming.kind != expect_kind:
+        raise ImageError(f"the stream holds a {incoming.kind} guest, not {expect_kind}")
+    builder = builder_of(orch.host, "restore")
+    wanted = incoming.domain.get("name")
+    async with _name_free(orch, wanted if isinstance(wanted, str) else None):
+        result = await _build_and_start(orch, builder, incoming.build, t0=t0, intact="the source")
+    return attrs.evolve(
+        result,
+        details=(
+            *result.details,
+            ("name", wanted),
+            ("checksum", incoming.checksum),
+            ("memory_checksum", incoming.memory_checksum),
         ),
     )
 

@@ -157,6 +157,8 @@ async def suspend_domain(orch: Orchestrator, ctx: OperationContext) -> Result:
                 await orch._intent.begin(
                     ctx.domid, ctx.operation, method=str(method), requested=True
                 )
+            elif orch.record_intent:  # a migration that began its record earlier
+                orch._intent.update(ctx.domid, method=str(method), requested=True)
             ctx.facts["requested"] = True  # from here on, a rollback has work to do
             done = await orch._first("torpor_request_suspend", ctx=ctx, method=method)
             if not done:
