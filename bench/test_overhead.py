@@ -12,8 +12,9 @@ standing ``@releaseDomain`` watch, ``resume(fast=1)``, ``XS_RESUME``:
 * ``baseline_sync``: written with the adapter's blocking API from the
   calling thread (no event loop at all), for reference.
 
-Rounds alternate the three so load on the machine hits them alike.
-Target: torpor / baseline_async <= 1.10 (medians).
+Rounds alternate them so load on the machine hits them alike.
+Targets (medians, torpor / baseline_async): in process <= 1.25 with intent
+records on and <= 1.10 without; against a daemon <= 1.30.
 
 Measured twice: against a simulated host in this process (xenstored, the
 hypervisor model and the guest share torpor's GIL, so none of torpor's work
@@ -70,7 +71,7 @@ def test_overhead_suspend_resume(sim_host: SimHost, record: Any) -> None:
     domid = sim_host.create_guest("pv")
     t = Torpor(sim_host.toolstack_host(), own_host=True)
     lean = Torpor(sim_host.toolstack_host(), own_host=True, record_intent=False)
-    record("overhead", _measure(t, lean, domid))
+    record("overhead", {**_measure(t, lean, domid), "target": 1.25, "target_no_intent": 1.10})
 
 
 def test_overhead_suspend_resume_daemon(short_dir: str, record: Any) -> None:
@@ -78,7 +79,7 @@ def test_overhead_suspend_resume_daemon(short_dir: str, record: Any) -> None:
     try:
         t = Torpor(Host.sim(short_dir), own_host=True)
         lean = Torpor(Host.sim(short_dir), own_host=True, record_intent=False)
-        record("overhead_daemon", _measure(t, lean, int(guest["domid"])))
+        record("overhead_daemon", {**_measure(t, lean, int(guest["domid"])), "target": 1.30})
     finally:
         daemon.stop(short_dir)
 
@@ -141,7 +142,6 @@ def _measure(t: Torpor, lean: Torpor, domid: int) -> dict[str, Any]:
         "ratio_vs_sync": round(statistics.median(torpor) / statistics.median(base), 3),
         "torpor_no_intent_ms": _summary(no_intent),
         "ratio_no_intent": round(statistics.median(no_intent) / statistics.median(base_async), 3),
-        "target": 1.10,
     }
 
 

@@ -121,7 +121,7 @@ def _rows() -> Iterator[tuple[str, list[str], str]]:
     yield "restore-below-a-file", ["restore", "{file}/x"], "cannot restore"
     yield "restore-nothing", ["restore"], "required: FILE"
     # migrate --to.
-    yield "migrate-to-bogus", ["migrate", "1", "--to", "bogus"], "unknown host 'bogus'"
+    yield "migrate-to-bogus", ["migrate", "1", "--to", "bo gus"], "unknown destination 'bo gus'"
     yield "migrate-to-nothing", ["migrate", "1"], "required: --to"
     yield "migrate-to-itself", ["migrate", "1", "--to", NOWHERE + "/"], "source host itself"
     yield (

@@ -39,6 +39,7 @@ import attrs
 import pytest
 
 from torpor.hypervisor.remote import RemoteHypervisor
+from torpor.intent import read_record
 from torpor.model import Phase, SuspendMethod, Timeouts
 from torpor.progress import Reporter
 from torpor.xenstore import Xenstore
@@ -372,7 +373,7 @@ def test_recover_withdraws_a_request_nobody_took_without_waiting(
     # What the host says, not what torpor says.
     assert xs.read_or(shutdown, "") == ""
     assert hv.domain_info(MUTE3).state_word() == "running"
-    assert xs.read_or(f"/local/domain/0/torpor/intent/{MUTE3}", None) is None
+    assert read_record(f"{host}/locks", MUTE3) is None
 
 
 def test_recover_after_an_ack_says_what_it_waits_for(
@@ -381,7 +382,7 @@ def test_recover_after_an_ack_says_what_it_waits_for(
     """torpor SIGKILLed after the guest took the request: the guest may be on
     its way to suspending, so ``recover`` waits ``Timeouts.settle`` (5 s) for it
     -- and says so after a second."""
-    hv, xs = witness
+    hv, _xs = witness
     _killed_while(
         host,
         HANGS2,
@@ -395,7 +396,7 @@ def test_recover_after_an_ack_says_what_it_waits_for(
     lines = [line for _, line in run.out]
     assert lines[0].startswith(f"domain {HANGS2}: recover ok (cooperative): recovered, now running")
     assert hv.domain_info(HANGS2).state_word() == "running"
-    assert xs.read_or(f"/local/domain/0/torpor/intent/{HANGS2}", None) is None
+    assert read_record(f"{host}/locks", HANGS2) is None
 
 
 # --------------------------------------------------------------------------- the timers

@@ -41,7 +41,7 @@ from reliability_report import write_section
 from torpor.facade import Torpor
 from torpor.host import Host
 from torpor.hypervisor.remote import RemoteHypervisor
-from torpor.intent import INTENT_ROOT
+from torpor.intent import read_record
 from torpor.model import Timeouts
 from torpor.xenstore import Xenstore
 from torpor_sim import daemon
@@ -288,7 +288,7 @@ def truth(sim_dir: str, domid: int) -> dict[str, Any]:
         report = hv.call("sim_guest", domid=domid)
     with Xenstore(f"{sim_dir}/xenstored/socket").connect() as xs:
         shutdown = xs.read_or(f"/local/domain/{domid}/control/shutdown", None)
-        intent = xs.read_or(f"{INTENT_ROOT}/{domid}", None)
+    intent = read_record(f"{sim_dir}/locks", domid)
     return {
         "state": rows[domid]["state"],
         "memory_consistent": report["memory_consistent"],

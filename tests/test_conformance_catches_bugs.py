@@ -371,5 +371,5 @@ def test_the_pytest_plugin_is_light() -> None:
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout
     assert out.strip() == str(
-        ["torpor", "torpor.hookspecs", "torpor.testing", "torpor.testing.pytest_plugin"]
+        ["torpor", "torpor.testing", "torpor.testing.pytest_plugin"]
     )

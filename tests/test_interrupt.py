@@ -8,7 +8,6 @@ The guest is judged by the simulated host itself (its state, its
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from torpor import hookimpl
 from torpor.errors import Interrupted, WrongEventLoop
 from torpor.facade import Torpor
-from torpor.intent import INTENT_ROOT
+from torpor.intent import read_record
 from torpor.model import Timeouts
 from torpor.orchestrator import Orchestrator
 from torpor.plugins import get_plugin_manager
@@ -95,7 +94,7 @@ def test_cancelling_an_operation_task_withdraws_the_request(sim_host: SimHost) -
     asyncio.run(main())
     assert shutdown_node(sim_host, dom) == ""
     assert sim_host.observed_state(dom) == "running"
-    assert node(sim_host, f"{INTENT_ROOT}/{dom}") is None
+    assert read_record(f"{sim_host.dir}/locks", dom) is None
 
 
 def test_close_interrupts_an_operation_in_flight(sim_host: SimHost) -> None:
@@ -168,7 +167,7 @@ def test_an_interrupt_that_cannot_bring_the_guest_back_keeps_the_intent_record(
     seen = sim_host.observed_state(dom)
     assert err.state == seen and seen != "running"
     assert not err.clean and "torpor recover" in err.message
-    record = json.loads(node(sim_host, f"{INTENT_ROOT}/{dom}") or "{}")
+    record = read_record(f"{sim_host.dir}/locks", dom) or {}
     assert record.get("interrupted") == "SIGINT" and record.get("left") == seen
 
 
@@ -204,7 +203,7 @@ def test_ctrl_c_in_a_program_without_a_handler_rolls_back_then_raises(sim_host: 
         signal.signal(signal.SIGINT, previous)
     assert shutdown_node(sim_host, dom) == ""
     assert sim_host.observed_state(dom) == "running"
-    assert node(sim_host, f"{INTENT_ROOT}/{dom}") is None
+    assert read_record(f"{sim_host.dir}/locks", dom) is None
 
 
 def test_an_interrupted_suspend_of_a_paused_guest_leaves_it_paused_and_clean(
@@ -228,5 +227,5 @@ def test_an_interrupted_suspend_of_a_paused_guest_leaves_it_paused_and_clean(
     assert err.clean and err.state == "paused" == sim_host.observed_state(dom)
     assert "run `torpor recover" not in err.message
     assert shutdown_node(sim_host, dom) == ""
-    assert node(sim_host, f"{INTENT_ROOT}/{dom}") is None
+    assert read_record(f"{sim_host.dir}/locks", dom) is None
     sim_host.xen.unpause(dom)

@@ -261,3 +261,74 @@ def test_everything_public_is_importable_from_torpor() -> None:
     for name in torpor.__all__:
         assert getattr(torpor, name) is not None
     assert torpor.OperationError is OperationError
+
+
+# --------------------------------------------------------------------------- plugins come and go
+
+
+def test_a_plugin_registered_or_removed_after_use_is_asked_or_not(sim_host: SimHost) -> None:
+    """The engine keeps pluggy's live implementation lists (no copy per call):
+    a plugin registered after hooks were dispatched is asked from then on, a
+    removed one no longer -- for notifications and firstresult hooks alike."""
+    domid = sim_host.create_guest("pv")
+    t = Torpor(sim_host.toolstack_host(), own_host=True)
+    seen: list[str] = []
+
+    class Late:
+        @hookimpl
+        def torpor_phase_started(self, ctx: Any, phase: Any) -> None:
+            seen.append(str(phase))
+
+        @hookimpl(tryfirst=True)
+        def torpor_choose_suspend_method(self, ctx: Any, default: Any) -> Any:
+            seen.append("chose")
+            return None
+
+    try:
+        t.suspend(domid)
+        t.resume(domid)
+        assert seen == []
+        late = Late()
+        t.orchestrator.pm.register(late, name="late")
+        t.suspend(domid)
+        assert "chose" in seen and "request" in seen, seen
+        t.orchestrator.pm.unregister(late)
+        seen.clear()
+        t.resume(domid)
+        t.suspend(domid)
+        assert seen == []
+        t.resume(domid)
+    finally:
+        t.close()
+
+
+def test_a_pv_domain_is_classified_once_an_hvm_domain_every_time(sim_host: SimHost) -> None:
+    """A PV domain's type is fixed when it is built: asked once per identity (domid,
+    UUID, classifiers registered).  An HVM guest can load or drop its PV drivers
+    between two operations: asked every time."""
+    pv = sim_host.create_guest("pv")
+    hvm = sim_host.create_guest("pvhvm")
+    t = Torpor(sim_host.toolstack_host(), own_host=True)
+    asked: list[int] = []
+
+    class Counting:
+        @hookimpl(tryfirst=True)
+        def torpor_classify_domain(self, domain: Any, host: Any) -> None:
+            asked.append(domain.domid)
+
+    try:
+        t.orchestrator.pm.register(Counting(), name="counting")
+        for _ in range(2):
+            t.suspend(pv)
+            t.resume(pv)
+            t.suspend(hvm)
+            t.resume(hvm)
+        assert asked.count(pv) == 1, asked
+        assert asked.count(hvm) == 4, asked
+        # Another classifier: every cached verdict is asked for again.
+        t.orchestrator.pm.register(Counting(), name="counting-2")
+        t.suspend(pv)
+        t.resume(pv)
+        assert asked.count(pv) == 3, asked  # both classifiers, once
+    finally:
+        t.close()

@@ -30,8 +30,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from torpor.hookspecs import hookimpl
-
 if TYPE_CHECKING:
     from torpor.context import OperationContext
     from torpor.errors import (
@@ -67,6 +65,7 @@ if TYPE_CHECKING:
         XenstoreError,
     )
     from torpor.facade import Torpor
+    from torpor.hookspecs import hookimpl
     from torpor.host import Host
     from torpor.model import (
         DomainInfo,
@@ -139,6 +138,7 @@ _LAZY = {
     "Torpor": "torpor.facade",
     "OperationContext": "torpor.context",
     "get_plugin_manager": "torpor.plugins",
+    "hookimpl": "torpor.hookspecs",
     **dict.fromkeys(_ERRORS, "torpor.errors"),
     **dict.fromkeys(_MODEL, "torpor.model"),
 }

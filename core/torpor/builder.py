@@ -17,9 +17,10 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from torpor.image import SavedDomain, decode, encode
+if TYPE_CHECKING:  # the image format loads with the first save or restore
+    from torpor.image import SavedDomain
 
 __all__ = ["CHUNK", "DomainBuilder", "FileSaver", "RemoteSimBuilder"]
 
@@ -120,6 +121,8 @@ class RemoteSimBuilder:
         t = self.hv.call("sim_save", domid=domid)
         buf = self._read_transfer(t)
         buf.seek(0)
+        from torpor.image import decode
+
         return decode(buf)
 
     # -- live saves (torpor.livesave.SimMemory) and arrivals
@@ -182,6 +185,8 @@ class RemoteSimBuilder:
         tid = self.hv.call("transfer_open")
         try:
             pending = b""
+            from torpor.image import encode
+
             for piece in encode(saved):
                 pending += piece
                 while len(pending) >= CHUNK:

@@ -57,7 +57,7 @@ from torpor.errors import (
     WrongEventLoop,
 )
 from torpor.host import Host
-from torpor.intent import IntentLog
+from torpor.intent import IntentLog, read_record
 from torpor.model import (
     HVM_PARAM_ACPI_S_STATE,
     DomainInfo,
@@ -116,9 +116,12 @@ class Engine:
         self._lock_fds: dict[int, int] = {}
         self._lock_named: set[int] = set()
         self._lock_dir_ready = False
-        #: Keep an intent record in xenstore while an operation runs (torpor.intent).
+        self._impl_lists: dict[str, list[Any]] = {}
+        #: domid -> ((domid, uuid, classifiers), GuestType) of PV domains (classify)
+        self._classified: dict[int, tuple[tuple[Any, ...], GuestType]] = {}
+        #: Keep an intent record while an operation runs (torpor.intent).
         self.record_intent = record_intent
-        self._intent = IntentLog(host)
+        self._intent = IntentLog(host.lock_dir, self._lock_fd)
         self._loop: asyncio.AbstractEventLoop | None = None
         #: the task running each domain's operation (what :meth:`interrupt` cancels)
         self._tasks: dict[int, asyncio.Task[Any]] = {}
@@ -193,7 +196,6 @@ class Engine:
         if self._tasks:
             self.interrupt("closed")
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        await self._intent.drain()
         await self.monitor.close()
         self._close_locks()
 
@@ -208,7 +210,7 @@ class Engine:
         """One hook implementation; a plugin's bug becomes an OperationError, not a traceback."""
         try:
             res = impl.function(*[kwargs[a] for a in impl.argnames])
-            if inspect.isawaitable(res):
+            if res is not None and inspect.isawaitable(res):
                 res = await res
         except TorporError:
             raise
@@ -222,10 +224,26 @@ class Engine:
             ) from e
         return res
 
+    def _impls(self, name: str) -> list[Any]:
+        """Hook ``name``'s implementations, in pluggy's order (called last-first).
+
+        pluggy's ``get_hookimpls()`` copies its list on every call; the list
+        itself (``HookCaller._hookimpls``) is edited in place as plugins come
+        and go (pluggy 1.x: ``insert``, ``[:] =``), so the engine keeps a
+        reference to it per hook: exact, and no lookup per dispatch.
+        """
+        impls = self._impl_lists.get(name)
+        if impls is None:
+            caller = getattr(self.pm.hook, name)
+            live = getattr(caller, "_hookimpls", None)
+            if not isinstance(live, list):  # another pluggy: ask every time
+                return list(caller.get_hookimpls())
+            impls = self._impl_lists[name] = live
+        return impls
+
     async def _first(self, name: str, **kwargs: Any) -> Any:
         """Call a ``firstresult`` hook, awaiting coroutine implementations."""
-        caller = getattr(self.pm.hook, name)
-        for impl in reversed(caller.get_hookimpls()):
+        for impl in self._impls(name)[::-1]:
             res = await self._call_impl(name, impl, kwargs)
             if res is not None:
                 return res
@@ -233,14 +251,11 @@ class Engine:
 
     async def _all(self, name: str, **kwargs: Any) -> list[Any]:
         """Call a hook on every implementation (last registered first)."""
-        caller = getattr(self.pm.hook, name)
-        return [
-            await self._call_impl(name, impl, kwargs) for impl in reversed(caller.get_hookimpls())
-        ]
+        return [await self._call_impl(name, impl, kwargs) for impl in self._impls(name)[::-1]]
 
     async def _notify(self, name: str, **kwargs: Any) -> None:
         """A lifecycle notification: an embedder's failing listener is logged, not fatal."""
-        if not self._listened(name):
+        if not self._impls(name):
             return
         try:
             await self._all(name, **kwargs)
@@ -253,8 +268,7 @@ class Engine:
 
     def _listened(self, name: str) -> bool:
         """Whether any plugin implements notification hook ``name`` (skip the call if not)."""
-        caller: pluggy.HookCaller = getattr(self.pm.hook, name)
-        return bool(caller.get_hookimpls())
+        return bool(self._impls(name))
 
     # -- one operation per domain -------------------------------------------------
 
@@ -289,7 +303,11 @@ class Engine:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            rec = read_record(self.host.lock_dir, domid) or {}
+            pid = rec.get("pid")
+            holder = f"torpor pid {pid}" if isinstance(pid, int) else "another process"
+            if isinstance(rec.get("op"), str):
+                holder += f" ({rec['op']})"
             raise DomainBusy(
                 f"domain {domid} is busy: {holder} holds "
                 f"{os.path.join(self.host.lock_dir, f'domain-{domid}.lock')}",
@@ -297,10 +315,10 @@ class Engine:
                 phase=Phase.VALIDATE,
                 state=observed_state(self.host.hypervisor, domid),
             ) from None
-        if domid not in self._lock_named:
-            # Who holds it, for another process's DomainBusy message.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"torpor pid {os.getpid()}\n".encode(), 0)
+        if domid not in self._lock_named and not self.record_intent:
+            # Who holds it, for another process's DomainBusy message (an
+            # intent record names it otherwise).
+            self._intent.idle(domid)
             self._lock_named.add(domid)
         self._busy[domid] = operation
         task = asyncio.current_task()
@@ -433,8 +451,21 @@ class Engine:
             raise
 
     async def classify(self, info: DomainInfo) -> GuestType:
-        """The plugins' verdict on what guest type a domain is (UnsupportedGuest if none)."""
+        """The plugins' verdict on what guest type a domain is (UnsupportedGuest if none).
+
+        A PV domain's verdict is remembered for as long as its identity holds
+        (the same domid and UUID, the same classifiers registered): whether a
+        domain is PV is fixed when it is built (``XEN_DOMCTL_CDF_hvm`` unset),
+        so asking the plugins again gives the same answer.  An HVM domain is
+        asked every time -- a guest that loads its PV drivers turns from HVM
+        into PVHVM, one that reboots without them back.
+        """
         self._check_loop()
+        impls = self._impls("torpor_classify_domain")
+        key = (info.domid, info.uuid, tuple(map(id, impls)))
+        cached = self._classified.get(info.domid)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         gt = await self._first("torpor_classify_domain", domain=info, host=self.host)
         if gt is None:
             raise UnsupportedGuest(
@@ -446,6 +477,8 @@ class Engine:
                 state=info.state_word(),  # just read; nothing was done to it
             )
         assert isinstance(gt, GuestType)
+        if not info.hvm and info.uuid.strip("0-"):  # a PV domain with an identity
+            self._classified[info.domid] = (key, gt)
         return gt
 
     async def _context(self, operation: str, domid: int) -> OperationContext:
@@ -548,7 +581,7 @@ class Engine:
             for u in undo:
                 u()
             for w in watches:
-                await xs.unwatch(w)
+                xs.unwatch_nowait(w)
 
 
 class PhaseScope:

@@ -50,7 +50,7 @@ class Torpor:
     :param timeouts: the deadlines (:class:`~torpor.model.Timeouts`).
     :param concurrency: at most this many domains in flight in a bulk operation.
     :param own_host: close ``host`` with this object.
-    :param record_intent: keep intent records in xenstore (see :mod:`torpor.intent`).
+    :param record_intent: keep intent records in the domains' lock files (see :mod:`torpor.intent`).
     """
 
     def __init__(

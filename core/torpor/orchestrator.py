@@ -29,7 +29,6 @@ from torpor.context import OperationContext
 from torpor.engine import Engine
 from torpor.errors import Interrupted, TorporError
 from torpor.model import PrecopyPolicy, Result
-from torpor.operations import checkpoint as _checkpoint
 from torpor.operations import recover as _recover
 from torpor.operations import resume as _resume
 from torpor.operations import suspend as _suspend
@@ -53,7 +52,7 @@ class Orchestrator(Engine):
     :param plugin_manager: from :func:`torpor.plugins.get_plugin_manager` (default: a new one).
     :param timeouts: deadlines (libxl-like defaults; see :class:`~torpor.model.Timeouts`).
     :param concurrency: at most this many domains in flight in a bulk operation.
-    :param record_intent: keep an intent record in xenstore while an operation runs.
+    :param record_intent: keep an intent record in the domain's lock file while an operation runs.
     """
 
     # -- suspend and resume ------------------------------------------------------------
@@ -104,6 +103,8 @@ class Orchestrator(Engine):
         in phase ``callback``).
         """
         self._check_loop()
+        from torpor.operations import checkpoint as _checkpoint  # loads when used
+
         return await _checkpoint.checkpoint(
             self, domid, callback, ack_timeout=ack_timeout, suspend_timeout=suspend_timeout
         )
@@ -127,6 +128,8 @@ class Orchestrator(Engine):
         comes.  The first failure ends the session with the guest resumed.
         """
         self._check_loop()
+        from torpor.operations import checkpoint as _checkpoint
+
         return await _checkpoint.checkpoints(
             self,
             domid,

@@ -32,9 +32,13 @@ asks in; ``torpor plugins`` prints it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
+import sys
 import types
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,8 +49,12 @@ from torpor.errors import UsageError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "EntryPoint",
+    "TorporPluginManager",
     "ask_order",
+    "entry_points",
     "get_plugin_manager",
+    "plugin_distributions",
     "plugin_names",
     "refuse_wrappers",
 ]
@@ -72,7 +80,7 @@ def get_plugin_manager(
     """
     from torpor import protocol
 
-    pm = pluggy.PluginManager("torpor")
+    pm = TorporPluginManager("torpor")
     pm.add_hookspecs(hookspecs)
     pm.register(protocol, name="torpor.protocol")
     for blocked in block:
@@ -80,7 +88,7 @@ def get_plugin_manager(
     if autoload is None:
         autoload = not os.environ.get(AUTOLOAD_ENV)
     if autoload:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        pm.load_entry_points(ENTRY_POINT_GROUP)
     for item in plugins:
         name: str | None = None
         plugin = item
@@ -122,7 +130,7 @@ def plugin_names(pm: pluggy.PluginManager) -> list[tuple[str, str]]:
     """``(name, where it came from)`` for every registered plugin, in the order
     hooks ask them (the most recently registered first; ``tryfirst`` and
     ``trylast`` reorder single hooks: see :func:`ask_order`)."""
-    dists = {id(p): f"{d.project_name} {d.version}" for p, d in pm.list_plugin_distinfo()}
+    dists = plugin_distributions(pm)
     out = []
     for name, plugin in reversed(pm.list_name_plugin()):
         if plugin is None:
@@ -149,3 +157,181 @@ def refuse_wrappers(pm: pluggy.PluginManager) -> None:
                     f"plugin {impl.plugin_name!r}: torpor hooks take no wrappers "
                     f"({caller.name}); use the lifecycle hooks instead"
                 )
+
+
+# -- entry points, found without importlib.metadata ----------------------------------
+
+
+class EntryPoint(tuple[str, str, str, str]):
+    """``(name, value, distribution, version)`` of one entry point."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        return self[0]
+
+    @property
+    def value(self) -> str:
+        return self[1]
+
+    def load(self) -> Any:
+        """``module`` or ``module:attr.attr`` (the entry-point syntax), imported."""
+        module, _, attrs = self.value.partition(":")
+        obj: Any = importlib.import_module(module.strip())
+        for part in filter(None, attrs.strip().split(".")):
+            obj = getattr(obj, part)
+        return obj
+
+
+class TorporPluginManager(pluggy.PluginManager):
+    """pluggy's manager, loading entry points with :func:`entry_points`."""
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        #: plugin name -> "distribution version" of what entry points loaded
+        self.entry_point_origins: dict[str, str] = {}
+
+    def load_entry_points(self, group: str) -> int:
+        """Register every plugin of entry-point ``group`` (as pluggy's
+        ``load_setuptools_entrypoints``: a name already registered or blocked is
+        skipped); the number loaded."""
+        count = 0
+        for ep in entry_points(group):
+            if self.get_plugin(ep.name) is not None or self.is_blocked(ep.name):
+                continue
+            self.register(ep.load(), name=ep.name)
+            self.entry_point_origins[ep.name] = f"{ep[2]} {ep[3]}"
+            count += 1
+        return count
+
+
+def plugin_distributions(pm: pluggy.PluginManager) -> dict[int, str]:
+    """``id(plugin)`` -> "distribution version" for plugins loaded from entry points."""
+    out = {id(p): f"{d.project_name} {d.version}" for p, d in pm.list_plugin_distinfo()}
+    for name, origin in getattr(pm, "entry_point_origins", {}).items():
+        plugin = pm.get_plugin(name)
+        if plugin is not None:
+            out[id(plugin)] = origin
+    return out
+
+
+def entry_points(group: str) -> list[EntryPoint]:
+    """The entry points of ``group`` of the distributions on ``sys.path``, in the
+    order ``importlib.metadata`` finds them (``sys.path`` order, each directory's
+    listing order).
+
+    ``importlib.metadata`` (what pluggy uses) costs a CLI ~10 ms of imports and
+    reads every installed distribution's metadata on every start.  Here the
+    ``*.dist-info`` / ``*.egg-info`` directories are read directly (only
+    ``entry_points.txt``, and ``METADATA`` where the group has an entry), and
+    the answer is cached in ``$XDG_CACHE_HOME/torpor`` keyed on each
+    ``sys.path`` directory's modification time -- which changes whenever a
+    distribution is installed, upgraded or removed there (its metadata
+    directory is created or renamed) -- so a start with nothing installed since
+    costs one ``stat`` per path entry and one small read.
+    """
+    key = []
+    for entry in sys.path:
+        path = entry or "."
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        key.append([path, st.st_mtime_ns])
+    cache = _cache_file(group)
+    if cache is not None:
+        try:
+            with open(cache, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("key") == key:
+                return [EntryPoint(tuple(e)) for e in saved["entry_points"]]
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    found = _scan(group)
+    if cache is not None:
+        _save(cache, {"key": key, "entry_points": [list(e) for e in found]})
+    return found
+
+
+def _cache_file(group: str) -> str | None:
+    if os.environ.get("TORPOR_NO_ENTRY_POINT_CACHE"):
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):
+        return None
+    # One file per interpreter and path: two venvs never share an answer.
+    tag = f"{sys.prefix} {sys.path}".encode()
+    return os.path.join(base, "torpor", f"entry-points-{group}-{zlib.crc32(tag):08x}.json")
+
+
+def _save(cache: str, data: dict[str, Any]) -> None:
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, cache)
+    except OSError:  # a read-only home: no cache, same answer
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _scan(group: str) -> list[EntryPoint]:
+    found: list[EntryPoint] = []
+    for entry in sys.path:
+        path = entry or "."
+        try:
+            names = os.listdir(path)
+        except OSError:  # absent, or a zip file: no distributions of ours in either
+            continue
+        # importlib.metadata's order: a directory's .dist-info before its .egg-info
+        metas = [n for n in names if n.endswith(".dist-info")]
+        metas += [n for n in names if n.endswith(".egg-info")]
+        for meta in metas:
+            eps = _section(os.path.join(path, meta, "entry_points.txt"), group)
+            if not eps:
+                continue
+            dist, version = _name_version(os.path.join(path, meta))
+            found += [EntryPoint((n, v, dist, version)) for n, v in eps]
+    return found
+
+
+def _section(path: str, group: str) -> list[tuple[str, str]]:
+    """``name = value`` lines of ``[group]`` in an ``entry_points.txt`` (an ini file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return []
+    out: list[tuple[str, str]] = []
+    inside = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            inside = line[1:-1].strip() == group
+            continue
+        if inside and "=" in line:
+            name, _, value = line.partition("=")
+            out.append((name.strip(), value.strip()))
+    return out
+
+
+def _name_version(meta_dir: str) -> tuple[str, str]:
+    """``Name`` and ``Version`` from a distribution's METADATA (or PKG-INFO)."""
+    fields: dict[str, str] = {}
+    for fname in ("METADATA", "PKG-INFO"):
+        try:
+            with open(os.path.join(meta_dir, fname), encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        break  # the headers end at the first blank line
+                    key, sep, value = line.partition(":")
+                    if sep and key in ("Name", "Version"):
+                        fields[key] = value.strip()
+        except OSError:
+            continue
+        break
+    return fields.get("Name", "?"), fields.get("Version", "?")

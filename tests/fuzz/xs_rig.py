@@ -64,11 +64,10 @@ def libxl_tree(dom0: RawXs, domid: int, *, uuid: str | None = None) -> None:
 
 
 def dom0_private(dom0: RawXs) -> None:
-    """dom0's own nodes a guest must not see: torpor's intent records (n0)."""
-    dom0.write("/local/domain/0/torpor/intent/1", '{"op": "suspend", "pid": 1}')
-    dom0.set_perms("/local/domain/0/torpor", "n0")
-    dom0.set_perms("/local/domain/0/torpor/intent", "n0")
-    dom0.set_perms("/local/domain/0/torpor/intent/1", "n0")
+    """dom0's own nodes a guest must not see: a toolstack's tree, as libxl's /libxl (n0)."""
+    dom0.write("/libxl/1", '{"dm": "qemu-xen"}')
+    dom0.set_perms("/libxl", "n0")
+    dom0.set_perms("/libxl/1", "n0")
 
 
 class Rig:
@@ -130,7 +129,7 @@ class Rig:
         assert self.by2.read("/local/domain/2/data/by") == value
         assert self.by2.read("name") == b"guest-2"
         try:
-            self.by2.read("/local/domain/0/torpor/intent/1")
+            self.by2.read("/libxl/1")
         except WireError as e:
             assert e.errno == errno.EACCES
         else:

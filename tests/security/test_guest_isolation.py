@@ -4,8 +4,9 @@ The guests' trees are the ones the simulated host builds the way libxl does
 (``/local/domain/<d>`` and ``control/`` dom0's, read-only to the guest;
 ``device/``, ``data/``, ``control/shutdown`` the guest's; backends under
 ``/local/domain/0/backend/<type>/<d>/<devid>`` readable by their guest only)
-plus torpor's own intent records (``/local/domain/0/torpor/intent``, dom0
-only), written by torpor's :class:`~torpor.intent.IntentLog` itself.  Guest 1
+plus a dom0-only tree as libxl keeps one (``/libxl/<domid>``, mode ``n0``).
+torpor's own intent records are not in xenstore at all (dom0's lock files,
+mode 0600 in a 0700 directory: checked here too).  Guest 1
 talks through the per-domain socket SimHost serves
 (``DIR/xenstored/domain-1.sock``, which xenstored treats exactly as domain 1's
 ring) with pyxs, and with Debian's C tools (``XENSTORED_PATH``).
@@ -29,11 +30,13 @@ import pyxs
 
 from torpor.errors import XenstoreError
 from torpor.facade import Torpor
-from torpor.intent import INTENT_ROOT, IntentLog
+from torpor.intent import IntentLog, read_record
 from torpor.xenstore import Xenstore
 from torpor_sim.host import SimHost
 
 HOSTILE, OTHER = 1, 2
+#: a dom0-only tree, as libxl's /libxl/<domid>
+PRIVATE_ROOT = "/libxl"
 
 
 def _host() -> tuple[SimHost, str]:
@@ -64,10 +67,10 @@ async def _settled(h: SimHost) -> None:
 @pytest.fixture(scope="module")
 def host() -> Iterator[SimHost]:
     h, d = _host()
-    # torpor's own intent record for the other guest, written the way torpor writes it
-    th = h.toolstack_host()
-    asyncio.run(IntentLog(th).begin(OTHER, "suspend"))
-    th.close()
+    with Xenstore(h.xenstore_socket).connect() as xs:
+        xs.write(f"{PRIVATE_ROOT}/{OTHER}", '{"dm": "qemu-xen"}')
+        xs.set_perms(PRIVATE_ROOT, ["n0"])
+        xs.set_perms(f"{PRIVATE_ROOT}/{OTHER}", ["n0"])
     yield h
     h.stop()
     shutil.rmtree(d, ignore_errors=True)
@@ -119,9 +122,8 @@ OTHER_PATHS = [
     "/local/domain/0",
     "/local/domain/0/name",
     "/local/domain/0/backend",
-    "/local/domain/0/torpor",
-    INTENT_ROOT,
-    f"{INTENT_ROOT}/{OTHER}",
+    PRIVATE_ROOT,
+    f"{PRIVATE_ROOT}/{OTHER}",
     "/local",
     "/local/domain",
     "/",
@@ -144,7 +146,7 @@ def test_guest_cannot_learn_whether_hidden_nodes_exist(host: SimHost) -> None:
     """EACCES for a present and for an absent node alike (errno_from_parents)."""
     c = guest(host)
     try:
-        for path in (f"{INTENT_ROOT}/{OTHER}", f"{INTENT_ROOT}/999", "/local/domain/0/nope"):
+        for path in (f"{PRIVATE_ROOT}/{OTHER}", f"{PRIVATE_ROOT}/999", "/local/domain/0/nope"):
             assert errno_of(lambda p=path: c.read(p.encode())) == errno.EACCES
     finally:
         c.close()
@@ -165,11 +167,30 @@ def test_guest_reads_its_own_tree_and_backends(host: SimHost) -> None:
         c.close()
 
 
-def test_intent_records_are_dom0_only(host: SimHost) -> None:
-    """torpor's records: n0 on the root, the directory and each record."""
-    with Xenstore(host.xenstore_socket).connect() as xs:
-        for path in ("/local/domain/0/torpor", INTENT_ROOT, f"{INTENT_ROOT}/{OTHER}"):
-            assert [str(p) for p in xs.get_perms(path)] == ["n0"], path
+def test_intent_records_are_dom0s_files_not_in_xenstore(host: SimHost) -> None:
+    """torpor's records: a file of mode 0600 in a lock directory of mode 0700,
+    written the way torpor writes them; no guest-visible trace in xenstore."""
+    th = host.toolstack_host()
+    fds: dict[int, int] = {}
+
+    def lock_fd(domid: int) -> int:
+        if domid not in fds:
+            os.makedirs(th.lock_dir, mode=0o700, exist_ok=True)
+            path = os.path.join(th.lock_dir, f"domain-{domid}.lock")
+            fds[domid] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return fds[domid]
+
+    try:
+        asyncio.run(IntentLog(th.lock_dir, lock_fd).begin(OTHER, "suspend"))
+        assert (read_record(th.lock_dir, OTHER) or {}).get("op") == "suspend"
+        assert os.stat(th.lock_dir).st_mode & 0o777 == 0o700
+        assert os.fstat(fds[OTHER]).st_mode & 0o777 == 0o600
+        paths = host.xenstored.tree_snapshot() if host.xenstored else {}
+        assert not [p for p in paths if "torpor" in p]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        th.close()
 
 
 # -- writing ------------------------------------------------------------------------
@@ -183,8 +204,8 @@ FORBIDDEN_WRITES = [
     f"/local/domain/{OTHER}/control/shutdown",
     f"/local/domain/0/backend/vif/{HOSTILE}/0/state",  # its own backend: read-only
     f"/local/domain/0/backend/vif/{HOSTILE}/0/new",
-    f"{INTENT_ROOT}/{HOSTILE}",  # forge an intent record
-    f"{INTENT_ROOT}/{OTHER}",
+    f"{PRIVATE_ROOT}/{HOSTILE}",  # forge a toolstack's record
+    f"{PRIVATE_ROOT}/{OTHER}",
     "/local/domain/0/name",
     "/tool/xenstored/x",
     "/new-top-level-node",
@@ -209,11 +230,11 @@ def test_guest_cannot_write_create_or_remove_what_is_not_its_own(host: SimHost, 
 def test_guest_cannot_remove_dom0_trees(host: SimHost) -> None:
     c = guest(host)
     try:
-        for path in (f"/local/domain/{OTHER}", "/local/domain/0/backend", INTENT_ROOT, "control"):
+        for path in (f"/local/domain/{OTHER}", "/local/domain/0/backend", PRIVATE_ROOT, "control"):
             assert errno_of(lambda p=path: c.delete(p.encode())) == errno.EACCES
     finally:
         c.close()
-    assert dom0_read(host, f"{INTENT_ROOT}/{OTHER}") is not None
+    assert dom0_read(host, f"{PRIVATE_ROOT}/{OTHER}") is not None
 
 
 def test_guest_writes_what_libxl_gives_it(host: SimHost) -> None:
@@ -239,7 +260,7 @@ def test_guest_cannot_give_its_nodes_away_or_take_others(host: SimHost) -> None:
         assert errno_of(lambda: c.set_perms(b"data/owned", [b"n0"])) == errno.EPERM
         assert errno_of(lambda: c.set_perms(b"data/owned", [b"b2"])) == errno.EPERM
         # dom0's nodes, even its own name: not the owner, no write -> EACCES
-        for path in (b"name", f"/local/domain/{OTHER}/name".encode(), INTENT_ROOT.encode()):
+        for path in (b"name", f"/local/domain/{OTHER}/name".encode(), PRIVATE_ROOT.encode()):
             assert errno_of(lambda p=path: c.set_perms(p, [b"n1"])) == errno.EACCES
             assert errno_of(lambda p=path: c.set_perms(p, [b"n0", b"b1"])) == errno.EACCES
         # the special nodes: only their owner (dom0)
@@ -285,11 +306,11 @@ def test_guest_gets_no_watch_events_for_what_it_cannot_read(host: SimHost) -> No
     with Xenstore(host.guest_xenstore_socket(HOSTILE)).connect() as g:
         watches = [
             g.watch(p, on_event)
-            for p in (f"/local/domain/{OTHER}/name", INTENT_ROOT, "/local/domain/1/data/sync")
+            for p in (f"/local/domain/{OTHER}/name", PRIVATE_ROOT, "/local/domain/1/data/sync")
         ]
         with Xenstore(host.xenstore_socket).connect() as dom0:
             dom0.write(f"/local/domain/{OTHER}/name", "renamed")
-            dom0.write(f"{INTENT_ROOT}/{OTHER}", '{"op": "resume"}')
+            dom0.write(f"{PRIVATE_ROOT}/{OTHER}", '{"dm": "none"}')
             dom0.write(f"/local/domain/{OTHER}/name", "pv-guest-2")
         # xenstored serves requests in order: by the time the guest's own write is
         # answered, any event of dom0's writes has been queued before its own.
@@ -423,9 +444,9 @@ def test_c_tools_as_the_guest_owner_and_positive_controls(host: SimHost) -> None
     assert r.returncode != 0 and "Operation not permitted" in r.stderr  # EPERM
     r = ctool(host, "xenstore-chmod", "name", "n1")
     assert r.returncode != 0 and "Permission denied" in r.stderr  # EACCES
-    r = ctool(host, "xenstore-rm", INTENT_ROOT)
+    r = ctool(host, "xenstore-rm", PRIVATE_ROOT)
     assert r.returncode != 0
-    assert dom0_read(host, f"{INTENT_ROOT}/{OTHER}") is not None
+    assert dom0_read(host, f"{PRIVATE_ROOT}/{OTHER}") is not None
 
 
 @pytest.mark.ctools

@@ -27,7 +27,7 @@ import xenlab
 from xenlab import SHUTDOWN_SUSPEND, sh
 
 from torpor import Host, Torpor
-from torpor.intent import INTENT_ROOT
+from torpor.intent import read_record
 
 MakeGuest = Callable[..., xenlab.Guest]
 TESTS = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def test_ctrl_c_on_a_real_pv_guest_rolls_back_and_exits_130(
     assert seconds <= ACK_TIMEOUT + 5, seconds
     assert "withdrew the pending suspend request" in text, text
     assert xs.read(ctl) == "", "the request was not withdrawn"
-    assert xs.read(f"{INTENT_ROOT}/{d}") is None
+    assert read_record("/var/run/torpor", d) is None
     i = xc.info(d)
     assert i is not None and i.paused and not i.shutdown, i
     sh("xl", "unpause", str(d))
@@ -133,7 +133,7 @@ def test_ctrl_c_on_a_real_pv_guest_rolls_back_and_exits_130(
     i = xc.info(d)
     assert i is not None and not i.shutdown and not i.paused, i
     assert xs.read(ctl) in ("", None)
-    assert xs.read(f"{INTENT_ROOT}/{d}") is None
+    assert read_record("/var/run/torpor", d) is None
     after = g.wait_tick(after=before.n, timeout=120)
     assert after.uptime > before.uptime and g.console().count("TORPOR-GUEST boot") == 1
 

@@ -38,7 +38,7 @@ from torpor.errors import (
     NotSuspended,
     UnsafeResume,
 )
-from torpor.intent import INTENT_ROOT
+from torpor.intent import read_record
 from torpor.model import Phase, SuspendMethod
 
 MakeGuest = Callable[..., xenlab.Guest]
@@ -252,7 +252,7 @@ def test_a_paused_guest_cannot_ack_the_request_is_withdrawn(
     assert xs.read(ctl) == ""
     i = info(xc, d)
     assert i.paused and not i.shutdown, i
-    assert xs.read(f"{INTENT_ROOT}/{d}") is None, "torpor's intent record was left behind"
+    assert read_record("/var/run/torpor", d) is None, "torpor's intent record was left behind"
     st = torpor.status(d)
     assert (st["state"], st["request_pending"]) == ("paused", False)
 

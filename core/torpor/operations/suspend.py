@@ -177,7 +177,7 @@ async def suspend_domain(orch: Orchestrator, ctx: OperationContext) -> Result:
                         domid=ctx.domid,
                         phase=Phase.ACK,
                     )
-            await ctx.xenstore.unwatch(ack_watch)  # type: ignore[arg-type]
+            ctx.xenstore.unwatch_nowait(ack_watch)  # type: ignore[arg-type]
             ack_watch = None
             if not acked:
                 async with orch._phase(ctx, Phase.CANCEL, timings):
@@ -227,7 +227,7 @@ async def _veto(orch: Orchestrator, ctx: OperationContext) -> None:
     plugin's bug, an OperationError as in every hook (:meth:`_call_impl`)."""
     name = "torpor_veto_suspend"
     kwargs = {"ctx": ctx}
-    for impl in reversed(getattr(orch.pm.hook, name).get_hookimpls()):
+    for impl in orch._impls(name)[::-1]:
         cause: TorporError | None = None
         try:
             reason = impl.function(*[kwargs[a] for a in impl.argnames])

@@ -463,6 +463,7 @@ class _QmpGuard:
 
     def __init__(self) -> None:
         self.found: list[str] = []
+        self._shut: set[int] = set()  # socket inodes already shut
 
     @hookimpl
     def torpor_phase_started(self, ctx: Any, phase: Phase) -> None:
@@ -481,6 +482,13 @@ class _QmpGuard:
         for fd, peer in _unix_peers():
             if peer != path or fd == own:
                 continue
+            try:
+                ino = os.fstat(fd).st_ino
+            except OSError:
+                continue
+            if ino in self._shut:
+                continue  # shut already; the plugin has not closed its descriptor yet
+            self._shut.add(ino)
             self.found.append(
                 f"plugin left 1 QMP connection to {path} open (found {when}; "
                 f"{_QMP_ONE_CLIENT}; the suite shut it)"
@@ -1060,13 +1068,17 @@ class DeclarationSuite(ConformanceBase):
             pytest.skip("not checked: the test class sets entry_point = False")
         import importlib.metadata
 
-        from torpor.plugins import ENTRY_POINT_GROUP, get_plugin_manager
+        from torpor.plugins import ENTRY_POINT_GROUP, get_plugin_manager, plugin_distributions
 
         if not self.plugins:
             raise pytest.UsageError(f"{type(self).__name__} sets no plugins")
         owners = importlib.metadata.packages_distributions()
         pm = get_plugin_manager(autoload=True)
-        loaded = {id(p): (pm.get_name(p), d) for p, d in pm.list_plugin_distinfo()}
+        loaded = {
+            id(p): (pm.get_name(p), d)
+            for p in pm.get_plugins()
+            if (d := plugin_distributions(pm).get(id(p))) is not None
+        }
         checked, not_installed = 0, []
         for plugin in self.plugins:
             module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__

@@ -48,7 +48,6 @@ from torpor import hookimpl
 from torpor.context import OperationContext
 from torpor.errors import QmpCommandError, TorporError, UsageError
 from torpor.model import Result, SuspendMethod
-from torpor.qmp import GuestAgent
 
 __all__ = ["ENV_AVOID_S3", "ENV_ENABLE", "ENV_REQUIRE_AGENT", "FsFreeze", "plugin"]
 
@@ -162,6 +161,8 @@ class FsFreeze:
             return None
         timeout = self._timeout(ctx)
         try:
+            from torpor.qmp import GuestAgent  # QMP loads when a guest is frozen
+
             async with GuestAgent(domid=ctx.domid) as agent:
                 await agent.connect(path, timeout=timeout)
                 await agent.sync(timeout=timeout)
@@ -220,6 +221,8 @@ class FsFreeze:
             return
         timeout = self._timeout(ctx)
         try:
+            from torpor.qmp import GuestAgent  # QMP loads when a guest is frozen
+
             async with GuestAgent(domid=ctx.domid) as agent:
                 await agent.connect(path, timeout=timeout)
                 await agent.sync(timeout=timeout)
