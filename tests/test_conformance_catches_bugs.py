@@ -370,6 +370,4 @@ def test_the_pytest_plugin_is_light() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout
-    assert out.strip() == str(
-        ["torpor", "torpor.testing", "torpor.testing.pytest_plugin"]
-    )
+    assert out.strip() == str(["torpor", "torpor.testing", "torpor.testing.pytest_plugin"])

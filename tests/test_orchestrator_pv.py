@@ -286,6 +286,36 @@ def test_checkpoint_runs_callback_while_suspended(sim_host: SimHost, torpor: Tor
     assert report(sim_host, dom)["counters"]["cooperative_resumes"] == 2
 
 
+def test_a_checkpoint_session_reads_the_suspend_event_channel_node_once(
+    sim_host: SimHost, torpor: Torpor
+) -> None:
+    """As libxl sets the suspend event channel up once per save, not per
+    checkpoint: a guest without one is asked once a session, and separate
+    checkpoint() calls ask each time."""
+    from torpor.xenstore import Op, Xenstore
+
+    dom = sim_host.create_guest("pv")
+    node = f"/local/domain/{dom}/device/suspend/event-channel"
+    reads: list[str] = []
+    submit = Xenstore._submit
+
+    def counted(self: Xenstore, op: Any, payload: bytes, *a: Any, **k: Any) -> None:
+        if op == Op.READ and payload.rstrip(b"\0").decode() == node:
+            reads.append(node)
+        submit(self, op, payload, *a, **k)
+
+    Xenstore._submit = counted  # type: ignore[method-assign]
+    try:
+        results = torpor.checkpoints(dom, 5)
+        assert [r.method for r in results] == [SuspendMethod.XENSTORE] * 5
+        assert len(reads) == 1
+        torpor.checkpoint(dom)
+        torpor.checkpoint(dom)
+        assert len(reads) == 3
+    finally:
+        Xenstore._submit = submit  # type: ignore[method-assign]
+
+
 def test_bulk_suspend_and_resume(sim_host: SimHost, torpor: Torpor) -> None:
     doms = [sim_host.create_guest("pv", behaviour=Behaviour(freeze_time=0.05)) for _ in range(12)]
     bad = sim_host.create_guest("pv", behaviour=Behaviour.parse("crash_during_suspend"))

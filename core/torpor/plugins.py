@@ -36,6 +36,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 import types
 import zlib
@@ -262,7 +263,13 @@ def _cache_file(group: str) -> str | None:
         return None
     # One file per interpreter and path: two venvs never share an answer.
     tag = f"{sys.prefix} {sys.path}".encode()
-    return os.path.join(base, "torpor", f"entry-points-{group}-{zlib.crc32(tag):08x}.json")
+    return os.path.join(
+        base, "torpor", f"entry-points-{_CACHE_FORMAT}-{group}-{zlib.crc32(tag):08x}.json"
+    )
+
+
+#: bumped whenever what :func:`_scan` finds changes for the same files
+_CACHE_FORMAT = 2
 
 
 def _save(cache: str, data: dict[str, Any]) -> None:
@@ -279,6 +286,7 @@ def _save(cache: str, data: dict[str, Any]) -> None:
 
 def _scan(group: str) -> list[EntryPoint]:
     found: list[EntryPoint] = []
+    seen: set[str] = set()  # a distribution found twice counts once (the first)
     for entry in sys.path:
         path = entry or "."
         try:
@@ -289,6 +297,10 @@ def _scan(group: str) -> list[EntryPoint]:
         metas = [n for n in names if n.endswith(".dist-info")]
         metas += [n for n in names if n.endswith(".egg-info")]
         for meta in metas:
+            norm = re.sub(r"[-_.]+", "_", meta.rsplit(".", 1)[0].split("-")[0]).lower()
+            if norm in seen:
+                continue
+            seen.add(norm)
             eps = _section(os.path.join(path, meta, "entry_points.txt"), group)
             if not eps:
                 continue

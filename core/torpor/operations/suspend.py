@@ -122,8 +122,13 @@ async def suspend_domain(orch: Orchestrator, ctx: OperationContext) -> Result:
                 gt.event_channel
                 and not ctx.facts["s3"]
                 and "suspend_local_port" not in ctx.facts  # bound for the session
+                and "suspend_event_channel_read" not in ctx.facts  # absent, once a session
             ):
                 port = await ctx.xenstore.read_or(f"{ctx.dompath}/device/suspend/event-channel", "")
+                if ctx.facts.get("session"):
+                    # As libxl sets up the suspend event channel once per save
+                    # (libxl__domain_suspend_init), not once per Remus checkpoint.
+                    ctx.facts["suspend_event_channel_read"] = True
                 # Guest-written: ASCII digits only ("²".isdigit() is True, int() refuses it).
                 if port.isascii() and port.isdigit() and len(port) <= 6 and 0 < int(port) < 1 << 17:
                     ctx.facts["suspend_event_channel"] = int(port)
