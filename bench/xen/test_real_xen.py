@@ -263,5 +263,30 @@ def test_suspend_resume_torpor_vs_raw_vs_xl_save(
             "xen": xenlab.sh("xl", "info").split("xen_version", 1)[1].split("\n")[0].strip(" :"),
         },
     }
+    result["cli"] = cli_start()
     print(json.dumps(result, indent=1))
     (lab_results / "bench-xen.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def cli_start(runs: int = 7) -> dict[str, Any]:
+    """Whole processes in dom0, alternated: ``python3 -c pass``, ``torpor --help``,
+    ``torpor --json list`` (the ``torpor`` script the wheel installed)."""
+    import shutil
+    import sys
+
+    script = shutil.which("torpor")
+    torpor = [script] if script else [sys.executable, "-m", "torpor.cli"]
+    ways = {
+        "python_pass_ms": [sys.executable, "-c", "pass"],
+        "torpor_help_ms": [*torpor, "--help"],
+        "torpor_list_ms": [*torpor, "--json", "list"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(runs):
+        for key, argv in ways.items():
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+            times[key].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {k: round(statistics.median(v) * 1000, 1) for k, v in times.items()}
+    out["n"] = runs
+    return out
