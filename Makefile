@@ -68,7 +68,11 @@ test-xen:
 	$(PYTHON) lab/run $(TEST_XEN_ARGS)
 
 # Benchmarks (bench/): results in bench/results.json, table in docs/performance.md.
-bench: $(STAMP)
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet 'matplotlib>=3.7'
+	@touch $@
+
+bench: $(STAMP) $(VENV)/.bench
 	$(PY) bench/xen/collect.py --reset bench/results.json
 	TORPOR_BENCH_JSON=bench/results.json $(PY) -m pytest bench -q -s -p no:randomly \
 		-o timeout=3600 -c /dev/null --rootdir . --ignore=bench/xen
@@ -78,7 +82,7 @@ bench: $(STAMP)
 # on a real PV guest; its ratios go into bench/results.json (key real_xen), then
 # docs/performance.md.  The lab run's artefacts stay in $(BENCH_XEN_RUN).
 BENCH_XEN_RUN ?= $(or $(TORPOR_LAB_CACHE),$(HOME)/.cache/torpor-lab)/bench-run
-bench-xen: $(STAMP)
+bench-xen: $(STAMP) $(VENV)/.bench
 	$(PYTHON) lab/run --results $(BENCH_XEN_RUN) -- bench/xen
 	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/bench-xen.json bench/results.json
 	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/bench-xen-migrate.json bench/results.json real_xen_migration
