@@ -25,20 +25,20 @@ from typing import Any
 import pytest
 
 import torpor
+from torpor import savedir
 from torpor.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 from torpor.facade import Torpor
 from torpor.hookspecs import hookimpl
 from torpor.host import Host
 from torpor.model import ShutdownReason, Timeouts
-from torpor.operations import hostwide
-from torpor.operations.hostwide import (
+from torpor.plugins import get_plugin_manager
+from torpor.savedir import (
     MANIFEST,
     GuestFilter,
     file_digest,
     read_manifest,
     write_manifest,
 )
-from torpor.plugins import get_plugin_manager
 from torpor.versions import XEN_LIBRARIES
 from torpor_sim import daemon
 from torpor_sim.guest import Behaviour
@@ -128,7 +128,7 @@ def test_save_all_then_restore_all_brings_every_guest_back_where_it_was(
     # Images are gone once their guests run; the manifest is put aside.
     assert not [f for f in os.listdir(save_dir) if f.endswith(".save")]
     assert read_manifest(save_dir) is None
-    done = json.loads(open(os.path.join(save_dir, hostwide.DONE)).read())
+    done = json.loads(open(os.path.join(save_dir, savedir.DONE)).read())
     assert all(g["status"] == "restored" for g in done["guests"])
     assert {g["restored"]["domid"] for g in done["guests"]} == set(now.values())
 
@@ -300,13 +300,13 @@ def test_a_bad_regex_is_a_usage_error() -> None:
 def test_the_manifest_is_replaced_atomically_or_not_at_all(
     save_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    good = {"format": hostwide.MANIFEST_FORMAT, "version": 1, "guests": [{"name": "a"}]}
+    good = {"format": savedir.MANIFEST_FORMAT, "version": 1, "guests": [{"name": "a"}]}
     write_manifest(save_dir, good)
 
     def fail(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hostwide.os, "fsync", fail)
+    monkeypatch.setattr(savedir.os, "fsync", fail)
     with pytest.raises(OSError):
         write_manifest(save_dir, {**good, "guests": []})
     assert read_manifest(save_dir) == good

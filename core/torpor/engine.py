@@ -36,7 +36,6 @@ import fcntl
 import inspect
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -68,6 +67,7 @@ from torpor.model import (
     Verdict,
 )
 from torpor.monitor import DomainMonitor, Waker
+from torpor.phase import PhaseScope
 from torpor.plugins import get_plugin_manager, refuse_wrappers
 
 if TYPE_CHECKING:
@@ -582,55 +582,6 @@ class Engine:
                 u()
             for w in watches:
                 xs.unwatch_nowait(w)
-
-
-class PhaseScope:
-    """One phase: notifications around it, its timing, its name on errors."""
-
-    __slots__ = ("ctx", "error", "orch", "phase", "t0", "timings")
-
-    def __init__(
-        self,
-        orch: Engine,
-        ctx: OperationContext,
-        phase: Phase,
-        timings: list[PhaseTiming],
-    ) -> None:
-        self.orch = orch
-        self.ctx = ctx
-        self.phase = phase
-        self.timings = timings
-        self.t0 = 0.0
-        #: set by the phase's body when it fails without raising (an ack that timed out)
-        self.error: TorporError | None = None
-
-    async def __aenter__(self) -> PhaseScope:
-        self.ctx.phase = self.phase
-        await self.orch._notify("torpor_phase_started", ctx=self.ctx, phase=self.phase)
-        self.t0 = time.perf_counter()
-        return self
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        seconds = time.perf_counter() - self.t0
-        error = exc if isinstance(exc, TorporError) else self.error
-        if isinstance(exc, asyncio.CancelledError):
-            reason = self.orch.interrupted or "cancelled"
-            error = Interrupted(
-                f"interrupted ({reason})", reason=reason, domid=self.ctx.domid, phase=self.phase
-            )
-        if error is not None:
-            if error.phase is None:
-                error.phase = self.phase
-            if error.domid is None:
-                error.domid = self.ctx.domid
-        self.timings.append(PhaseTiming(self.phase, seconds))
-        await self.orch._notify(
-            "torpor_phase_finished",
-            ctx=self.ctx,
-            phase=self.phase,
-            seconds=seconds,
-            error=error,
-        )
 
 
 def observed_state(hv: Any, domid: int) -> str:
