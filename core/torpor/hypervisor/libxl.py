@@ -36,7 +36,6 @@ import contextlib
 import errno as _errno
 import logging
 import os
-import threading
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -52,6 +51,7 @@ __all__ = [
     "LIBXL_DOMAIN_CONFIG_SIZE",
     "SONAMES",
     "Libxl",
+    "cdef_source",
     "domain_save",
     "get_ffi",
     "libxl_error_name",
@@ -166,23 +166,19 @@ XGS_POLICY_ABORT: Final = -1
 XGS_POLICY_CONTINUE_PRECOPY: Final = 0
 XGS_POLICY_STOP_AND_COPY: Final = 1
 
-_ffi_lock = threading.Lock()
-_ffi: Any = None
+
+def cdef_source() -> str:
+    """Every declaration of libxenlight's handed to cffi (after xenctrl's)."""
+    return CDEF_TYPEDEFS + CDEF_STRUCTS + "".join(CDEF_FUNCTIONS.values()) + CDEF_LIBC
 
 
 def get_ffi() -> Any:
     """This module's ``cffi.FFI`` (ABI mode): it includes the xenctrl backend's,
-    so the logger and ``xc_interface`` types are shared.  Built on first use."""
-    global _ffi  # noqa: PLW0603 -- a process-wide, lazily built singleton
-    with _ffi_lock:
-        if _ffi is None:
-            import cffi
+    so the logger and ``xc_interface`` types are shared.  Its type tables are
+    :func:`cdef_source` parsed ahead of time by ``tools/gen_ffi.py``."""
+    from torpor.hypervisor._ffi_libxl import ffi
 
-            ffi = cffi.FFI()
-            ffi.include(xenctrl.get_ffi())
-            ffi.cdef(CDEF_TYPEDEFS + CDEF_STRUCTS + "".join(CDEF_FUNCTIONS.values()) + CDEF_LIBC)
-            _ffi = ffi
-        return _ffi
+    return ffi
 
 
 def libxl_error_name(rc: int) -> str:

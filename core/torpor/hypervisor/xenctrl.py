@@ -279,25 +279,15 @@ def cdef_source() -> str:
     return CDEF_TYPEDEFS + CDEF_ENUMS + CDEF_STRUCTS + "".join(CDEF_FUNCTIONS.values()) + CDEF_LIBC
 
 
-_ffi_lock = threading.Lock()
-_ffi: Any = None
-
-
 def get_ffi() -> Any:
-    """The module's ``cffi.FFI`` (ABI mode), built on first use.
+    """The module's ``cffi.FFI`` (ABI mode): the type tables of
+    :func:`cdef_source`, parsed ahead of time by ``tools/gen_ffi.py``
+    (cffi's out-of-line ABI mode), so a process pays no pycparser import and
+    no parse.  Nothing is compiled and nothing is loaded here: the libraries
+    are ``dlopen``\\ ed by :func:`load_libraries`."""
+    from torpor.hypervisor._ffi_xenctrl import ffi
 
-    Building it parses the declarations; nothing is compiled and nothing is
-    loaded.
-    """
-    global _ffi  # noqa: PLW0603 -- a process-wide, lazily built singleton
-    with _ffi_lock:
-        if _ffi is None:
-            import cffi
-
-            ffi = cffi.FFI()
-            ffi.cdef(cdef_source())
-            _ffi = ffi
-        return _ffi
+    return ffi
 
 
 class XenLibraries:
