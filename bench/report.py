@@ -387,6 +387,14 @@ def render(results: dict[str, Any], figures: Sequence[str] = ()) -> str:
                 f"({cli_dom0['torpor_list_ms'] / cli_dom0['python_pass_ms']:.1f}x).",
                 "",
             ]
+            if cli_dom0.get("imports_ms"):
+                out += [
+                    "Imports of one `torpor --json list` there (`-X importtime`, cumulative ms "
+                    "by top-level package): "
+                    + ", ".join(f"{k} {v}" for k, v in cli_dom0["imports_ms"].items())
+                    + ".",
+                    "",
+                ]
         trips = real.get("xenstore_round_trip_ms")
         if trips:
             c, py = trips["libxenstore"]["median"], trips["torpor_adapter"]["median"]

@@ -289,4 +289,27 @@ def cli_start(runs: int = 7) -> dict[str, Any]:
             times[key].append(time.perf_counter() - t0)
     out: dict[str, Any] = {k: round(statistics.median(v) * 1000, 1) for k, v in times.items()}
     out["n"] = runs
+    listing = ways["torpor_list_ms"]
+    out["imports_ms"] = _import_groups([sys.executable, "-X", "importtime", *listing])
     return out
+
+
+def _import_groups(argv: list[str]) -> dict[str, float]:
+    """``-X importtime`` of one process: the cumulative milliseconds of each
+    top-level import, grouped by what it belongs to (torpor's own packages,
+    the libraries it needs, the rest)."""
+    err = subprocess.run(argv, capture_output=True, text=True, check=True).stderr
+    groups: dict[str, float] = {}
+    for line in err.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        _self, cumulative, name = line[len("import time:") :].split("|")
+        if not cumulative.strip().isdigit() or name.startswith("  "):
+            continue  # the header, or not a top-level import
+        top = name.strip().split(".")[0]
+        group = "torpor" if top.startswith("torpor") else top
+        if group not in ("torpor", "asyncio", "attrs", "attr", "pluggy", "pyxs", "cffi"):
+            group = "other"
+        group = "attrs" if group == "attr" else group
+        groups[group] = groups.get(group, 0.0) + int(cumulative) / 1000
+    return {k: round(v, 1) for k, v in sorted(groups.items())}
