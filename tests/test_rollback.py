@@ -68,3 +68,34 @@ def test_resume_sends_xs_resume_so_the_next_suspend_is_noticed(sim_host: SimHost
 async def _latch_armed(host: SimHost, domid: int) -> bool:
     assert host.xenstored is not None
     return not host.xenstored.is_latched(domid)
+
+
+class DropXenstoreAtRequest:
+    """Closes torpor's xenstore connection as the request phase starts: the S3
+    request still goes out (through the guest agent), the wait for it breaks."""
+
+    @hookimpl
+    def torpor_phase_started(self, ctx: Any, phase: Any) -> None:
+        if str(phase) == "request":
+            ctx.host.xenstore.close()
+
+
+def test_an_s3_request_that_cannot_be_withdrawn_is_settled_before_the_report(
+    sim_host: SimHost,
+) -> None:
+    """qemu-ga's guest-suspend-ram has no cancel: when the wait for the sleep
+    fails (here xenstore drops), the guest still sleeps a moment later.  torpor
+    waits for that on the device model alone, wakes it, and only then reports --
+    so the state it reports is the one the guest stays in (the fault matrix
+    once said "running" while the guest went to S3 right after)."""
+    dom = sim_host.create_guest("hvm")
+    pm = get_plugin_manager(plugins=[DropXenstoreAtRequest()])
+    with Torpor(sim_host.toolstack_host(), own_host=True, plugin_manager=pm) as t:
+        with pytest.raises(OperationError) as caught:
+            t.suspend(dom)
+    assert "went to sleep after all and was woken" in caught.value.message
+    assert caught.value.state == "running"
+    # The guest took the request (it slept once) and was woken: nothing is left
+    # in flight to change the state after torpor returned.
+    assert counters(sim_host, dom)["suspends"] == 1
+    assert sim_host.observed_state(dom) == "running"

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -37,7 +38,9 @@ from torpor.engine import Sources
 from torpor.errors import (
     AckTimeout,
     AlreadySuspended,
+    DomainVanished,
     InvalidState,
+    NoSuchDomain,
     OperationError,
     ResumeFailed,
     SuspendTimeout,
@@ -323,6 +326,16 @@ async def _wait_suspended(orch: Orchestrator, ctx: OperationContext, acked: bool
         )
     except Timeout as e:
         state = ctx.domain.state_word()
+        if method == SuspendMethod.ACPI_S3:
+            # qemu-ga's request cannot be withdrawn: a sleep that came at the
+            # last moment is woken, and the error says what it did.
+            done, state = await _settle_s3_request(orch, ctx, wait=0.0)
+            raise SuspendTimeout(
+                f"domain did not go to sleep within {ctx.timeouts.suspend:g}s after the "
+                f"{method} request; {done}; guest left {state}",
+                state=state,
+                cause=e,
+            ) from e
         if method == SuspendMethod.XENSTORE and acked:
             raise SuspendTimeout(
                 f"guest acknowledged the suspend request but did not suspend within "
@@ -334,6 +347,20 @@ async def _wait_suspended(orch: Orchestrator, ctx: OperationContext, acked: bool
         raise SuspendTimeout(
             f"domain did not suspend within {ctx.timeouts.suspend:g}s after the {method} "
             f"request; guest left {state}",
+            state=state,
+            cause=e,
+        ) from e
+    except (DomainVanished, NoSuchDomain):
+        raise
+    except TorporError as e:
+        if method != SuspendMethod.ACPI_S3:
+            raise
+        # The wait broke (xenstore or the hypervisor failed), not the guest:
+        # it still has the request and goes to sleep when it is ready.
+        done, state = await _settle_s3_request(orch, ctx, wait=ctx.timeouts.suspend)
+        raise OperationError(
+            f"{ctx.operation} failed in phase {ctx.phase}: {e.message}; the S3 request "
+            f"cannot be withdrawn: {done}; guest left {state}",
             state=state,
             cause=e,
         ) from e
@@ -349,6 +376,68 @@ async def _wait_suspended(orch: Orchestrator, ctx: OperationContext, acked: bool
             f"suspend failed: {verdict.detail}", state=verdict.state, cause=verdict.cause
         )
     return verdict
+
+
+async def _settle_s3_request(
+    orch: Orchestrator, ctx: OperationContext, *, wait: float
+) -> tuple[str, str]:
+    """The wait for an ACPI S3 sleep failed, but the guest keeps its request.
+
+    qemu-ga's ``guest-suspend-ram`` has no cancel: a guest that got it goes to
+    sleep when its kernel is ready, after torpor has given up.  So before
+    reporting, wait up to ``wait`` seconds for the sleep on the device model
+    alone (its ``SUSPEND`` event, and ``HVM_PARAM_ACPI_S_STATE``: no xenstore,
+    which may be what failed), wake a guest that slept (``torpor_resume_guest``:
+    ``system_wakeup``) and wait for it to run, so the state the error reports is
+    the one the guest stays in.  A refusal from the agent settles it too.
+    Returns what happened and the state observed afterwards.
+    """
+    done = "the guest did not go to sleep"
+    try:
+        asleep = await _wait_on_device_model(
+            orch, ctx, lambda: orch._first("torpor_check_suspended", ctx=ctx), wait
+        )
+        if asleep is not None and asleep.done:
+            await orch._all("torpor_resume_guest", ctx=ctx)
+            await _wait_on_device_model(
+                orch,
+                ctx,
+                lambda: orch._first("torpor_check_resumed", ctx=ctx),
+                ctx.timeouts.resume,
+            )
+            done = "it went to sleep after all and was woken"
+    except TorporError as e:
+        done = f"settling the request failed: {e.message}"
+    return done, await orch._observe(ctx)
+
+
+async def _wait_on_device_model(
+    orch: Orchestrator,
+    ctx: OperationContext,
+    judge: Callable[[], Awaitable[Verdict | None]],
+    timeout: float,
+) -> Verdict | None:
+    """``judge`` re-asked on each device-model event (or plugin wake-up) until
+    done or failed; the last verdict when ``timeout`` passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    wake = Waker()
+    dm = await ctx.device_model()
+    unsubscribe = dm.subscribe(lambda _ev: wake.set())
+    ctx.set_waker(wake.set)
+    try:
+        while True:
+            wake.clear()
+            orch._refresh(ctx)
+            verdict = await judge()
+            if verdict is not None and (verdict.done or verdict.failed):
+                return verdict
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not await wake.wait(remaining):
+                return verdict
+    finally:
+        ctx.set_waker(None)
+        unsubscribe()
 
 
 async def rollback(orch: Orchestrator, ctx: OperationContext, error: TorporError) -> None:
