@@ -18,8 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from typing import Any
+
+from importtime import group_imports
 
 from torpor_sim import daemon
 
@@ -39,26 +40,8 @@ def _imports(argv: list[str], env: dict[str, str]) -> dict[str, float]:
         text=True,
         check=True,
         env=env,
-    ).stderr.splitlines()
-    groups: dict[str, float] = defaultdict(float)
-    for line in err:
-        if not line.startswith("import time:"):
-            continue
-        _self, cumulative, name = line[len("import time:") :].split("|")
-        if not cumulative.strip().isdigit() or name.startswith("  "):
-            continue  # the header, or not a top-level import
-        top = name.strip().split(".")[0]
-        group = {
-            "attr": "attrs",
-            "attrs": "attrs",
-            "torpor_pv": "torpor",
-            "torpor_pvhvm": "torpor",
-            "torpor_hvm": "torpor",
-        }.get(top, top)
-        if group not in ("torpor", "asyncio", "attrs", "pluggy", "pyxs"):
-            group = "torpor" if group.startswith("torpor") else "other"
-        groups[group] += int(cumulative) / 1000
-    return {k: round(v, 1) for k, v in sorted(groups.items())}
+    ).stderr
+    return group_imports(err, ("asyncio", "attrs", "pluggy", "pyxs"))
 
 
 def test_cli_fixed_cost(short_dir: str, record: Any) -> None:

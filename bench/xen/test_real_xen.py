@@ -295,21 +295,15 @@ def cli_start(runs: int = 7) -> dict[str, Any]:
 
 
 def _import_groups(argv: list[str]) -> dict[str, float]:
-    """``-X importtime`` of one process: the cumulative milliseconds of each
-    top-level import, grouped by what it belongs to (torpor's own packages,
-    the libraries it needs, the rest)."""
-    err = subprocess.run(argv, capture_output=True, text=True, check=True).stderr
-    groups: dict[str, float] = {}
-    for line in err.splitlines():
-        if not line.startswith("import time:"):
-            continue
-        _self, cumulative, name = line[len("import time:") :].split("|")
-        if not cumulative.strip().isdigit() or name.startswith("  "):
-            continue  # the header, or not a top-level import
-        top = name.strip().split(".")[0]
-        group = "torpor" if top.startswith("torpor") else top
-        if group not in ("torpor", "asyncio", "attrs", "attr", "pluggy", "pyxs", "cffi"):
-            group = "other"
-        group = "attrs" if group == "attr" else group
-        groups[group] = groups.get(group, 0.0) + int(cumulative) / 1000
-    return {k: round(v, 1) for k, v in sorted(groups.items())}
+    """``-X importtime`` of one process, grouped (bench/importtime.py, loaded by
+    path: only bench/xen is sure to be on sys.path in the lab's dom0)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "importtime.py"
+    spec = importlib.util.spec_from_file_location("bench_importtime", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    group_imports = module.group_imports
+
+    return group_imports(subprocess.run(argv, capture_output=True, text=True, check=True).stderr)
