@@ -566,6 +566,7 @@ def _migration(mig: dict[str, Any]) -> list[str]:
             f"total {data['total_ratio_torpor_vs_xl']} (target <= 1.2)"
         )
     out += ["", "; ".join(ratios) + ".", ""]
+    out += _guest_crashes(mig, labels | {"torpor_live": "torpor, live", "xl_live": "xl, live"})
     dirty = mig.get("dirty_pvh")
     if dirty:
         out += [
@@ -591,6 +592,40 @@ def _migration(mig: dict[str, Any]) -> list[str]:
             )
         out.append("")
     return out
+
+
+def _guest_crashes(mig: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Guests that crashed on their own mid-series (the hypervisor's word: shut
+    down for reboot or crash, its log kept), each replaced and its run repeated."""
+    lines = []
+    for kind in ("pvh", "pvhvm", "dirty_pvh"):
+        for c in (mig.get(kind) or {}).get("guest_crashes", []):
+            into = c.get("last_tick_into_command_s")
+            when = (
+                "before the command began"
+                if into is not None and into < 0
+                else f"{into} s into the command"
+                if into is not None
+                else "-"
+            )
+            fault = next((x for x in c.get("hypervisor_log", []) if "fault" in x.lower()), "")
+            lines.append(
+                f"| {kind} | {labels.get(c['sender'], c['sender'])} | {c.get('run')} | "
+                f"d{c['domid']}: {c['reason']} | {when} | {fault.strip() or '-'} |"
+            )
+    if not lines:
+        return []
+    return [
+        "Guests that crashed during a series: the sender then refused to suspend a "
+        "domain already shut down, the guest was replaced and the run repeated. Judged "
+        "from the hypervisor (shutdown reason, `xl dmesg`), not from the sender's report; "
+        "the sender named is the one running when the guest's last tick came:",
+        "",
+        "| series | sender | round | domain | guest's last tick | hypervisor log |",
+        "|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
 
 
 def main() -> int:
