@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -565,6 +566,12 @@ def _migration(mig: dict[str, Any]) -> list[str]:
             f"{kind}: torpor / xl downtime {data['downtime_ratio_torpor_vs_xl']} (target <= 1), "
             f"total {data['total_ratio_torpor_vs_xl']} (target <= 1.2)"
         )
+        outside = _outside_phases(data.get("torpor", {}).get("runs", []))
+        if outside is not None:
+            ratios.append(
+                f"{kind}: torpor -> xl spends a median {outside} s of its total outside "
+                "every phase it reports (the process's start, imports, setup and exit)"
+            )
     out += ["", "; ".join(ratios) + ".", ""]
     out += _guest_crashes(mig, labels | {"torpor_live": "torpor, live", "xl_live": "xl, live"})
     dirty = mig.get("dirty_pvh")
@@ -592,6 +599,16 @@ def _migration(mig: dict[str, Any]) -> list[str]:
             )
         out.append("")
     return out
+
+
+def _outside_phases(runs: list[dict[str, Any]]) -> float | None:
+    """Median seconds of a torpor command's wall clock not in any phase it reported."""
+    left = [
+        r["total"] - sum(t for _name, t in r["torpor"]["phases"])
+        for r in runs
+        if (r.get("torpor") or {}).get("phases")
+    ]
+    return round(statistics.median(left), 2) if left else None
 
 
 def _guest_crashes(mig: dict[str, Any], labels: dict[str, str]) -> list[str]:
