@@ -126,9 +126,12 @@ class CommandFailed(AssertionError):
         self.started = started
 
 
-def run_timed(cmd: list[str], clock: TickClock, timeout: float = 600) -> dict[str, Any]:
+def run_timed(
+    cmd: list[str], clock: TickClock, timeout: float = 600, keep_stderr: bool = False
+) -> dict[str, Any]:
     """Run a migration command, reading ticks while it runs; its wall time, the
-    tick gap it caused (dom0 arrival and guest uptime) and its output."""
+    tick gap it caused (dom0 arrival and guest uptime) and its output (its
+    stderr too, as ``_stderr``, with ``keep_stderr``)."""
     before = clock.last()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.monotonic()
@@ -167,6 +170,8 @@ def run_timed(cmd: list[str], clock: TickClock, timeout: float = 600) -> dict[st
             for k in ("downtime", "rounds", "precopy", "live", "phases", "live_refusal")
             if k in got
         }
+    if keep_stderr:
+        result["_stderr"] = stderr
     return result
 
 
@@ -271,6 +276,7 @@ def alternate(
     ways_of: Callable[[str], list[tuple[str, Callable[[], list[str]]]]],
     n: int,
     crashes: list[dict[str, Any]],
+    keep_stderr: bool = False,
     **kw: Any,
 ) -> dict[str, list[dict[str, Any]]]:
     """``n`` rounds of every way, alternated; a guest that crashes on its own
@@ -284,7 +290,7 @@ def alternate(
             while True:
                 cmd = dict(ways_of(g.name))[how]
                 try:
-                    runs[how].append(run_timed(cmd(), clock))
+                    runs[how].append(run_timed(cmd(), clock, keep_stderr=keep_stderr))
                 except CommandFailed as failed:
                     crashes.append(crashed_guest(g, xc, clock, failed, how) | {"run": i})
                     assert len(crashes) <= MAX_CRASHES, f"guests crashed {len(crashes)}: {crashes}"
@@ -376,3 +382,84 @@ def test_a_guest_dirtying_fast_precopy_bounds_the_downtime(
         "guest_crashes": crashes,
     }
     save()
+
+
+def _profile_rows(path: Path, top: int = 30) -> list[dict[str, Any]]:
+    """The ``top`` functions by cumulative time in a cProfile dump, without
+    the import machinery's and the interpreter's own frames (they would fill
+    the list: imports are counted apart, by ``-X importtime``)."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    rows = []
+    table = stats.stats  # type: ignore[attr-defined]
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in table.items():
+        if file.startswith("<frozen") or func == "<built-in method builtins.exec>":
+            continue
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}({func})" if file != "~" else func,
+                "calls": nc,
+                "own_ms": round(tt * 1000, 1),
+                "cumulative_ms": round(ct * 1000, 1),
+            }
+        )
+    rows.sort(key=lambda r: -r["cumulative_ms"])
+    return rows[:top]
+
+
+@pytest.mark.timeout(1800)
+def test_anatomy_of_a_torpor_migration(make_guest: MakeGuest, xc: xenlab.XenCtrl) -> None:
+    """Where a ``torpor migrate --to localhost`` spends the time it does not
+    report in a phase: one plain run (its wall clock and phases), one under
+    ``-X importtime`` (the imports, grouped), one under cProfile (the rest,
+    by function).  Not counted in the medians above."""
+    crashes: list[dict[str, Any]] = []
+    profile = RUN_DIR / "migrate.prof"
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+
+    def anatomy_ways(name: str) -> list[tuple[str, Callable[[], list[str]]]]:
+        plain = ways(name)["torpor"]
+        return [
+            ("plain", plain),
+            ("importtime", lambda: [PY, "-X", "importtime", *plain()[1:]]),
+            ("cprofile", lambda: [PY, "-m", "cProfile", "-o", str(profile), *plain()[1:]]),
+        ]
+
+    runs = alternate(make_guest, xc, "pvh", anatomy_ways, 1, crashes, keep_stderr=True)
+    plain = runs["plain"][0]
+    phases = (plain.get("torpor") or {}).get("phases") or []
+    in_phases = sum(t for _name, t in phases)
+    _OUT["anatomy_pvh"] = {
+        "total_s": plain["total"],
+        "in_phases_s": round(in_phases, 3),
+        "outside_phases_s": round(plain["total"] - in_phases, 3),
+        "phases": phases,
+        "imports_ms": _top_imports(runs["importtime"][0]["_stderr"]),
+        "profile_total_s": runs["cprofile"][0]["total"],
+        "profile": _profile_rows(profile),
+        "guest_crashes": crashes,
+    }
+    save()
+
+
+def _top_imports(stderr: str, top: int = 15) -> dict[str, Any]:
+    """``-X importtime``: the whole (top-level imports summed) and the slowest
+    top-level and second-level imports by cumulative milliseconds."""
+    whole = 0.0
+    rows: list[tuple[float, str]] = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        _own, cumulative, name = line[len("import time:") :].split("|")
+        if not cumulative.strip().isdigit():
+            continue
+        name = name[1:]  # "| " then two spaces a level
+        depth = (len(name) - len(name.lstrip(" "))) // 2
+        ms = int(cumulative) / 1000
+        if depth == 0:
+            whole += ms
+        if depth <= 1:
+            rows.append((ms, f"{'  ' * depth}{name.strip()}"))
+    rows.sort(reverse=True)
+    return {"whole_ms": round(whole, 1), "slowest": [[n, round(ms, 1)] for ms, n in rows[:top]]}
