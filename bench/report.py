@@ -574,6 +574,7 @@ def _migration(mig: dict[str, Any]) -> list[str]:
             )
     out += ["", "; ".join(ratios) + ".", ""]
     out += _guest_crashes(mig, labels | {"torpor_live": "torpor, live", "xl_live": "xl, live"})
+    out += _anatomy(mig.get("anatomy_pvh"))
     dirty = mig.get("dirty_pvh")
     if dirty:
         out += [
@@ -609,6 +610,53 @@ def _outside_phases(runs: list[dict[str, Any]]) -> float | None:
         if (r.get("torpor") or {}).get("phases")
     ]
     return round(statistics.median(left), 2) if left else None
+
+
+def _anatomy(a: dict[str, Any] | None) -> list[str]:
+    """One torpor migration of the PVH guest taken apart: phases, imports, profile."""
+    if not a:
+        return []
+    imports = a.get("imports_ms", {})
+    out = [
+        "### Where a torpor migration's time goes",
+        "",
+        f"One `torpor --json migrate DOMID --to localhost` of the PVH guest: {a['total_s']} s "
+        f"in all, {a['in_phases_s']} s in the phases it reports, {a['outside_phases_s']} s "
+        f"outside them. The same command under `-X importtime` spent "
+        f"{imports.get('whole_ms')} ms importing; the slowest imports (ms, cumulative; "
+        "indented: imported by the one above):",
+        "",
+        "| import | ms |",
+        "|---|---|",
+        *(
+            f"| {'↳ ' if n.startswith(' ') else ''}{n.strip()} | {ms} |"
+            for n, ms in imports.get("slowest", [])[:10]
+        ),
+        "",
+    ]
+    rows = a.get("profile", [])
+    whole = max((r["cumulative_ms"] for r in rows), default=0.0)
+    inner: list[dict[str, Any]] = []
+    for r in rows:  # below the command's frames; one row per call chain
+        if r["cumulative_ms"] < 0.9 * whole and (
+            not inner or r["cumulative_ms"] < 0.98 * inner[-1]["cumulative_ms"]
+        ):
+            inner.append(r)
+    inner = inner[:12]
+    if inner:
+        out += [
+            f"Under cProfile ({a.get('profile_total_s')} s wall clock with the profiler), "
+            "the functions with the most cumulative time below the command's own frames:",
+            "",
+            "| function | calls | own ms | cumulative ms |",
+            "|---|---|---|---|",
+            *(
+                f"| `{r['function']}` | {r['calls']} | {r['own_ms']} | {r['cumulative_ms']} |"
+                for r in inner
+            ),
+            "",
+        ]
+    return out
 
 
 def _guest_crashes(mig: dict[str, Any], labels: dict[str, str]) -> list[str]:
