@@ -673,6 +673,8 @@ def _guest_crashes(mig: dict[str, Any], labels: dict[str, str]) -> list[str]:
                 if into is not None
                 else "-"
             )
+            if c.get("after_success"):
+                when += " (the migration itself succeeded)"
             fault = next((x for x in c.get("hypervisor_log", []) if "fault" in x.lower()), "")
             lines.append(
                 f"| {kind} | {labels.get(c['sender'], c['sender'])} | {c.get('run')} | "
@@ -681,8 +683,9 @@ def _guest_crashes(mig: dict[str, Any], labels: dict[str, str]) -> list[str]:
     if not lines:
         return []
     return [
-        "Guests that crashed during a series: the sender then refused to suspend a "
-        "domain already shut down, the guest was replaced and the run repeated. Judged "
+        "Guests that crashed during a series (the sender then refused to suspend a "
+        "domain already shut down, or the guest fell silent in its new domain); each was "
+        "replaced and the run repeated. Judged "
         "from the hypervisor (shutdown reason, `xl dmesg`), not from the sender's report; "
         "the sender named is the one running when the guest's last tick came:",
         "",
