@@ -7,6 +7,10 @@ first file in dom0).  The other keys of results.json are left as they are.
 ``python3 bench/xen/collect.py RUN/out/bench-xen-migrate.json bench/results.json
 real_xen_migration`` -- the live migration benchmark's numbers, likewise.
 
+Several sources (``collect.py RUN1/out/X.json RUN2/out/X.json bench/results.json
+KEY``) are merged key by key, the later winning: lab runs of a part of a
+benchmark (``-k``) each leave only their part.
+
 ``python3 bench/xen/collect.py --reset bench/results.json`` -- run by
 `make bench` before it measures: drops every key but the lab's (they are not
 re-measured by `make bench`, and must survive it).
@@ -30,19 +34,21 @@ def main(argv: list[str]) -> int:
         kept = {k: old[k] for k in KEYS if k in old}
         dst.write_text(json.dumps(kept, indent=1, sort_keys=True))
         return 0
-    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] not in KEYS):
-        print("usage: collect.py BENCH_XEN_JSON RESULTS_JSON [KEY]", file=sys.stderr)
+    key = argv.pop() if len(argv) >= 3 and argv[-1] in KEYS else KEY
+    if len(argv) < 2:
+        print("usage: collect.py BENCH_XEN_JSON... RESULTS_JSON [KEY]", file=sys.stderr)
         return 2
-    src, dst = Path(argv[0]), Path(argv[1])
-    key = argv[2] if len(argv) == 3 else KEY
-    if not src.is_file():
-        print(f"collect.py: {src} is missing: did the lab run the benchmark?", file=sys.stderr)
-        return 1
-    numbers = json.loads(src.read_text())
+    *srcs, dst = map(Path, argv)
+    numbers: dict[str, object] = {}
+    for src in srcs:
+        if not src.is_file():
+            print(f"collect.py: {src} is missing: did the lab run the benchmark?", file=sys.stderr)
+            return 1
+        numbers |= json.loads(src.read_text())
     results = json.loads(dst.read_text()) if dst.is_file() else {}
     results[key] = numbers
     dst.write_text(json.dumps(results, indent=1, sort_keys=True))
-    print(f"{dst}: {key} updated from {src}")
+    print(f"{dst}: {key} updated from {', '.join(map(str, srcs))}")
     return 0
 
 
