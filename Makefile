@@ -83,9 +83,10 @@ bench: $(STAMP) $(VENV)/.bench
 # docs/performance.md.  The lab run's artefacts stay in $(BENCH_XEN_RUN).
 BENCH_XEN_RUN ?= $(or $(TORPOR_LAB_CACHE),$(HOME)/.cache/torpor-lab)/bench-run
 bench-xen: $(STAMP) $(VENV)/.bench
-	$(PYTHON) lab/run --results $(BENCH_XEN_RUN) -- bench/xen
+	$(PYTHON) lab/run --results $(BENCH_XEN_RUN) -- bench/xen tests/xen/test_hostwide_real.py
 	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/bench-xen.json bench/results.json
 	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/bench-xen-migrate.json bench/results.json real_xen_migration
+	$(PYTHON) bench/xen/collect.py $(BENCH_XEN_RUN)/out/hostwide.json bench/results.json host_lifecycle_real
 	$(PY) bench/report.py bench/results.json docs/performance.md
 
 # The long soak: 10,000 suspend/resume cycles, resource slopes in bench/soak.json.

@@ -120,3 +120,51 @@ def test_report_anatomy_keeps_one_row_per_call_chain(report: Any) -> None:
     assert "xenstore.py" not in text  # within 2% of the row above: the same chain
     assert "cli.py:9(_main)" not in text  # the command's own frames
     assert report._anatomy(None) == []
+
+
+def _hostwide(save4: float, restore4: float, save1: float, restore1: float) -> dict[str, Any]:
+    def run(save: float, restore: float, c: int) -> dict[str, Any]:
+        return {
+            "save_all_wall": save,
+            "restore_all_wall": restore,
+            "bytes": 1000,
+            "concurrency": c,
+            "save_per_guest": {"a": 1.0, "b": 2.0},
+            "restore_per_guest": {"a": 3.0, "b": 4.0},
+        }
+
+    return {
+        "guests": {"a": {"kind": "pv"}, "b": {"kind": "pvh"}},
+        "torpor_default_concurrency": run(save4, restore4, 4),
+        "torpor_concurrency_1": run(save1, restore1, 1),
+        "xendomains_sequential_xl": {
+            "save_wall": 2.0,
+            "restore_wall": 1.5,
+            "save_per_guest": {"a": 0.5, "b": 1.5},
+            "restore_per_guest": {"a": 0.5, "b": 1.0},
+        },
+    }
+
+
+def test_report_host_lifecycle_real_is_computed_from_the_labs_json(report: Any) -> None:
+    text = "\n".join(report._host_lifecycle_real(_hostwide(5.0, 6.0, 7.0, 8.0)))
+    assert (
+        "| `torpor host save-all` / `restore-all`, default concurrency (4) | 5.0 | 6.0 | 11.0 |"
+        in text
+    )
+    assert "add up to 3.0 s of save-all's 7.0 s" in text
+    assert "to 7.0 s of restore-all's 8.0 s" in text
+    assert "xl's own saves and restores: 2.0 s and 1.5 s" in text
+    assert "(PV, PVH; 1,000 octets of images)" in text
+
+
+def test_report_concurrency_choice_says_what_the_lab_showed(report: Any) -> None:
+    sweep = {"guests": 100, "save_all_s": {"1": 12.0, "4": 3.0, "8": 2.0}}
+    disk = {"mib_per_s": {"1": 100.0, "4": 180.0, "8": 200.0}}
+    text = report._concurrency_choice(sweep, disk, _hostwide(5.0, 9.0, 7.0, 8.0))
+    assert "from 12.0 s at 1 to 3.0 s at 4" in text
+    assert "Four writers reached 90% of the best" in text
+    assert "faster than one at a time to save (5.0 s against 7.0 s)" in text
+    assert "slower to restore (9.0 s against 8.0 s)" in text
+    assert "still gains (2.0 s at 8)," in text
+    assert "In the lab" not in report._concurrency_choice(sweep, None, None)

@@ -5,7 +5,9 @@ run by `make bench-xen` after the lab (bench/xen/test_real_xen.py wrote the
 first file in dom0).  The other keys of results.json are left as they are.
 
 ``python3 bench/xen/collect.py RUN/out/bench-xen-migrate.json bench/results.json
-real_xen_migration`` -- the live migration benchmark's numbers, likewise.
+real_xen_migration`` -- the live migration benchmark's numbers, likewise; and
+``RUN/out/hostwide.json ... host_lifecycle_real`` the lab's host save-all and
+restore-all against xendomains' way (tests/xen/test_hostwide_real.py).
 
 Several sources (``collect.py RUN1/out/X.json RUN2/out/X.json bench/results.json
 KEY``) are merged key by key, the later winning: lab runs of a part of a
@@ -23,8 +25,10 @@ import sys
 from pathlib import Path
 
 KEY = "real_xen"
-#: the live migration benchmark's numbers (bench/xen/test_migrate_downtime.py)
-KEYS = (KEY, "real_xen_migration")
+#: the live migration benchmark's numbers (bench/xen/test_migrate_downtime.py), and
+#: the lab's host save-all/restore-all against xendomains' way
+#: (tests/xen/test_hostwide_real.py's hostwide.json)
+KEYS = (KEY, "real_xen_migration", "host_lifecycle_real")
 
 
 def main(argv: list[str]) -> int:

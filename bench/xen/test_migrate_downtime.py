@@ -396,6 +396,12 @@ def test_a_guest_dirtying_fast_precopy_bounds_the_downtime(
     save()
 
 
+def _short(file: str) -> str:
+    """A source file's name, with its package's for an ``__init__.py``."""
+    path = Path(file)
+    return f"{path.parent.name}/{path.name}" if path.name == "__init__.py" else path.name
+
+
 def _profile_rows(path: Path, top: int = 30) -> list[dict[str, Any]]:
     """The ``top`` functions by cumulative time in a cProfile dump, without
     the import machinery's and the interpreter's own frames (they would fill
@@ -410,7 +416,7 @@ def _profile_rows(path: Path, top: int = 30) -> list[dict[str, Any]]:
             continue
         rows.append(
             {
-                "function": f"{Path(file).name}:{line}({func})" if file != "~" else func,
+                "function": f"{_short(file)}:{line}({func})" if file != "~" else func,
                 "calls": nc,
                 "own_ms": round(tt * 1000, 1),
                 "cumulative_ms": round(ct * 1000, 1),
