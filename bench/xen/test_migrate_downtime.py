@@ -238,8 +238,9 @@ def crashed_guest(
     before its first migration had stopped it; a PVHVM guest 30 s after an
     xl -> xl migration; another 9 s after a torpor -> torpor one, its vCPU
     dumped with Xen's own CS:RIP (e008:ffff82d0...) as the guest's state.
-    A torpor command was running each time -- as one is for most of a
-    series -- so the record names the command and when the last tick came;
+    A torpor command was running, or had just run, each time -- as one is
+    for most of a series -- so the record names the command and when the
+    last tick came;
     but xl alone does it too once dom0 is busy (experiment_guest_crashes.py:
     2 of 22 xl migrations with two CPU burners in dom0, 0 of 20 without).
     A crash is told apart from a migration that lost or doubled a guest by
