@@ -168,3 +168,45 @@ def test_report_concurrency_choice_says_what_the_lab_showed(report: Any) -> None
     assert "slower to restore (9.0 s against 8.0 s)" in text
     assert "still gains (2.0 s at 8)," in text
     assert "In the lab" not in report._concurrency_choice(sweep, None, None)
+
+
+IMPORTTIME = """\
+import time: self [us] | cumulative | imported package
+import time:       100 |        100 |     typing
+import time:       300 |        900 |   attr
+import time:       200 |       1500 | attrs
+import time:       500 |       2500 |   torpor.model
+import time:       700 |       4000 | torpor
+import time:       100 |        100 | json
+"""
+
+
+@pytest.fixture
+def importtime(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importtime as module
+
+    return module
+
+
+def test_importtime_depths_from_the_indentation(importtime: Any) -> None:
+    assert importtime.parse(IMPORTTIME) == [
+        (2, 0.1, "typing"),
+        (1, 0.9, "attr"),
+        (0, 1.5, "attrs"),
+        (1, 2.5, "torpor.model"),
+        (0, 4.0, "torpor"),
+        (0, 0.1, "json"),
+    ]
+
+
+def test_importtime_groups_only_top_level_imports(importtime: Any) -> None:
+    assert importtime.group_imports(IMPORTTIME) == {"attrs": 1.5, "other": 0.1, "torpor": 4.0}
+
+
+def test_importtime_slowest_keeps_two_levels(importtime: Any) -> None:
+    got = importtime.slowest_imports(IMPORTTIME, top=3)
+    assert got == {
+        "whole_ms": 5.6,
+        "slowest": [["torpor", 4.0], ["  torpor.model", 2.5], ["attrs", 1.5]],
+    }

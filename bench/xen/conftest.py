@@ -14,6 +14,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "tests" / "xen"))
+sys.path.insert(0, str(HERE.parent))  # bench/: importtime.py
 from labfixtures import lab_results, make_guest, mark_lab_items, xc  # noqa: E402
 
 __all__ = ["lab_results", "make_guest", "xc"]  # fixtures, registered by being here

@@ -6,8 +6,9 @@ Not collected by default (its name is not ``test_*.py``); run it by path::
 
 Why it exists: in the migration benchmark (test_migrate_downtime.py) PVH
 and PVHVM guests triple-faulted now and then -- in a domain ``xl create``
-built, in one xl's receiver built, in one torpor's receiver built -- each
-time while a torpor command ran.  Was torpor doing it?  Here no torpor
+built, in one xl's receiver built, in one torpor's receiver built -- three
+times during a torpor sender's precopy, once seconds after a torpor ->
+torpor migration.  Was torpor doing it?  Here no torpor
 process runs: a PVHVM guest ticking every 50 ms is migrated to ``localhost``
 by ``xl migrate`` alone, ``N`` times with two CPU-bound processes in dom0
 (the load a Python command puts on an emulated CPU), then ``N`` times with

@@ -43,6 +43,7 @@ from typing import Any
 
 import pytest
 import xenlab
+from importtime import slowest_imports  # bench/, on sys.path by bench/xen/conftest.py
 from xenlab import CONSOLE_DIR, LAB_DIR, RUN_DIR, sh
 
 RUNS = int(os.environ.get("TORPOR_BENCH_MIGRATE_RUNS", "5"))
@@ -240,9 +241,9 @@ def crashed_guest(
     dumped with Xen's own CS:RIP (e008:ffff82d0...) as the guest's state.
     A torpor command was running, or had just run, each time -- as one is
     for most of a series -- so the record names the command and when the
-    last tick came;
-    but xl alone does it too once dom0 is busy (experiment_guest_crashes.py:
-    2 of 22 xl migrations with two CPU burners in dom0, 0 of 20 without).
+    last tick came.  But xl alone does it too once dom0 is busy
+    (experiment_guest_crashes.py: 2 of 22 xl migrations with two CPU
+    burners in dom0, 0 of 20 without).
     A crash is told apart from a migration that lost or doubled a guest by
     what the hypervisor says: exactly one domain of the name, shut down with
     reason reboot, crash or watchdog (never suspend: that one a sender left
@@ -456,31 +457,9 @@ def test_anatomy_of_a_torpor_migration(make_guest: MakeGuest, xc: xenlab.XenCtrl
         "in_phases_s": round(in_phases, 3),
         "outside_phases_s": round(plain["total"] - in_phases, 3),
         "phases": phases,
-        "imports_ms": _top_imports(runs["importtime"][0]["_stderr"]),
+        "imports_ms": slowest_imports(runs["importtime"][0]["_stderr"]),
         "profile_total_s": runs["cprofile"][0]["total"],
         "profile": _profile_rows(profile),
         "guest_crashes": crashes,
     }
     save()
-
-
-def _top_imports(stderr: str, top: int = 15) -> dict[str, Any]:
-    """``-X importtime``: the whole (top-level imports summed) and the slowest
-    top-level and second-level imports by cumulative milliseconds."""
-    whole = 0.0
-    rows: list[tuple[float, str]] = []
-    for line in stderr.splitlines():
-        if not line.startswith("import time:"):
-            continue
-        _own, cumulative, name = line[len("import time:") :].split("|")
-        if not cumulative.strip().isdigit():
-            continue
-        name = name[1:]  # "| " then two spaces a level
-        depth = (len(name) - len(name.lstrip(" "))) // 2
-        ms = int(cumulative) / 1000
-        if depth == 0:
-            whole += ms
-        if depth <= 1:
-            rows.append((ms, f"{'  ' * depth}{name.strip()}"))
-    rows.sort(reverse=True)
-    return {"whole_ms": round(whole, 1), "slowest": [[n, round(ms, 1)] for ms, n in rows[:top]]}

@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 import xenlab
+from importtime import group_imports  # bench/, on sys.path by bench/xen/conftest.py
 
 from torpor import Host, Torpor
 
@@ -290,20 +291,8 @@ def cli_start(runs: int = 7) -> dict[str, Any]:
     out: dict[str, Any] = {k: round(statistics.median(v) * 1000, 1) for k, v in times.items()}
     out["n"] = runs
     listing = ways["torpor_list_ms"]
-    out["imports_ms"] = _import_groups([sys.executable, "-X", "importtime", *listing])
+    argv = [sys.executable, "-X", "importtime", *listing]
+    out["imports_ms"] = group_imports(
+        subprocess.run(argv, capture_output=True, text=True, check=True).stderr
+    )
     return out
-
-
-def _import_groups(argv: list[str]) -> dict[str, float]:
-    """``-X importtime`` of one process, grouped (bench/importtime.py, loaded by
-    path: only bench/xen is sure to be on sys.path in the lab's dom0)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "importtime.py"
-    spec = importlib.util.spec_from_file_location("bench_importtime", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    group_imports = module.group_imports
-
-    return group_imports(subprocess.run(argv, capture_output=True, text=True, check=True).stderr)
