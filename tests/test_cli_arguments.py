@@ -450,3 +450,42 @@ def test_common_options_are_shown_only_where_they_apply() -> None:
         assert ("--no-plugin" in opts) == on_host, path
         assert ("--host" in opts) == on_host, path
         assert "--json" in opts, path
+
+
+def _built(parser: argparse.ArgumentParser) -> set[str]:
+    """The subcommands whose parsers exist (a lazy one is built when looked up)."""
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {n for n, p in sub.choices._parsers.items() if isinstance(p, argparse.ArgumentParser)}  # type: ignore[attr-defined]
+
+
+def test_only_the_chosen_command_is_built(capsys: pytest.CaptureFixture[str]) -> None:
+    # Each parser argparse builds costs a formatter per argument: one process runs
+    # one command, so only its parser is made.
+    parser = build_parser()
+    assert _built(parser) == set()
+    args, extras = parser.parse_known_args(["--json", "suspend", "3", "--all"])
+    assert (args.command, args.domids, args.all, args.json, extras) == (
+        "suspend",
+        [3],
+        True,
+        True,
+        [],
+    )
+    assert _built(parser) == {"suspend"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    help_ = capsys.readouterr().out
+    assert all(name in help_ for name in ("checkpoint", "migrate-receive", "host", "sim"))
+    assert _built(parser) == {"suspend"}  # the list of commands needs no parser
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["resum", "1"])
+    assert e.value.code == EXIT_USAGE
+    assert "invalid choice: 'resum'" in capsys.readouterr().err
+    assert _built(parser) == {"suspend"}
+
+
+def test_a_nested_command_is_built_when_its_group_is_chosen() -> None:
+    args = build_parser().parse_args(["host", "save-all", "--dir", "/tmp", "--concurrency", "2"])
+    assert (args.command, args.host_command, args.concurrency) == ("host", "save-all", 2)
+    args = build_parser().parse_args(["sim", "status", "--dir", "/tmp"])
+    assert (args.command, args.sim_command) == ("sim", "status")

@@ -40,7 +40,7 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -156,6 +156,61 @@ class _Parser(argparse.ArgumentParser):
         # One line, never argparse's usage block: ``torpor save: error: ...``.
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+class _LazyParsers(Mapping[str, argparse.ArgumentParser]):
+    """Subcommand name -> parser, each parser built the first time it is looked up."""
+
+    def __init__(self) -> None:
+        self._parsers: dict[
+            str, argparse.ArgumentParser | Callable[[], argparse.ArgumentParser]
+        ] = {}
+
+    def defer(self, name: str, make: Callable[[], argparse.ArgumentParser]) -> None:
+        self._parsers[name] = make
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        parser = self._parsers[name]
+        if not isinstance(parser, argparse.ArgumentParser):
+            parser = self._parsers[name] = parser()
+        return parser
+
+    def __contains__(self, name: object) -> bool:  # argparse's choice check: build nothing
+        return name in self._parsers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsers)
+
+    def __len__(self) -> int:
+        return len(self._parsers)
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands whose parsers are built only when chosen (or walked, as the
+    docs' tests do).  argparse makes a help formatter for every argument it adds
+    and looks up its translations for every parser: building all ~25 of ours took
+    3-7 ms natively and most of a second in the lab's emulated dom0, for the one
+    command a process runs.  ``torpor --help`` lists the commands from their
+    help alone."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._name_parser_map = self.choices = _LazyParsers()  # type: ignore[assignment]
+
+    def add_command(
+        self, name: str, build: Callable[[argparse.ArgumentParser], None], **kwargs: Any
+    ) -> None:
+        """``add_parser(name, **kwargs)``, then ``build(parser)`` -- once it is needed."""
+        helptext = kwargs.pop("help")
+        kwargs.setdefault("prog", f"{self._prog_prefix} {name}")
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), helptext))
+
+        def make() -> argparse.ArgumentParser:
+            parser: argparse.ArgumentParser = self._parser_class(**kwargs)
+            build(parser)
+            return parser
+
+        self._name_parser_map.defer(name, make)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------
@@ -1151,16 +1206,8 @@ def _cmd_host_restore_all(args: argparse.Namespace) -> int:
     return _host_command(args, "restore-all")
 
 
-def _add_host_commands(
-    sub: Any, common: Callable[[argparse.ArgumentParser, frozenset[str]], None]
-) -> None:
+def _host_commands(host: argparse.ArgumentParser) -> None:
     """``torpor host save-all`` / ``restore-all``: xendomains' stop and start."""
-    host = sub.add_parser(
-        "host",
-        help="save every guest at shutdown, restore them at boot",
-        description="The host's lifecycle, as xendomains: save every running guest into a "
-        "directory (concurrently), restore them from it at boot (docs/host-lifecycle.md).",
-    )
     hostsub = host.add_subparsers(dest="host_command", metavar="SUBCOMMAND", parser_class=_Parser)
     hostsub.required = True
 
@@ -1168,7 +1215,7 @@ def _add_host_commands(
         name: str, func: Callable[[argparse.Namespace], int], helptext: str, groups: frozenset[str]
     ) -> argparse.ArgumentParser:
         c: argparse.ArgumentParser = hostsub.add_parser(name, help=helptext, description=helptext)
-        common(c, groups)
+        _common(c, groups, top=False)
         c.set_defaults(func=func, check=_apply_host_config, groups=groups, prog=c.prog)
         c.add_argument(
             "--dir",
@@ -1344,52 +1391,12 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="torpor",
-        description="Suspend and resume Xen guest domains from dom0.",
-        epilog="Options before COMMAND are passed to it; each command takes those that apply "
-        "to it (see `torpor COMMAND --help`). "
-        "Exit codes: 0 ok, 1 partial failure, 2 usage, 3 all failed, 4 backend unavailable.",
-    )
-    p.add_argument(
-        "--version",
-        action=_VersionAction,
-        help="print torpor's version and the Xen libraries and hypervisor it finds, and exit",
-    )
-    _common(p, _ALL_GROUPS, top=True)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    def cmd(
-        name: str,
-        func: Callable[[argparse.Namespace], int],
-        helptext: str,
-        groups: frozenset[str] = _ON_A_HOST,
-        check: Callable[[argparse.Namespace], None] | None = None,
-    ) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=helptext, description=helptext)
-        _common(c, groups, top=False)
-        c.set_defaults(func=func, check=check, groups=groups, prog=c.prog)
-        return c
-
-    suspending = _ON_A_HOST | {"timeouts"}
-    cmd("list", _cmd_list, "list guest domains with their guest type and state")
-    c = cmd(
-        "suspend",
-        _cmd_suspend,
-        "suspend domains (shut down with reason suspend, or S3)",
-        suspending,
-        _check_domids,
-    )
+def _suspend_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("domids", nargs="*", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument("--all", action="store_true", help="every running guest domain")
-    c = cmd(
-        "resume",
-        _cmd_resume,
-        "resume suspended domains (cooperatively by default)",
-        check=_check_domids,
-    )
+
+
+def _resume_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("domids", nargs="*", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument("--all", action="store_true", help="every suspended guest domain")
     c.add_argument(
@@ -1400,7 +1407,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--force", action="store_true", help="do an unsafe in-place non-cooperative resume anyway"
     )
-    c = cmd("checkpoint", _cmd_checkpoint, "suspend then resume cooperatively, N times", suspending)
+
+
+def _checkpoint_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument(
         "--count",
@@ -1416,13 +1425,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="pause between checkpoints, in milliseconds (default %(default)g)",
     )
-    c = cmd(
-        "save",
-        _cmd_save,
-        "suspend a domain, write its state to FILE, destroy it",
-        suspending,
-        _check_save,
-    )
+
+
+def _save_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument(
         "file",
@@ -1436,7 +1441,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace FILE even if it is neither a torpor image nor an xl save file",
     )
-    c = cmd("restore", _cmd_restore, "build a new domain from FILE and resume it non-cooperatively")
+
+
+def _restore_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "file",
         type=_restore_source,
@@ -1450,13 +1457,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="restore under this name (a copy: new name, new UUID); without it a domain "
         "already named as the saved guest refuses the restore",
     )
-    c = cmd(
-        "migrate",
-        _cmd_migrate,
-        "move a domain to another host (the source is destroyed once it runs there)",
-        suspending,
-        _check_migrate,
-    )
+
+
+def _migrate_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
     c.add_argument(
         "--to",
@@ -1467,11 +1470,9 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol to `xl migrate-receive` there), or 'sim:DIR' (not this host)",
     )
     _migrate_options(c)
-    c = cmd(
-        "migrate-receive",
-        _cmd_migrate_receive,
-        "receive a domain over xl's migration protocol on stdin/stdout (xl migrate's other end)",
-    )
+
+
+def _migrate_receive_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--paused",
         dest="pause_after",
@@ -1480,22 +1481,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, what in (("-e", "do not daemonize"), ("-d", "debug"), ("-F", "foreground")):
         c.add_argument(flag, action="store_true", help=f"accepted as xl's ({what}): no effect")
-    c = cmd(
-        "status",
-        _cmd_status,
-        "the truth about a domain: its state, a pending request, torpor's intent",
-    )
+
+
+def _status_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
-    c = cmd("recover", _cmd_recover, "bring a domain a killed torpor left behind back to running")
+
+
+def _recover_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("domid", type=_domid, metavar="DOMID", help=DOMID_HELP)
-    # --host is accepted (and changes nothing) so a script may give every command it.
-    cmd("plugins", _cmd_plugins, "list the loaded plugins and the hooks they implement")
-    c = cmd(
-        "demo",
-        _cmd_demo,
-        "suspend and resume guests on an embedded simulated host",
-        frozenset({"json"}),
-    )
+
+
+def _demo_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--no-qemu",
         dest="qemu",
@@ -1504,13 +1500,135 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-process device models even if QEMU is installed",
     )
 
-    _add_host_commands(sub, lambda c, groups: _common(c, groups, top=False))
 
-    sim = sub.add_parser(
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="torpor",
+        description="Suspend and resume Xen guest domains from dom0.",
+        epilog="Options before COMMAND are passed to it; each command takes those that apply "
+        "to it (see `torpor COMMAND --help`). "
+        "Exit codes: 0 ok, 1 partial failure, 2 usage, 3 all failed, 4 backend unavailable.",
+    )
+    p.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print torpor's version and the Xen libraries and hypervisor it finds, and exit",
+    )
+    _common(p, _ALL_GROUPS, top=True)
+    sub = p.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser, action=_Commands
+    )
+    assert isinstance(sub, _Commands)
+    sub.required = True
+
+    def cmd(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        helptext: str,
+        groups: frozenset[str] = _ON_A_HOST,
+        check: Callable[[argparse.Namespace], None] | None = None,
+        *,
+        arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    ) -> None:
+        def build(c: argparse.ArgumentParser) -> None:
+            _common(c, groups, top=False)
+            c.set_defaults(func=func, check=check, groups=groups, prog=c.prog)
+            if arguments is not None:
+                arguments(c)
+
+        sub.add_command(name, build, help=helptext, description=helptext)
+
+    suspending = _ON_A_HOST | {"timeouts"}
+    cmd("list", _cmd_list, "list guest domains with their guest type and state")
+    cmd(
+        "suspend",
+        _cmd_suspend,
+        "suspend domains (shut down with reason suspend, or S3)",
+        suspending,
+        _check_domids,
+        arguments=_suspend_arguments,
+    )
+    cmd(
+        "resume",
+        _cmd_resume,
+        "resume suspended domains (cooperatively by default)",
+        check=_check_domids,
+        arguments=_resume_arguments,
+    )
+    cmd(
+        "checkpoint",
+        _cmd_checkpoint,
+        "suspend then resume cooperatively, N times",
+        suspending,
+        arguments=_checkpoint_arguments,
+    )
+    cmd(
+        "save",
+        _cmd_save,
+        "suspend a domain, write its state to FILE, destroy it",
+        suspending,
+        _check_save,
+        arguments=_save_arguments,
+    )
+    cmd(
+        "restore",
+        _cmd_restore,
+        "build a new domain from FILE and resume it non-cooperatively",
+        arguments=_restore_arguments,
+    )
+    cmd(
+        "migrate",
+        _cmd_migrate,
+        "move a domain to another host (the source is destroyed once it runs there)",
+        suspending,
+        _check_migrate,
+        arguments=_migrate_arguments,
+    )
+    cmd(
+        "migrate-receive",
+        _cmd_migrate_receive,
+        "receive a domain over xl's migration protocol on stdin/stdout (xl migrate's other end)",
+        arguments=_migrate_receive_arguments,
+    )
+    cmd(
+        "status",
+        _cmd_status,
+        "the truth about a domain: its state, a pending request, torpor's intent",
+        arguments=_status_arguments,
+    )
+    cmd(
+        "recover",
+        _cmd_recover,
+        "bring a domain a killed torpor left behind back to running",
+        arguments=_recover_arguments,
+    )
+    # --host is accepted (and changes nothing) so a script may give every command it.
+    cmd("plugins", _cmd_plugins, "list the loaded plugins and the hooks they implement")
+    cmd(
+        "demo",
+        _cmd_demo,
+        "suspend and resume guests on an embedded simulated host",
+        frozenset({"json"}),
+        arguments=_demo_arguments,
+    )
+    sub.add_command(
+        "host",
+        _host_commands,
+        help="save every guest at shutdown, restore them at boot",
+        description="The host's lifecycle, as xendomains: save every running guest into a "
+        "directory (concurrently), restore them from it at boot (docs/host-lifecycle.md).",
+    )
+    sub.add_command(
         "sim",
+        _sim_commands,
         help="run a simulated Xen host",
         description="Run a simulated Xen host in its own process, to drive with --host sim:DIR.",
     )
+    return p
+
+
+def _sim_commands(sim: argparse.ArgumentParser) -> None:
+    """``torpor sim start | status | stop``."""
     simsub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", parser_class=_Parser)
     simsub.required = True
     json_help = "print JSON on stdout"
@@ -1622,7 +1740,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dir", required=True, type=_sim_dir, metavar="DIR", help="the simulated host's directory"
     )
-    return p
 
 
 _FLAGS = {flag: group for group, opts in COMMON.items() for flags, _ in opts for flag in flags}
