@@ -440,3 +440,31 @@ def test_page_data_builds_memory_later_pages_replacing_earlier() -> None:
 def test_bad_page_data_is_refused(records: Any, match: str) -> None:
     with pytest.raises(ImageError, match=match):
         decode(io.BytesIO(_stream(*records)))
+
+
+def test_the_stop_and_copy_asks_the_device_model_only_what_libxl_asks(
+    sim_host: SimHost, dest: Torpor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the guest is stopped every round trip is downtime: libxl sends QEMU
+    # `stop` and `xen-save-devices-state`, then libxenguest's cleanup turns QEMU's
+    # log-dirty off -- nothing else.  What torpor must know of the device model
+    # (its commands) it asks while the guest still runs.
+    from torpor.qmp import QmpClient
+
+    domid = sim_host.create_guest("pvhvm", behaviour=Behaviour(dirty_rate=2000, dirty_pages=64))
+    asked: list[tuple[str, bool]] = []
+    execute = QmpClient.execute
+
+    async def spy(self: QmpClient, cmd: str, *args: Any, **kwargs: Any) -> Any:
+        if self.domid == domid:
+            asked.append((cmd, sim_host.xen.domain_info(domid).suspended))
+        return await execute(self, cmd, *args, **kwargs)
+
+    monkeypatch.setattr(QmpClient, "execute", spy)
+    with Torpor(sim_host.toolstack_host(), own_host=True) as t:
+        res = t.migrate(domid, dest, live=True)
+    assert res.outcome == "migrated"
+    while_running = [cmd for cmd, suspended in asked if not suspended]
+    while_stopped = [cmd for cmd, suspended in asked if suspended]
+    assert "query-commands" in while_running and while_running.count("query-commands") == 1
+    assert while_stopped == ["stop", "xen-save-devices-state", "xen-set-global-dirty-log"]

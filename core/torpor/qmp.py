@@ -138,6 +138,7 @@ class QmpClient:
         self._watcher: asyncio.Task[None] | None = None
         self._lost: DeviceModelError | None = None
         self._closing = False
+        self._commands: frozenset[str] | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -168,6 +169,7 @@ class QmpClient:
         if self._client is not None:
             raise DeviceModelError("QMP client already connected", domid=self.domid)
         self._path = os.fspath(path)
+        self._commands = None  # perhaps another QEMU than last time
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -354,11 +356,17 @@ class QmpClient:
         return bool(self._field(reply, "wakeup-suspend-support", "query-current-machine"))
 
     async def commands(self, *, timeout: float = DEFAULT_TIMEOUT) -> frozenset[str]:
-        """The command names ``query-commands`` lists."""
-        reply = await self.execute("query-commands", timeout=timeout)
-        if not isinstance(reply, list):
-            raise self._error(f"query-commands: unexpected reply {reply!r}", None)
-        return frozenset(str(c["name"]) for c in reply if isinstance(c, dict) and "name" in c)
+        """The command names ``query-commands`` lists, asked once per connection: a
+        QEMU's commands are fixed for its lifetime, and the reply is a few hundred
+        entries -- not a round trip to spend again while a guest is stopped."""
+        if self._commands is None:
+            reply = await self.execute("query-commands", timeout=timeout)
+            if not isinstance(reply, list):
+                raise self._error(f"query-commands: unexpected reply {reply!r}", None)
+            self._commands = frozenset(
+                str(c["name"]) for c in reply if isinstance(c, dict) and "name" in c
+            )
+        return self._commands
 
     async def human_monitor_command(self, line: str, *, timeout: float = DEFAULT_TIMEOUT) -> str:
         """Run one HMP command line (``xp /4wx 0x1000``...) and return its output."""
