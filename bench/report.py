@@ -657,9 +657,13 @@ def _migration(mig: dict[str, Any]) -> list[str]:
                     f"{m['downtime_median']} ({m['guest_downtime_median']}) | "
                     f"{m['total_median']} | {m['n']} |"
                 )
+        gap = ""
+        if data.get("torpor") and data.get("xl"):
+            diff = data["torpor"]["downtime_median"] - data["xl"]["downtime_median"]
+            gap = f" ({diff * 1000:+.0f} ms, {diff / tick:+.1f} ticks)"
         ratios.append(
-            f"{kind}: torpor / xl downtime {data['downtime_ratio_torpor_vs_xl']} (target <= 1), "
-            f"total {data['total_ratio_torpor_vs_xl']} (target <= 1.2)"
+            f"{kind}: torpor / xl downtime {data['downtime_ratio_torpor_vs_xl']}{gap} "
+            f"(target <= 1), total {data['total_ratio_torpor_vs_xl']} (target <= 1.2)"
         )
         outside = _outside_phases(data.get("torpor", {}).get("runs", []))
         if outside is not None:

@@ -210,3 +210,27 @@ def test_importtime_slowest_keeps_two_levels(importtime: Any) -> None:
         "whole_ms": 5.6,
         "slowest": [["torpor", 4.0], ["  torpor.model", 2.5], ["attrs", 1.5]],
     }
+
+
+def test_report_gives_the_downtime_difference_in_ticks(report: Any) -> None:
+    def side(downtime: float) -> dict[str, Any]:
+        return {
+            "downtime_median": downtime,
+            "guest_downtime_median": downtime,
+            "total_median": 9.0,
+            "n": 5,
+            "runs": [],
+        }
+
+    mig = {
+        "machine": {"tick_s": 0.05},
+        "pvh": {
+            "memory_mib": 256,
+            "torpor": side(0.811),
+            "xl": side(0.699),
+            "downtime_ratio_torpor_vs_xl": 1.16,
+            "total_ratio_torpor_vs_xl": 1.43,
+        },
+    }
+    text = "\n".join(report._migration(mig))
+    assert "pvh: torpor / xl downtime 1.16 (+112 ms, +2.2 ticks) (target <= 1)" in text
