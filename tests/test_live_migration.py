@@ -468,3 +468,38 @@ def test_the_stop_and_copy_asks_the_device_model_only_what_libxl_asks(
     while_stopped = [cmd for cmd, suspended in asked if suspended]
     assert "query-commands" in while_running and while_running.count("query-commands") == 1
     assert while_stopped == ["stop", "xen-save-devices-state", "xen-set-global-dirty-log"]
+
+
+def test_a_device_model_silent_at_precopy_start_fails_the_migration_never_stopped(
+    sim_host: SimHost,
+    dest_host: SimHost,
+    torpor: Torpor,
+    dest: Torpor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # QEMU is asked its commands, then to log dirty pages, as precopy starts: a
+    # device model that does not answer fails the migration there, the guest
+    # untouched and QEMU's log-dirty never switched on.
+    from torpor.errors import Timeout
+    from torpor.qmp import QmpClient
+
+    domid = sim_host.create_guest("pvhvm")
+    execute = QmpClient.execute
+
+    async def silent(self: QmpClient, cmd: str, *args: Any, **kwargs: Any) -> Any:
+        if self.domid == domid and cmd == "query-commands":
+            raise Timeout(f"QMP {cmd}: no reply from domain {domid}'s device model", domid=domid)
+        return await execute(self, cmd, *args, **kwargs)
+
+    monkeypatch.setattr(QmpClient, "execute", silent)
+    before = sorted(dest_host.xen.domains)
+    with pytest.raises(MigrationFailed, match="never suspended") as e:
+        torpor.migrate(domid, dest)
+    assert isinstance(e.value.cause, Timeout)
+    assert "QMP query-commands: no reply from domain" in e.value.message
+    assert e.value.state == "running"
+    assert report(sim_host, domid)["counters"]["suspends"] == 0
+    assert sim_host.xen.domains[domid].logdirty is None  # log-dirty off again
+    assert not sim_host.device_models[domid].global_dirty_log  # QEMU's too
+    assert sorted(dest_host.xen.domains) == before
+    assert guests_running(sim_host) == [domid]

@@ -293,6 +293,33 @@ def test_close_does_not_hang_on_a_peer_that_never_reads(sock_path: str) -> None:
     run_session(sock_path, script, test)
 
 
+def test_commands_are_asked_once_per_connection(sock_path: str) -> None:
+    """A QEMU's commands are fixed for its life: one ``query-commands`` per
+    connection, and a new connection (perhaps another QEMU) asks again."""
+    asked: list[int] = []
+
+    async def main() -> None:
+        async def handler(peer: Peer) -> None:
+            await peer.handshake()
+            n = len(asked)
+            while True:
+                cmd = await peer.recv()
+                assert cmd["execute"] == "query-commands"
+                asked.append(n)
+                peer.send({"return": [{"name": f"only-in-qemu-{n}"}], "id": cmd["id"]})
+
+        async with serving(sock_path, handler):
+            client = QmpClient()
+            for n in (0, 1):
+                await client.connect(sock_path, timeout=5)
+                assert await client.commands(timeout=5) == {f"only-in-qemu-{n}"}
+                assert await client.commands(timeout=5) == {f"only-in-qemu-{n}"}
+                await client.close(timeout=1)
+
+    arun(main())
+    assert asked == [0, 1]
+
+
 def test_not_connected_is_an_error() -> None:
     async def main() -> None:
         with pytest.raises(DeviceModelError, match="not connected"):

@@ -40,11 +40,12 @@ async def set_dirty_log(ctx: OperationContext, enable: bool) -> None:
     """QEMU's log-dirty mode for a live save: QMP ``xen-set-global-dirty-log``
     (libxl ``domain_suspend_switch_qemu_xen_logdirty``, deadline 10 s there)."""
     dm = await ctx.device_model()
-    await dm.set_global_dirty_log(enable, timeout=ctx.timeouts.device_model)
     if enable:
         # Learnt while the guest still runs, for suspend_device_model: the
-        # stop-and-copy then asks QEMU only what libxl asks (stop, save).
+        # stop-and-copy then asks QEMU only what libxl asks (stop, save).  Asked
+        # first: if QEMU fails it, its log-dirty was never switched on.
         await dm.commands(timeout=ctx.timeouts.device_model)
+    await dm.set_global_dirty_log(enable, timeout=ctx.timeouts.device_model)
 
 
 async def resume_device_model(ctx: OperationContext) -> None:
