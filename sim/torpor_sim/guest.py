@@ -270,6 +270,18 @@ class LinuxGuest:
                 self.xs.close()
             self.xs = None
 
+    def _panic(self, message: str, reason: ShutdownReason, state: str) -> None:
+        """The kernel panics: the message, every other kernel task stops where it
+        is (a panicked kernel runs nothing more -- no frontend finishes
+        connecting), then SCHEDOP_shutdown with ``reason``."""
+        self.log.append(message)
+        self.state = state
+        current = asyncio.current_task()
+        for t in list(self._tasks):
+            if t is not current:
+                t.cancel()
+        self.xen.sched_shutdown(self.domid, reason)
+
     async def _xs(self) -> GuestXenstore:
         if self.xs is None:
             raise TorporError(f"dom{self.domid}: xenstore connection is gone")
@@ -593,9 +605,7 @@ class LinuxGuest:
             self.state = "running"
             return
         if mis == "crash_during_suspend":
-            self.log.append("panic during suspend")
-            self.state = "crashed"
-            self.xen.sched_shutdown(self.domid, ShutdownReason.CRASH)
+            self._panic("panic during suspend", ShutdownReason.CRASH, "crashed")
             return
         self.advance()
         self._bump(OFF_SUSPENDS)
@@ -672,13 +682,11 @@ class LinuxGuest:
                 self._hvm_post_suspend(cancelled)
         except HypervisorError as e:
             # register_vcpu_info failed: the kernel BUG()s.
-            self.log.append(f"panic: register_vcpu_info failed: err=-{e.errno}")
+            message = f"panic: register_vcpu_info failed: err=-{e.errno}"
             if self.pv:
-                self.state = "crashed"
-                self.xen.sched_shutdown(self.domid, ShutdownReason.CRASH)
+                self._panic(message, ShutdownReason.CRASH, "crashed")
             else:
-                self.state = "rebooted"
-                self.xen.sched_shutdown(self.domid, ShutdownReason.REBOOT)
+                self._panic(message, ShutdownReason.REBOOT, "rebooted")
             return
         self.log.append("gnttab_resume")
         if cancelled:
