@@ -70,6 +70,19 @@ def guests_running(host: SimHost) -> list[int]:
     return [d for d in sorted(host.guests) if host.xen.domain_info(d).running]
 
 
+def never_stopped(
+    error: MigrationFailed, host: SimHost, domid: int, dest_host: SimHost, before: list[int]
+) -> None:
+    """A migration that failed before the stop-and-copy: the guest was never
+    suspended and runs here, log-dirty off again, nothing built there."""
+    assert error.state == "running"
+    counters = report(host, domid)["counters"]
+    assert counters["suspends"] == 0 and counters["cooperative_resumes"] == 0
+    assert host.xen.domains[domid].logdirty is None
+    assert sorted(dest_host.xen.domains) == before
+    assert guests_running(host) == [domid]
+
+
 class Rounds:
     """A plugin recording the precopy rounds (and what the source's QEMU was told)."""
 
@@ -327,12 +340,7 @@ def test_stream_cut_during_precopy_leaves_the_guest_never_stopped(
     before = sorted(dest_host.xen.domains)
     with pytest.raises(MigrationFailed, match="never suspended") as e:
         torpor.migrate(domid, dest)
-    assert e.value.state == "running"
-    counters = report(sim_host, domid)["counters"]
-    assert counters["suspends"] == 0 and counters["cooperative_resumes"] == 0
-    assert sim_host.xen.domains[domid].logdirty is None  # log-dirty off again
-    assert sorted(dest_host.xen.domains) == before
-    assert guests_running(sim_host) == [domid]
+    never_stopped(e.value, sim_host, domid, dest_host, before)
 
 
 def test_destination_failing_after_the_suspend_resumes_the_source(
@@ -497,9 +505,5 @@ def test_a_device_model_silent_at_precopy_start_fails_the_migration_never_stoppe
         torpor.migrate(domid, dest)
     assert isinstance(e.value.cause, Timeout)
     assert "QMP query-commands: no reply from domain" in e.value.message
-    assert e.value.state == "running"
-    assert report(sim_host, domid)["counters"]["suspends"] == 0
-    assert sim_host.xen.domains[domid].logdirty is None  # log-dirty off again
+    never_stopped(e.value, sim_host, domid, dest_host, before)
     assert not sim_host.device_models[domid].global_dirty_log  # QEMU's too
-    assert sorted(dest_host.xen.domains) == before
-    assert guests_running(sim_host) == [domid]
